@@ -1,0 +1,96 @@
+import pytest
+
+from moe_uvm.config import ExpertOffloadConfig, parse_ids
+
+
+@pytest.mark.parametrize(
+    "text, ids",
+    [("1, 2,,3,", (1, 2, 3)), (" 7 ", (7,)), ("", ()), (",,", ()), ([4, 0, 2], (4, 0, 2))],
+)
+def test_parse_ids_skips_empty_items(text, ids):
+    assert parse_ids(text) == ids
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1,x", "'x' is not an expert id"),
+        ("1,-2", "expert id -2 is negative"),
+        ("3,1,3", "duplicate expert ids [3]"),
+        ([1.5], "1.5 is not an expert id"),
+        ([True], "True is not an expert id"),
+        (12, "comma-separated string or a list"),
+    ],
+)
+def test_parse_ids_rejects_bad_items(text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_ids(text)
+
+
+def test_defaults_keep_everything_resident_and_never_oversubscribe():
+    cfg = ExpertOffloadConfig()
+    assert cfg.resident_counts(num_layers=3, num_experts=8) == [8, 8, 8]
+    assert cfg.allow_oversubscription is False
+    assert cfg.warmup_tokens == 4096 and cfg.min_batch_tokens == 64
+    assert cfg.resident_selection == "first_n" and cfg.prefetch == "none"
+
+
+def test_num_resident_accepts_int_list_and_string():
+    assert ExpertOffloadConfig(num_resident=4).resident_counts(2, 8) == [4, 4]
+    assert ExpertOffloadConfig(num_resident=[1, -1]).resident_counts(2, 8) == [1, 8]
+    assert ExpertOffloadConfig(num_resident="2,3").resident_counts(2, 8) == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_resident=-2), "num_resident must be >= -1"),
+        (dict(num_resident=[1, -5]), "num_resident per layer must be >= -1"),
+        (dict(resident_selection="lru"), "resident_selection must be one of first_n, manual"),
+        (dict(prefetch="always"), "prefetch must be one of none, frequency, speculative"),
+        (dict(prefetch="speculative"), "needs prefetch_slots >= 1"),
+        (dict(prefetch_slots=-1), "prefetch_slots must be >= 0"),
+        (dict(prefetch_slots=4, prefetch_experts=5), r"prefetch_experts must be in \[1, "),
+        (dict(resident_selection="manual"), "needs resident_ids"),
+        (dict(resident_ids="1,2"), "only used with resident_selection='manual'"),
+        (dict(resident_selection="profile"), "needs profile_path"),
+        (dict(gpu_budget_gb=-1.0), "gpu_budget_gb must be >= 0"),
+        (dict(warmup_tokens=0), "warmup_tokens must be >= 1"),
+        (dict(min_batch_tokens=0), "min_batch_tokens must be >= 1"),
+    ],
+)
+def test_invalid_config_is_refused_with_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExpertOffloadConfig(**kwargs)
+
+
+def test_resident_counts_checked_against_model_shape():
+    with pytest.raises(ValueError, match="lists 3 layers but the model has 2"):
+        ExpertOffloadConfig(num_resident=[1, 2, 3]).resident_counts(2, 8)
+    with pytest.raises(ValueError, match=r"num_resident \[9\] exceeds the 8 experts"):
+        ExpertOffloadConfig(num_resident=[9, 2]).resident_counts(2, 8)
+
+
+def test_manual_ids_per_layer_and_range_checked():
+    cfg = ExpertOffloadConfig(resident_selection="manual", resident_ids=["0,1", [5]])
+    assert cfg.manual_ids(0, 2, 8) == (0, 1) and cfg.manual_ids(1, 2, 8) == (5,)
+    with pytest.raises(ValueError, match=r"resident_ids \[9\] out of range \[0, 8\)"):
+        ExpertOffloadConfig(resident_selection="manual", resident_ids="1,9").manual_ids(0, 1, 8)
+    with pytest.raises(ValueError, match="gives 2 layers but the model has 3"):
+        cfg.manual_ids(0, 3, 8)
+
+
+def test_from_kwargs_takes_cli_names_and_rejects_unknown():
+    cfg = ExpertOffloadConfig.from_kwargs(
+        expert_offload_num_resident="3", expert_offload_prefetch="speculative",
+        expert_offload_prefetch_slots=8,
+    )
+    assert cfg.num_resident == 3 and cfg.prefetch == "speculative"
+    with pytest.raises(ValueError, match="unknown config fields"):
+        ExpertOffloadConfig.from_kwargs(num_resdent=3)
+
+
+def test_config_is_frozen():
+    cfg = ExpertOffloadConfig()
+    with pytest.raises(AttributeError):
+        cfg.num_resident = 3
