@@ -1,0 +1,480 @@
+"""Fused-MoE forward in Triton. Grouped path (here): align (token, expert) pairs by expert on the
+GPU, grouped gate/up GEMM with SiLU-and-mul fused, grouped down GEMM (optional split-K),
+deterministic top-k sum. One-token path: fused_moe_decode.py. Weights are read in place through
+their strides (device, managed or mapped host memory); fill_slot copies them into GPU slots."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_moe_configs import (
+    MoeBlockConfig,
+    MoeDecodeConfig,
+    select_config,
+    select_decode_config,
+)
+from .fused_moe_decode import one_token_moe
+from .reference import fused_moe_reference
+from .slot_copy import expert_base, fill_targets
+
+
+@triton.jit
+def _expert_hits(ids_ptr, stride_it, stride_ij, pairs, num_pairs, num_experts, experts,
+                 TOP_K: tl.constexpr):
+    """One-hot [pairs, experts] int32 of each pair's expert; padding ids (< 0) hit nothing."""
+    ids = tl.load(ids_ptr + (pairs // TOP_K) * stride_it + (pairs % TOP_K) * stride_ij,
+                  mask=pairs < num_pairs, other=-1)
+    hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < num_experts)
+    return hit.to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _align_kernel(ids_ptr, stride_it, stride_ij, sorted_ptr, block_expert_ptr, num_pairs,
+                  num_experts, num_blocks, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    # One program does it all: a decode step has tens of pairs, and one launch beats a chain.
+    experts = tl.arange(0, E_PAD)
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        hit = _expert_hits(ids_ptr, stride_it, stride_ij, start + lanes, num_pairs, num_experts,
+                           experts, TOP_K)
+        counts += tl.sum(hit, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + lanes
+        first_row = blocks * BLOCK_M
+        owner = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(first_row < total, owner, -1)
+        tl.store(block_expert_ptr + blocks, owner, mask=blocks < num_blocks)
+    # Sentinels go only where no pair lands, so the scatter below needs no barrier.
+    for start in range(0, num_blocks * BLOCK_M, CHUNK):
+        rows = start + lanes
+        inside = (rows[:, None] >= starts[None, :]) & (rows[:, None] < (starts + counts)[None, :])
+        is_pair = tl.max(inside.to(tl.int32), axis=1) > 0
+        sentinel = tl.zeros([CHUNK], dtype=tl.int32) + num_pairs
+        tl.store(sorted_ptr + rows, sentinel, mask=(rows < num_blocks * BLOCK_M) & ~is_pair)
+    # Stable order inside each expert (rank = earlier pairs with the same expert): reproducible.
+    seen = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + lanes
+        hit = _expert_hits(ids_ptr, stride_it, stride_ij, pairs, num_pairs, num_experts,
+                           experts, TOP_K)
+        rank = tl.cumsum(hit, axis=0) - 1 + seen[None, :]
+        dest = tl.sum(tl.where(hit > 0, starts[None, :] + rank, 0), axis=1)
+        tl.store(sorted_ptr + dest, pairs, mask=tl.sum(hit, axis=1) > 0)
+        seen += tl.sum(hit, axis=0)
+
+
+@triton.jit
+def _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, block_expert_ptr,
+                       pid_m, expert, HAS_SLOTS: tl.constexpr):
+    """fill_targets for the expert of row block pid_m; only the expert's first row block fills
+    (every block loads the same weight tiles)."""
+    fill_base, fill = fill_targets(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, expert,
+                                   expert >= 0, HAS_SLOTS)
+    previous = tl.load(block_expert_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
+    return fill_base, fill & (previous != expert)
+
+
+@triton.jit
+def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks, hidden,
+                  intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        if EVEN_K:
+            w_ok = col_ok[None, :]
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            k_ok = k0 + ks < hidden
+            w_ok = col_ok[None, :] & k_ok[:, None]
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_gate = tl.load(gate_ptrs, mask=w_ok, other=0.0)
+        w_up = tl.load(up_ptrs, mask=w_ok, other=0.0)
+        if FILL:
+            tl.store(fill_ptrs, w_gate, mask=w_ok)
+            tl.store(fill_ptrs + intermediate * hidden, w_up, mask=w_ok)
+            fill_ptrs += BLOCK_K
+        gate = tl.dot(x, w_gate, gate, input_precision=PRECISION)
+        up = tl.dot(x, w_up, up, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    return gate, up
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
+                    fill_slot_ptr, act_ptr, sorted_ptr, block_expert_ptr, num_pairs, hidden,
+                    intermediate, TOP_K: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                    HAS_FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """act[pair, n] = silu(x @ w1[e]^T) * (x @ w3[e]^T) for one row tile of one expert."""
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < intermediate
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pairs // TOP_K).to(tl.int64)[:, None] * stride_xt + ks[None, :]
+    base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
+    gate_ptrs = base + cols.to(tl.int64)[None, :] * hidden + ks[:, None]
+    up_ptrs = gate_ptrs + intermediate * hidden
+    # A loop of its own for the filling programs: the others run the loop of the no-fill
+    # kernel, whose loads feed only the dots and are pipelined as tuned.
+    if HAS_FILL:
+        fill_base, fill = _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr,
+                                             fill_slot_ptr, block_expert_ptr, pid_m, expert,
+                                             HAS_SLOTS)
+        if fill:
+            fill_ptrs = fill_base + cols.to(tl.int64)[None, :] * hidden + ks[:, None]
+            gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks,
+                                     hidden, intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, PRECISION)
+        else:
+            gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, row_ok, col_ok, ks,
+                                     hidden, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, PRECISION)
+    else:
+        gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, row_ok, col_ok, ks,
+                                 hidden, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 PRECISION)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + pairs.to(tl.int64)[:, None] * intermediate + cols[None, :],
+             act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_loop(a_ptrs, w_ptrs, fill_ptrs, row_ok, col_ok, ks, k_start, k_end, intermediate,
+               FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            w_ok = col_ok[None, :]
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            k_ok = k0 + ks < intermediate
+            w_ok = col_ok[None, :] & k_ok[:, None]
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+        if FILL:
+            tl.store(fill_ptrs, w, mask=w_ok)
+            fill_ptrs += BLOCK_K
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
+                 fill_slot_ptr, partial_ptr, sorted_ptr, block_expert_ptr, num_pairs, hidden,
+                 intermediate, k_per_split, HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """partial[split, pair, n] = act[pair, k-range] @ w2[e][n, k-range]^T, fp32. With split-K,
+    each split loads (and fills) its own K range of the weight tile."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(2)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, intermediate)
+    a_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * intermediate + (k_start + ks)[None, :]
+    base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
+    w_ptrs = base + cols.to(tl.int64)[None, :] * intermediate + (k_start + ks)[:, None]
+    if HAS_FILL:  # a loop of its own for the filling programs, as in _gate_up_kernel
+        fill_base, fill = _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr,
+                                             fill_slot_ptr, block_expert_ptr, pid_m, expert,
+                                             HAS_SLOTS)
+        if fill:
+            fill_ptrs = (fill_base + cols.to(tl.int64)[None, :] * intermediate
+                         + (k_start + ks)[:, None])
+            acc = _down_loop(a_ptrs, w_ptrs, fill_ptrs, row_ok, col_ok, ks, k_start, k_end,
+                             intermediate, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        else:
+            acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, row_ok, col_ok, ks, k_start, k_end,
+                             intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, row_ok, col_ok, ks, k_start, k_end,
+                         intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    rows = split.to(tl.int64) * num_pairs + pairs
+    tl.store(partial_ptr + rows[:, None] * hidden + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _sum_topk_kernel(partial_ptr, ids_ptr, stride_it, stride_ij, weights_ptr, stride_wt,
+                     stride_wj, out_ptr, stride_ot, num_pairs, num_experts, hidden,
+                     TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j w[t, j] * sum_s partial[s, t*k+j]: a fixed order, so bitwise reproducible."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + token * stride_it + j * stride_ij)
+        routed = (expert >= 0) & (expert < num_experts)
+        weight = tl.load(weights_ptr + token * stride_wt + j * stride_wj).to(tl.float32)
+        weight = tl.where(routed, weight, 0.0)
+        row = token.to(tl.int64) * TOP_K + j
+        y = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            y += tl.load(partial_ptr + (s * num_pairs + row) * hidden + cols,
+                         mask=col_ok & routed, other=0.0)
+        total += weight * y
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + cols,
+             total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int,
+                    block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the T*k (token, choice) pairs by expert, each expert padded to a multiple of block_m.
+
+    Returns `sorted_pairs` int32 [num_blocks * block_m] (pair index t*k+j, or the sentinel T*k
+    on padding) and `block_expert` int32 [num_blocks] (expert of each row block, -1 past the
+    end). num_blocks is the static bound ceil((T*k + min(E, T*k)*(block_m-1)) / block_m).
+    """
+    num_pairs = topk_ids.numel()
+    num_blocks = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=topk_ids.device)
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    _align_kernel[(1,)](
+        topk_ids, topk_ids.stride(0), topk_ids.stride(1), sorted_pairs, block_expert, num_pairs,
+        num_experts, num_blocks, TOP_K=topk_ids.shape[1], BLOCK_M=block_m, E_PAD=e_pad,
+        CHUNK=max(16, 4096 // e_pad), num_warps=8,  # [CHUNK, E] tiles of 4096: no spills
+    )
+    return sorted_pairs, block_expert
+
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_expert_matrix(name: str, w: torch.Tensor, shape: tuple[int, int],
+                         dtype: torch.dtype) -> None:
+    if w.dim() != 3 or tuple(w.shape[1:]) != shape:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}: expected [*, {shape[0]}, {shape[1]}]")
+    if w.dtype != dtype:
+        raise ValueError(f"{name} has dtype {w.dtype}: must match hidden_states ({dtype})")
+    if w.stride(2) != 1 or w.stride(1) != shape[1]:
+        raise ValueError(f"{name} has strides {w.stride()}: dims 1 and 2 must be contiguous "
+                         f"(stride(1)={shape[1]}, stride(2)=1); dim 0 may be any stride")
+
+
+def _check_slot_args(num_experts, intermediate, hidden, dtype, expert_slot, w13_slots, w2_slots,
+                     fill_slot) -> None:
+    maps = {"expert_slot": expert_slot, "fill_slot": fill_slot}
+    pools = {"w13_slots": w13_slots, "w2_slots": w2_slots}
+    given = [name for name, t in {**maps, **pools}.items() if t is not None]
+    if any(t is not None for t in maps.values()) != all(t is not None for t in pools.values()):
+        raise ValueError("expert_slot and fill_slot each need both w13_slots and w2_slots, and "
+                         f"the pools need one of them: got {', '.join(given) or 'none'}")
+    for name, t in maps.items():
+        if t is not None and (t.dtype != torch.int32 or tuple(t.shape) != (num_experts,)
+                              or not t.is_contiguous()):
+            raise ValueError(f"{name} is {t.dtype} of shape {tuple(t.shape)}: expected a "
+                             f"contiguous int32 [{num_experts}]")
+    if w13_slots is not None:
+        _check_expert_matrix("w13_slots", w13_slots, (2 * intermediate, hidden), dtype)
+        _check_expert_matrix("w2_slots", w2_slots, (hidden, intermediate), dtype)
+        if w2_slots.shape[0] != w13_slots.shape[0]:
+            raise ValueError(f"w2_slots has {w2_slots.shape[0]} slots, w13_slots has "
+                             f"{w13_slots.shape[0]}: must match")
+
+
+def _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
+                  w2_slots, fill_slot) -> None:
+    if hidden_states.dim() != 2 or hidden_states.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden_states is {hidden_states.dtype} of shape "
+                         f"{tuple(hidden_states.shape)}: expected [T, H] in bf16, fp16 or fp32")
+    num_tokens, hidden = hidden_states.shape
+    if w13.dim() != 3 or w13.shape[1] % 2:
+        raise ValueError(f"w13 has shape {tuple(w13.shape)}: expected [E, 2I, H]")
+    intermediate = w13.shape[1] // 2
+    _check_expert_matrix("w13", w13, (2 * intermediate, hidden), hidden_states.dtype)
+    _check_expert_matrix("w2", w2, (hidden, intermediate), hidden_states.dtype)
+    if w2.shape[0] != w13.shape[0]:
+        raise ValueError(f"w2 has {w2.shape[0]} experts, w13 has {w13.shape[0]}: must match")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.dtype not in _ID_DTYPES:
+        raise ValueError(f"topk_ids is {topk_ids.dtype} of shape {tuple(topk_ids.shape)}: "
+                         f"expected int32 or int64 [{num_tokens}, k]")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}: must equal "
+                         f"topk_ids' {tuple(topk_ids.shape)}")
+    _check_slot_args(w13.shape[0], intermediate, hidden, hidden_states.dtype, expert_slot,
+                     w13_slots, w2_slots, fill_slot)
+
+
+def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
+             fill_slot, config: MoeBlockConfig) -> torch.Tensor:
+    num_tokens, hidden = hidden_states.shape
+    num_experts, intermediate, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    dtype, device = hidden_states.dtype, hidden_states.device
+    num_pairs = num_tokens * top_k
+    sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, config.block_m)
+    slot_strides = (w13_slots.stride(0), w2_slots.stride(0)) if w13_slots is not None else (0, 0)
+    flags = dict(HAS_SLOTS=expert_slot is not None, HAS_FILL=fill_slot is not None)
+    # fp32 callers get fp32 products (as torch matmul does by default), not TF32.
+    precision = "ieee" if dtype == torch.float32 else None
+    act = torch.empty((num_pairs, intermediate), dtype=dtype, device=device)
+    grid = (block_expert.numel(), triton.cdiv(intermediate, config.gate_up_block_n))
+    _gate_up_kernel[grid](
+        hidden_states, hidden_states.stride(0), w13, w13.stride(0), w13_slots, slot_strides[0],
+        expert_slot, fill_slot, act, sorted_pairs, block_expert, num_pairs, hidden, intermediate,
+        TOP_K=top_k, **flags, EVEN_K=hidden % config.gate_up_block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k,
+        PRECISION=precision, num_warps=config.gate_up_warps, num_stages=config.gate_up_stages,
+    )
+    split_k = config.down_split_k
+    k_per_split = triton.cdiv(triton.cdiv(intermediate, config.down_block_k), split_k)
+    k_per_split *= config.down_block_k
+    partial = torch.empty((split_k, num_pairs, hidden), dtype=torch.float32, device=device)
+    grid = (block_expert.numel(), triton.cdiv(hidden, config.down_block_n), split_k)
+    _down_kernel[grid](
+        act, w2, w2.stride(0), w2_slots, slot_strides[1], expert_slot, fill_slot, partial,
+        sorted_pairs, block_expert, num_pairs, hidden, intermediate, k_per_split, **flags,
+        EVEN_K=intermediate % config.down_block_k == 0, BLOCK_M=config.block_m,
+        BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k, PRECISION=precision,
+        num_warps=config.down_warps, num_stages=config.down_stages,
+    )
+    out = torch.empty((num_tokens, hidden), dtype=dtype, device=device)
+    block_h = min(512, triton.next_power_of_2(hidden))
+    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        partial, topk_ids, topk_ids.stride(0), topk_ids.stride(1), topk_weights,
+        topk_weights.stride(0), topk_weights.stride(1), out, out.stride(0), num_pairs,
+        num_experts, hidden, TOP_K=top_k, SPLIT_K=split_k, BLOCK_H=block_h,
+    )
+    return out
+
+
+def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     expert_slot: torch.Tensor | None = None, w13_slots: torch.Tensor | None = None,
+                     w2_slots: torch.Tensor | None = None, fill_slot: torch.Tensor | None = None,
+                     config: MoeBlockConfig | MoeDecodeConfig | None = None) -> torch.Tensor:
+    """The Triton path of fused_moe, with an explicit config for tuning. A MoeDecodeConfig runs
+    the one-token path (T must be 1), a MoeBlockConfig the grouped path; None picks: the
+    one-token path when T == 1 and select_decode_config gives a config, else select_config."""
+    args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
+            fill_slot)
+    _check_inputs(*args)
+    num_tokens, hidden = hidden_states.shape
+    shape = (w13.shape[0], hidden, w2.shape[2], topk_ids.shape[1], hidden_states.dtype)
+    if isinstance(config, MoeDecodeConfig) and num_tokens != 1:
+        raise ValueError(f"a MoeDecodeConfig runs the one-token path: got T={num_tokens} tokens")
+    if num_tokens == 0:
+        return hidden_states.new_empty((0, hidden))
+    if config is None and num_tokens == 1:
+        config = select_decode_config(*shape)
+    if config is None:
+        config = select_config(*shape, num_tokens)
+    if hidden_states.stride(1) != 1:
+        args = (hidden_states.contiguous(), *args[1:])
+    # Hot path from here: no host sync, grids from static bounds, workspaces from the caching
+    # allocator (or the graph's pool when captured), so a decode step can be graph-captured.
+    # Triton launches on the current device: make it the tensors' device.
+    device = hidden_states.device
+    with torch.cuda.device(device.index if device.type == "cuda" else -1):
+        if isinstance(config, MoeDecodeConfig):
+            return one_token_moe(*args, config)
+        return _grouped(*args, config)
+
+
+# The interpreter is chosen when @triton.jit runs, so the kernel object says which one we got.
+_INTERPRETED = not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
+
+
+def _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
+         fill_slot):
+    args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
+            fill_slot)
+    if hidden_states.device.type == "cpu" and not _INTERPRETED:
+        _check_inputs(*args)
+        return fused_moe_reference(*args)
+    return fused_moe_triton(*args)
+
+
+@torch.library.custom_op("moe_uvm::fused_moe", mutates_args=())
+def _fused_moe_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  expert_slot: torch.Tensor | None, w13_slots: torch.Tensor | None,
+                  w2_slots: torch.Tensor | None) -> torch.Tensor:
+    return _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
+                w2_slots, None)
+
+
+# fill_slot writes the slot pools, so this op declares them mutated (torch.compile keeps the
+# writes and orders them). A separate op: inductor (torch 2.11) rejects optional mutated
+# arguments, and the plain op must stay mutation-free.
+@torch.library.custom_op("moe_uvm::fused_moe_fill", mutates_args=("w13_slots", "w2_slots"))
+def _fused_moe_fill_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       expert_slot: torch.Tensor | None, w13_slots: torch.Tensor,
+                       w2_slots: torch.Tensor, fill_slot: torch.Tensor) -> torch.Tensor:
+    return _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
+                w2_slots, fill_slot)
+
+
+@_fused_moe_op.register_fake
+def _(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots):
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+@_fused_moe_fill_op.register_fake
+def _(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
+      fill_slot):
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              expert_slot: torch.Tensor | None = None, w13_slots: torch.Tensor | None = None,
+              w2_slots: torch.Tensor | None = None,
+              fill_slot: torch.Tensor | None = None) -> torch.Tensor:
+    """MoE forward: `out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w1[e] x_t) * (w3[e] x_t))`
+    with `e = topk_ids[t, j]`, w13[e] = [w1; w3]; ids < 0 are padding and contribute nothing.
+
+    hidden_states [T, H] bf16/fp16/fp32; w13 [E, 2I, H] and w2 [E, H, I] with any stride on
+    dim 0 (read in place: device, managed or mapped host memory); topk_weights [T, k];
+    topk_ids [T, k] int32/int64. Slot pools w13_slots [S, 2I, H] and w2_slots [S, H, I] (any
+    stride on dim 0) serve two int32 [E] maps, read by the kernel at run time:
+    `expert_slot`: expert e with expert_slot[e] = s >= 0 is read from w13_slots[s] / w2_slots[s]
+    (which must hold an exact copy). `fill_slot` (fill-on-read): a routed expert read from
+    w13/w2 (no expert_slot, or expert_slot[e] < 0) with fill_slot[e] = s >= 0 also has every
+    weight tile the kernel loads stored into slot s, so after the call w13_slots[s] /
+    w2_slots[s] are bitwise copies of w13[e] / w2[e] (an HBM write, no extra read). Slot ids
+    must be < S; a slot filled must not be read in the same call, nor filled for two experts.
+    The output does not depend on fill_slot.
+
+    Returns [T, H] in hidden_states' dtype, bitwise reproducible. T == 1 takes a two-launch
+    GEMV path (fp32 activations); its reduction order follows the load vector width, so its
+    bits match across placements and slot copies when weight bases and stride(0) are multiples
+    of 16 elements (torch allocations, the expert store and slot pools from torch.empty are).
+    CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels; other CPU
+    tensors use the plain-torch path (fused_moe_reference). A custom op: capturable in CUDA
+    graphs and torch.compile(fullgraph).
+    """
+    if fill_slot is None:
+        return torch.ops.moe_uvm.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids,
+                                           expert_slot, w13_slots, w2_slots)
+    if w13_slots is None or w2_slots is None:
+        raise ValueError("fill_slot needs w13_slots and w2_slots to fill")
+    return torch.ops.moe_uvm.fused_moe_fill(hidden_states, w13, w2, topk_weights, topk_ids,
+                                            expert_slot, w13_slots, w2_slots, fill_slot)

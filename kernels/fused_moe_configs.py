@@ -1,0 +1,226 @@
+"""Launch configs of the fused-MoE kernels: MoeBlockConfig for the grouped path, MoeDecodeConfig
+for the one-token path, the tables tuned on an H100 and the rules for shapes and token counts
+they do not cover."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# An H100 SXM has 132 SMs; the rules below size grids so every SM streams weights.
+_SMS = 132
+# Enough programs to keep every SM streaming weights with a few in flight.
+_TARGET_PROGRAMS = 4 * _SMS
+
+
+def _check_powers_of_two(config, names: tuple[str, ...], least: int) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < least or value & (value - 1):
+            raise ValueError(f"{type(config).__name__}.{name}={value}: must be a power of two "
+                             f">= {least}")
+
+
+def _check_warps(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{type(config).__name__}.{name}={value}: allowed 1, 2, 4, 8, 16")
+
+
+@dataclass(frozen=True)
+class MoeBlockConfig:
+    """Tiles and launch settings of the grouped path for one (shape, token-count bucket).
+
+    `block_m` is both the row tile of both GEMMs and the padding unit of the alignment.
+    """
+
+    block_m: int = 16
+    gate_up_block_n: int = 32
+    gate_up_block_k: int = 128
+    gate_up_warps: int = 4
+    gate_up_stages: int = 4
+    down_block_n: int = 64
+    down_block_k: int = 128
+    down_split_k: int = 1
+    down_warps: int = 4
+    down_stages: int = 4
+
+    def __post_init__(self) -> None:
+        # tl.dot needs every tile dimension >= 16 and tl.arange needs powers of two.
+        _check_powers_of_two(self, ("block_m", "gate_up_block_n", "gate_up_block_k",
+                                    "down_block_n", "down_block_k"), 16)
+        _check_warps(self, ("gate_up_warps", "down_warps"))
+        for name in ("gate_up_stages", "down_stages", "down_split_k"):
+            value = getattr(self, name)
+            if not 1 <= value <= 16:
+                raise ValueError(f"MoeBlockConfig.{name}={value}: allowed 1..16")
+
+
+@dataclass(frozen=True)
+class MoeDecodeConfig:
+    """Tiles of the one-token path (GEMV, no tensor cores): the gate/up program computes
+    gate_up_block_n activations of one routed expert; the down program computes down_block_n
+    outputs over all top-k experts at once, K in steps of down_block_k."""
+
+    gate_up_block_n: int = 16
+    gate_up_block_k: int = 256
+    gate_up_warps: int = 4
+    down_block_n: int = 4
+    down_block_k: int = 256
+    down_warps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_powers_of_two(self, ("gate_up_block_n", "down_block_n"), 2)
+        _check_powers_of_two(self, ("gate_up_block_k", "down_block_k"), 16)
+        _check_warps(self, ("gate_up_warps", "down_warps"))
+
+
+ConfigKey = tuple[int, int, int, int, str]
+
+# (num_experts, hidden, intermediate, top_k, dtype) -> ((largest T, config), ...) in ascending T.
+# From `python benchmarks/fused_moe.py --tune` on the H100 (2026-11-23; for T >= 64 it picks the
+# fastest with offloaded weights among configs within 3% of the best device time); T above the
+# last entry, shapes not listed and entries whose block_m is below min_block_m use
+# default_config.
+TUNED_CONFIGS: dict[ConfigKey, tuple[tuple[int, MoeBlockConfig], ...]] = {
+    (8, 4096, 14336, 2, "bfloat16"): (
+        (1, MoeBlockConfig(block_m=16, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
+                           gate_up_stages=4, down_block_n=64, down_block_k=128, down_split_k=2,
+                           down_warps=4, down_stages=4)),
+        (4, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
+                           gate_up_stages=3, down_block_n=128, down_block_k=128, down_split_k=4,
+                           down_warps=4, down_stages=4)),
+        (16, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
+                            gate_up_stages=3, down_block_n=128, down_block_k=128, down_split_k=1,
+                            down_warps=4, down_stages=4)),
+        (64, MoeBlockConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
+                            gate_up_stages=4, down_block_n=128, down_block_k=128, down_split_k=2,
+                            down_warps=4, down_stages=4)),
+        (256, MoeBlockConfig(block_m=128, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=8,
+                             gate_up_stages=3, down_block_n=64, down_block_k=64, down_split_k=1,
+                             down_warps=8, down_stages=4)),
+    ),
+    (128, 2048, 768, 8, "bfloat16"): (
+        (1, MoeBlockConfig(block_m=16, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
+                           gate_up_stages=4, down_block_n=128, down_block_k=128, down_split_k=1,
+                           down_warps=4, down_stages=4)),
+        (4, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
+                           gate_up_stages=3, down_block_n=64, down_block_k=256, down_split_k=1,
+                           down_warps=4, down_stages=3)),
+        (16, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=128, gate_up_warps=4,
+                            gate_up_stages=4, down_block_n=64, down_block_k=128, down_split_k=1,
+                            down_warps=4, down_stages=4)),
+        (64, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
+                            gate_up_stages=3, down_block_n=64, down_block_k=128, down_split_k=1,
+                            down_warps=4, down_stages=4)),
+        (256, MoeBlockConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
+                             gate_up_stages=4, down_block_n=64, down_block_k=128, down_split_k=1,
+                             down_warps=4, down_stages=4)),
+    ),
+}
+
+# Same key -> the one-token config, or None where the grouped path measured faster at T=1.
+# Shapes not listed use default_decode_config.
+TUNED_DECODE_CONFIGS: dict[ConfigKey, MoeDecodeConfig | None] = {
+    (8, 4096, 14336, 2, "bfloat16"): None,
+    (128, 2048, 768, 8, "bfloat16"): MoeDecodeConfig(gate_up_block_n=8, gate_up_block_k=256,
+        gate_up_warps=4, down_block_n=4, down_block_k=256, down_warps=4),
+}
+
+
+def config_key(num_experts: int, hidden: int, intermediate: int, top_k: int,
+               dtype: torch.dtype) -> ConfigKey:
+    # fp16 and bf16 share tiles: same element size, same tensor-core rate.
+    name = "bfloat16" if dtype == torch.float16 else str(dtype).removeprefix("torch.")
+    return (num_experts, hidden, intermediate, top_k, name)
+
+
+def min_block_m(num_experts: int, top_k: int, num_tokens: int) -> int:
+    """Row tile that holds all rows of an expert in one block: twice the mean rows per expert,
+    as a power of two in 16..128.
+
+    Every row block streams its expert's weights in full, and blocks of one host-resident
+    expert each cross PCIe: on an H100, Mixtral T=64 offloaded took 1.49x the T=16 time with
+    block_m=16, as softmax-top-k routing gives 1.44 blocks per expert there (computed in the
+    tests). Twice the mean is >= 4 standard deviations above it for uniform routing at
+    T=64..256; experts hotter than that are the ones residency keeps in HBM, where L2 absorbs
+    the re-reads."""
+    mean_rows = max(1, num_tokens) * top_k / num_experts
+    return min(128, max(16, triton.next_power_of_2(math.ceil(2 * mean_rows))))
+
+
+def default_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
+                   num_tokens: int) -> MoeBlockConfig:
+    """Rule for shapes without tuned entries: block_m from min_block_m; thin tiles and split-K
+    while experts see few rows (memory bound), wide tiles once they see many (compute bound)."""
+    block_m = min_block_m(num_experts, top_k, num_tokens)
+    if block_m == 128:  # 8 warps: two 128x64 fp32 accumulators fit without spills
+        return MoeBlockConfig(block_m=128, gate_up_block_n=64, gate_up_block_k=64,
+                              gate_up_warps=8, gate_up_stages=3, down_block_n=128,
+                              down_block_k=64, down_warps=8, down_stages=3)
+    if block_m == 64:
+        return MoeBlockConfig(block_m=64, gate_up_block_n=64, gate_up_block_k=64,
+                              down_block_n=128, down_block_k=64)
+    active_experts = min(num_experts, max(1, num_tokens * top_k))
+    # Narrower N tiles when few experts are active, so the weight stream covers every SM.
+    few = _TARGET_PROGRAMS // 2
+    gate_up_n = 32 if active_experts * triton.cdiv(intermediate, 32) >= few else 16
+    down_n = 64 if active_experts * triton.cdiv(hidden, 64) >= few else 32
+    down_programs = active_experts * triton.cdiv(hidden, down_n)
+    split_k = 1
+    # Keep at least two K iterations of 128 per split so the pipeline has something to overlap.
+    while (split_k < 8 and down_programs * split_k * 2 <= _TARGET_PROGRAMS
+           and intermediate >= 2 * 128 * split_k * 2):
+        split_k *= 2
+    return MoeBlockConfig(block_m=block_m, gate_up_block_n=gate_up_n, down_block_n=down_n,
+                          down_split_k=split_k)
+
+
+def select_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
+                  dtype: torch.dtype, num_tokens: int) -> MoeBlockConfig:
+    """Grouped-path config: the tuned entry for the smallest bucket holding num_tokens unless
+    its block_m is below min_block_m, else default_config."""
+    entries = TUNED_CONFIGS.get(config_key(num_experts, hidden, intermediate, top_k, dtype), ())
+    for largest_t, config in entries:
+        if num_tokens <= largest_t:
+            if config.block_m >= min_block_m(num_experts, top_k, num_tokens):
+                return config
+            break
+    return default_config(num_experts, hidden, intermediate, top_k, num_tokens)
+
+
+def default_decode_config(num_experts: int, hidden: int, intermediate: int,
+                          top_k: int) -> MoeDecodeConfig:
+    """Rule for the one-token path. Triton does not pipeline loads that feed no dot, so memory
+    latency is hidden by occupancy alone: tiles of 4096 (gate/up, per matrix) or 8192 (down)
+    elements, 32-64 per thread of 4 warps (56-96 registers and no spills when compiled for
+    sm_90a), and K steps long enough that each whole grid, resident at once, has ~8 MB of
+    loads in flight (about what the HBM read-ceiling kernel keeps in flight), with >= 2
+    programs per SM."""
+    in_flight = 4 << 20  # elements: 8 MB of 16-bit weights
+
+    def k_step(rows: int, depth: int) -> int:
+        step = triton.next_power_of_2(triton.cdiv(in_flight, rows))
+        return max(16, min(max(256, step), 512, triton.next_power_of_2(depth)))
+
+    gate_up_k = k_step(top_k * 2 * intermediate, hidden)
+    gate_up_n = max(2, min(4096 // gate_up_k, triton.next_power_of_2(intermediate)))
+    while gate_up_n > 2 and top_k * triton.cdiv(intermediate, gate_up_n) < 2 * _SMS:
+        gate_up_n //= 2
+    k_pad = triton.next_power_of_2(top_k)
+    down_k = k_step(hidden * k_pad, intermediate)
+    down_n = max(2, min(8192 // (k_pad * down_k), hidden // (2 * _SMS)))
+    down_n = 1 << (down_n.bit_length() - 1)
+    return MoeDecodeConfig(gate_up_block_n=gate_up_n, gate_up_block_k=gate_up_k,
+                           down_block_n=down_n, down_block_k=down_k)
+
+
+def select_decode_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
+                         dtype: torch.dtype) -> MoeDecodeConfig | None:
+    """One-token config: the tuned entry (None: use the grouped path), else the rule."""
+    key = config_key(num_experts, hidden, intermediate, top_k, dtype)
+    if key in TUNED_DECODE_CONFIGS:
+        return TUNED_DECODE_CONFIGS[key]
+    return default_decode_config(num_experts, hidden, intermediate, top_k)
