@@ -1,0 +1,482 @@
+"""Replay a routing trace on the CPU against residency policies, optionally with a GPU slot cache
+per layer (fill-on-read and prefetch, run through the same policies.prefetch planning functions
+as the GPU executor): GPU hit rate of expert reads, PCIe reads and copies per step and layer,
+prefetch precision and recall, re-advice per token, and (given a model shape) the step-time floor
+of the performance model in ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moe_uvm.policies.prefetch import (
+    commit_fill,
+    count_prefetch,
+    empty_slot_state,
+    frequency_scores,
+    plan_fill,
+    plan_prefetch,
+    predicted_mask,
+    speculative_scores,
+    update_cooccurrence,
+)
+from moe_uvm.policies.residency import ResidentBudget, first_n, frequency
+from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup
+from moe_uvm.presets import ModelShape
+from moe_uvm.profile import Profile
+from moe_uvm.trace import RoutingTrace
+
+POLICIES = ("first_n", "frequency", "global", "oracle", "adaptive", "lru")
+PROFILE_POLICIES = ("frequency", "global")
+SLOT_POLICIES = ("first_n", "frequency", "global", "oracle")
+"""Static residency: the policies a slot cache is simulated over."""
+PREFETCH_MODES = ("none", "frequency", "speculative")
+"""lookahead needs hidden states, which a trace does not hold."""
+COOCCURRENCE_SOURCES = ("auto", "profile", "online", "both")
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Read bandwidths in GB/s (1e9 bytes). Defaults: measured on an H100 80GB (PCIe Gen5): HBM
+    reads, and managed read-through of host-resident pages by a kernel."""
+
+    hbm_gbps: float = 3000.0
+    pcie_gbps: float = 50.0
+
+    def __post_init__(self) -> None:
+        if not (self.hbm_gbps > 0 and self.pcie_gbps > 0):
+            raise ValueError(
+                f"bandwidths must be > 0 GB/s, got HBM {self.hbm_gbps}, PCIe {self.pcie_gbps}"
+            )
+
+
+def step_reads(trace: RoutingTrace, batch: int) -> np.ndarray:
+    """touched[s, l, e]: expert e of layer l is read in step s (a step = `batch` consecutive
+    tokens; the kernel reads each routed expert once per step however many tokens use it)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    L, T, _ = trace.topk_ids.shape
+    steps = -(-T // batch)
+    ids = trace.topk_ids.astype(np.int64)
+    step_of = np.broadcast_to((np.arange(T) // batch)[None, :, None], ids.shape)
+    layer_of = np.broadcast_to(np.arange(L)[:, None, None], ids.shape)
+    valid = ids >= 0
+    touched = np.zeros((steps, L, trace.num_experts), bool)
+    touched[step_of[valid], layer_of[valid], ids[valid]] = True
+    return touched
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one policy did: per step and layer how many experts read came from HBM (resident or
+    slot), of those from a slot, slots filled on read and experts prefetched; experts re-advised
+    (in + out) and the experts those re-advices moved in over PCIe; prefetch totals over all
+    layers, as the executor's PrefetchStats counts them (predicted, correct, needed offloaded
+    as in policies.prefetch.METRICS, and copies the kernel then read)."""
+
+    hits: np.ndarray
+    readvised: int = 0
+    moved_in: int = 0
+    slot_hits: np.ndarray | int = 0
+    fills: np.ndarray | int = 0
+    copies: np.ndarray | int = 0
+    prefetch: tuple[int, int, int, int] | None = None
+
+
+def _static(touched: np.ndarray, mask: np.ndarray) -> _Run:
+    return _Run((touched & mask[None]).sum(axis=2))
+
+
+def _adaptive(
+    trace: RoutingTrace,
+    touched: np.ndarray,
+    batch: int,
+    warmup: FrequencyWarmup,
+) -> _Run:
+    steps, L, _ = touched.shape
+    ids = torch.from_numpy(trace.topk_ids.astype(np.int64))
+    gpu = np.zeros((steps, L), np.int64)
+    readvised = moved_in = 0
+    s = 0
+    while s < steps:
+        if warmup.phase == "warmup":
+            tokens = warmup.warmup_tokens - warmup.tokens_recorded
+        elif warmup.phase == "adaptive":
+            tokens = warmup.adaptive.interval_tokens
+        else:
+            tokens = trace.num_tokens
+        stop = min(steps, s + max(1, -(-tokens // batch)))
+        gpu[s:stop] = (touched[s:stop] & warmup.resident[None]).sum(axis=2)
+        block = ids[:, s * batch : stop * batch]
+        for layer in range(L):
+            warmup.record(layer, block[layer])
+        if warmup.decision_due():
+            old = warmup.resident
+            warmup.decide()
+            readvised += int((warmup.resident != old).sum())
+            moved_in += int((warmup.resident & ~old).sum())
+        s = stop
+    return _Run(gpu, readvised, moved_in)
+
+
+def _lru(touched: np.ndarray, sizes: np.ndarray) -> _Run:
+    """Per layer a cache of sizes[l] experts, filled on miss (copy-on-demand); the least
+    recently used expert leaves. Starts holding experts 0..n-1, like first_n."""
+    steps, L, E = touched.shape
+    cached = first_n(E, sizes)
+    last_use = np.full((L, E), -1, np.int64)
+    gpu = np.zeros((steps, L), np.int64)
+    fills = evictions = 0
+    for s in range(steps):
+        now = touched[s]
+        gpu[s] = (now & cached).sum(axis=1)
+        last_use[now] = s
+        held = cached | now
+        over = held.sum(axis=1) > sizes
+        if np.any(over):
+            rows = np.flatnonzero(over)
+            key = np.where(held[rows], last_use[rows], -2)
+            rank = np.argsort(np.argsort(-key, axis=1, kind="stable"), axis=1)
+            held[rows] &= rank < sizes[rows, None]
+        fills += int((held & ~cached).sum())
+        evictions += int((cached & ~held).sum())
+        cached = held
+    # A fill is the miss's own PCIe transfer (copied instead of read through): no extra bytes.
+    return _Run(gpu, fills + evictions)
+
+
+def _step_ids(trace: RoutingTrace, batch: int) -> torch.Tensor:
+    """int64 [steps, L, batch, k]: each step's ids, the last step padded with -1."""
+    L, T, k = trace.topk_ids.shape
+    steps = -(-T // batch)
+    ids = np.full((L, steps * batch, k), -1, np.int64)
+    ids[:, :T] = trace.topk_ids
+    return torch.from_numpy(ids.reshape(L, steps, batch, k).transpose(1, 0, 2, 3).copy())
+
+
+def _slot_cache(
+    ids: torch.Tensor,
+    resident_hits: np.ndarray,
+    mask: np.ndarray,
+    num_slots: int,
+    prefetch: str,
+    num_predicted: int,
+    counts: np.ndarray | None,
+    cooccurrence: torch.Tensor | None,
+    learn_online: bool,
+) -> _Run:
+    """Per layer a pool of `num_slots` slots over the static resident `mask`, step by step as the
+    executor runs it: prefetch for layer l+1 predicted from layer l's ids (layer 0 has no
+    predecessor in the step and is not prefetched), then at each layer plan_fill with the true
+    ids and commit_fill; online co-occurrence learns from each step after its predictions.
+    Layers' pools are independent, so all layers advance together as one batch of pools."""
+    steps, L, _, _ = ids.shape
+    E = mask.shape[1]
+    resident = torch.from_numpy(mask)
+    pools = empty_slot_state(E, num_slots, (L,))
+    nxt, nxt_resident = tuple(t[1:] for t in pools), resident[1:]
+    counters = torch.zeros(steps, L, 4, dtype=torch.int64)
+    fills = torch.zeros(steps, L, dtype=torch.int64)
+    copies = torch.zeros(steps, L, dtype=torch.int64)
+    used = torch.zeros((), dtype=torch.int64)
+    predicted = torch.zeros(L, E, dtype=torch.bool)
+    predicting = prefetch != "none" and L > 1
+    scores = None
+    if prefetch == "frequency":
+        scores = frequency_scores(torch.from_numpy(counts[1:]))
+    step = torch.zeros((), dtype=torch.int64)
+    for s in range(steps):
+        step.fill_(s)
+        now = ids[s]
+        if predicting:
+            if prefetch == "speculative":
+                scores = speculative_scores(cooccurrence, now[:-1])
+            experts, _ = plan_prefetch(scores, nxt_resident, *nxt, step, num_predicted)
+            copies[s, 1:] = (experts >= 0).sum(-1)
+            needed = torch.zeros(L - 1, E + 1, dtype=torch.bool)
+            needed.scatter_(-1, torch.where(now[1:] >= 0, now[1:], E).flatten(1), True)
+            used += (torch.gather(needed, -1, experts.long().clamp(min=0)) & (experts >= 0)).sum()
+            predicted[1:] = predicted_mask(scores, nxt_resident, num_predicted)
+        count_prefetch(counters[s], now, resident, pools[0], predicted if predicting else None)
+        fill = plan_fill(now, resident, *pools, step)
+        commit_fill(fill, pools[0])
+        fills[s] = (fill >= 0).sum(-1)
+        if learn_online and L > 1:
+            update_cooccurrence(cooccurrence, now[:-1], now[1:])
+    slot_hits = counters[..., 3].numpy()
+    totals = counters[..., :3].sum((0, 1)).tolist() + [int(used)]
+    return _Run(resident_hits + slot_hits, slot_hits=slot_hits, fills=fills.numpy(),
+                copies=copies.numpy(), prefetch=tuple(totals) if predicting else None)
+
+
+def _record(
+    job: dict,
+    reads: np.ndarray,
+    run: _Run,
+    num_tokens: int,
+    shape: ModelShape | None,
+    bandwidths: Bandwidths,
+) -> dict:
+    steps, L = reads.shape
+    total, hits = int(reads.sum()), int(run.hits.sum())
+    slot_hits, copies = np.sum(run.slot_hits), np.sum(run.copies)
+    offloaded = total - hits + int(slot_hits)
+    precision = recall = copies_used = None
+    if run.prefetch is not None:
+        predicted, correct, needed, used = run.prefetch
+        precision = correct / predicted if predicted else None
+        recall = correct / needed if needed else None
+        copies_used = float(used / copies) if copies else None
+    record = {
+        **job,
+        "tokens": num_tokens,
+        "hit_rate": hits / max(total, 1),
+        "slot_hit_rate": float(slot_hits / max(offloaded, 1)),
+        "offloaded_reads_per_step_per_layer": (total - hits) / (steps * L),
+        "prefetch_copies_per_step_per_layer": float(copies / (steps * L)),
+        "pcie_experts_per_step_per_layer": float((total - hits + copies) / (steps * L)),
+        "slot_fills_per_step_per_layer": float(np.sum(run.fills) / (steps * L)),
+        "prefetch_precision": precision,
+        "prefetch_recall": recall,
+        "prefetch_copies_used": copies_used,
+        "readvised_experts_per_token": run.readvised / num_tokens,
+    }
+    if shape is not None:
+        size = shape.bytes_per_expert
+        # The trace may cover fewer MoE layers than the model: scale its per-layer traffic.
+        scale = shape.num_moe_layers / L
+        # Slot writes (fills and copies) cost HBM bandwidth like reads.
+        hbm_experts = (run.hits + run.fills + run.copies).sum(axis=1)
+        hbm_bytes = (hbm_experts + L * shape.num_shared_experts) * size * scale
+        # Prefetch copies and experts moved in by re-advice (spread over all steps) use PCIe too.
+        pcie_experts = (reads - run.hits + run.copies).sum(axis=1) + run.moved_in / steps
+        pcie_bytes = pcie_experts * size * scale
+        t_hbm = hbm_bytes / (bandwidths.hbm_gbps * 1e9)
+        t_pcie = pcie_bytes / (bandwidths.pcie_gbps * 1e9)
+        record.update(
+            readvised_bytes_per_token=run.readvised * size * scale / num_tokens,
+            pcie_bytes_per_token=float(pcie_bytes.sum() / num_tokens),
+            step_floor_overlapped_ms=float(np.maximum(t_hbm, t_pcie).mean() * 1e3),
+            step_floor_serial_ms=float((t_hbm + t_pcie).mean() * 1e3),
+        )
+    return record
+
+
+def resident_sizes(spec: str, num_experts: int) -> list[int]:
+    """'16,32,64' or '25%,50%,75%' (of the experts per layer) -> per-layer resident counts."""
+    sizes = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        try:
+            n = round(float(part[:-1]) / 100 * num_experts) if part.endswith("%") else int(part)
+        except ValueError:
+            raise ValueError(f"resident count {part!r} is not an int or a percentage") from None
+        if not 0 <= n <= num_experts:
+            raise ValueError(f"resident count {part} is outside [0, {num_experts}] experts")
+        sizes.append(n)
+    if not sizes:
+        raise ValueError(f"no resident counts in {spec!r}")
+    return sizes
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """The GPU slot caches to simulate: every slot count in `slots` (per layer; 0 = no cache)
+    with every prefetch mode in `prefetch` (a mode other than none needs slots). Each step
+    prefetches `num_predicted` experts per layer (default: half the slots, the rest keep
+    fill-on-read's recent experts), at most the slot count. Speculative co-occurrence comes
+    from `cooccurrence`: profile (the profile's counts), online (learned from the replayed
+    steps), both (profile counts plus online), auto (profile when it has them, else online)."""
+
+    slots: tuple[int, ...] = (0,)
+    prefetch: tuple[str, ...] = ("none",)
+    num_predicted: int | None = None
+    cooccurrence: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slots", tuple(int(n) for n in self.slots))
+        object.__setattr__(self, "prefetch", tuple(self.prefetch))
+        if not self.slots or min(self.slots) < 0:
+            raise ValueError(f"slot counts must be >= 0, got {list(self.slots)}")
+        bad = [m for m in self.prefetch if m not in PREFETCH_MODES]
+        if bad or not self.prefetch:
+            raise ValueError(f"unknown prefetch modes {bad}; known: {', '.join(PREFETCH_MODES)} "
+                             "(lookahead needs hidden states, which a trace does not hold)")
+        if max(self.slots) == 0 and self.prefetch != ("none",):
+            raise ValueError(f"prefetch {', '.join(self.prefetch)} needs slots > 0")
+        if self.num_predicted is not None and self.num_predicted < 1:
+            raise ValueError(f"num_predicted must be >= 1, got {self.num_predicted}")
+        if self.cooccurrence not in COOCCURRENCE_SOURCES:
+            raise ValueError(f"cooccurrence source must be one of "
+                             f"{', '.join(COOCCURRENCE_SOURCES)}, got {self.cooccurrence!r}")
+
+    def predicted(self, num_slots: int) -> int:
+        return min(self.num_predicted or max(num_slots // 2, 1), num_slots)
+
+    def jobs(self) -> list[tuple[int, str]]:
+        return [(n, m) for n in self.slots for m in self.prefetch if n > 0 or m == "none"]
+
+
+def _cooccurrence(
+    settings: SlotSettings, profile: Profile | None, L: int, E: int
+) -> tuple[torch.Tensor, bool, str]:
+    """(starting counts [L-1, E, E] float32, learn online?, source name) for speculative."""
+    source = settings.cooccurrence
+    has = profile is not None and profile.cooccurrence is not None
+    if source == "auto":
+        source = "profile" if has else "online"
+    if source in ("profile", "both") and not has:
+        raise ValueError(f"cooccurrence source {source} needs a profile with co-occurrence "
+                         "(moe-uvm calibrate --cooccurrence)")
+    cooc = torch.zeros(max(L - 1, 1), E, E)
+    if source != "online":
+        cooc.copy_(torch.from_numpy(profile.cooccurrence))
+    return cooc, source != "profile", source
+
+
+def simulate(
+    trace: RoutingTrace,
+    resident: Sequence[int],
+    *,
+    batch: int = 1,
+    policies: Sequence[str] = POLICIES,
+    profile: Profile | None = None,
+    shape: ModelShape | None = None,
+    bandwidths: Bandwidths = Bandwidths(),
+    adaptive: AdaptiveSettings | None = None,
+    warmup_tokens: int = 256,
+    slots: SlotSettings = SlotSettings(),
+    progress: bool = False,
+) -> list[dict]:
+    """One record per (policy, resident count, slot count, prefetch mode) in that order.
+    `profile` (counted on other tokens) feeds frequency and global, frequency prefetch and
+    speculative co-occurrence, and starts adaptive; without it adaptive first counts
+    `warmup_tokens` of the trace with first_n resident. `adaptive` defaults to
+    AdaptiveSettings(). Slot caches run over the static policies (SLOT_POLICIES) only."""
+    adaptive = adaptive or AdaptiveSettings()
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or not policies:
+        raise ValueError(f"unknown policies {bad}; known: {', '.join(POLICIES)}")
+    L, E, k = trace.num_layers, trace.num_experts, trace.top_k
+    if profile is not None:
+        profile.check_matches(L, E, k)
+    elif any(p in PROFILE_POLICIES for p in policies) or "frequency" in slots.prefetch:
+        raise ValueError(f"policies {', '.join(PROFILE_POLICIES)} and frequency prefetch need a "
+                         "profile")
+    cached = [p for p in policies if p not in SLOT_POLICIES]
+    if max(slots.slots) > 0 and cached:
+        raise ValueError(f"slot caches are simulated over static residency "
+                         f"({', '.join(SLOT_POLICIES)}), not {', '.join(cached)}")
+    if shape is not None and (shape.num_experts, shape.top_k) != (E, k):
+        raise ValueError(
+            f"model shape {shape.name} has {shape.num_experts} experts, top-{shape.top_k}; the "
+            f"trace has {E}, top-{k}"
+        )
+    touched = step_reads(trace, batch)
+    reads = touched.sum(axis=2)
+    step_counts = touched.sum(axis=0)
+    ids = _step_ids(trace, batch) if max(slots.slots) > 0 else None
+    records = []
+    jobs = [(p, n, job) for p in policies for n in resident for job in slots.jobs()]
+    for policy, n, (num_slots, mode) in tqdm(jobs, desc="simulate", disable=not progress,
+                                             leave=False):
+        sizes = np.full(L, n, np.int64)
+        mask = None
+        if policy == "first_n":
+            mask = first_n(E, sizes)
+        elif policy == "frequency":
+            mask = frequency(profile.counts, sizes)
+        elif policy == "global":
+            split = ResidentBudget(L, E, total=n * L).layer_counts(profile.counts)
+            mask = frequency(profile.counts, split)
+        elif policy == "oracle":
+            mask = frequency(step_counts, sizes)
+        elif policy == "lru":
+            run = _lru(touched, sizes)
+        else:
+            budget = ResidentBudget(L, E, per_layer=tuple(sizes))
+            if profile is not None:
+                warmup = FrequencyWarmup(
+                    budget, warmup_tokens=0, adaptive=adaptive,
+                    resident=frequency(profile.counts, sizes),
+                    prior=profile.counts, prior_tokens=max(profile.num_tokens, 1),
+                )
+            else:
+                warmup = FrequencyWarmup(budget, warmup_tokens=warmup_tokens, adaptive=adaptive)
+            run = _adaptive(trace, touched, batch, warmup)
+        job = {"policy": policy, "resident": n, "batch": batch, "slots": num_slots,
+               "prefetch": mode, "prefetch_experts": 0, "cooccurrence": None}
+        if mask is not None:
+            run = _static(touched, mask)
+        if num_slots > 0:
+            cooc, learn, source = None, False, None
+            if mode == "speculative":
+                cooc, learn, source = _cooccurrence(slots, profile, L, E)
+            m = slots.predicted(num_slots) if mode != "none" else 0
+            job.update(prefetch_experts=m, cooccurrence=source)
+            run = _slot_cache(ids, run.hits, mask, num_slots, mode, m,
+                              None if profile is None else profile.counts, cooc, learn)
+        records.append(_record(job, reads, run, trace.num_tokens, shape, bandwidths))
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """A markdown table of simulate records (slot-cache columns when any record has slots)."""
+    timed = "step_floor_overlapped_ms" in records[0]
+    cached = any(r["slots"] > 0 for r in records)
+    head = ["policy", "resident", "batch"]
+    if cached:
+        head += ["slots", "prefetch"]
+    head += ["hit rate", "offloaded reads/step/layer"]
+    if cached:
+        head += ["slot hit rate", "copies/step/layer", "PCIe reads+copies/step/layer",
+                 "precision", "recall", "copies used"]
+    head.append("re-advised experts/token")
+    if timed:
+        head += ["PCIe MB/token", "floor overlapped ms", "floor serial ms"]
+    ratio = lambda value: "-" if value is None else f"{value:.3f}"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        row = [r["policy"], str(r["resident"]), str(r["batch"])]
+        if cached:
+            row += [str(r["slots"]), r["prefetch"]]
+        row += [f"{r['hit_rate']:.3f}", f"{r['offloaded_reads_per_step_per_layer']:.3f}"]
+        if cached:
+            row += [f"{r['slot_hit_rate']:.3f}", f"{r['prefetch_copies_per_step_per_layer']:.3f}",
+                    f"{r['pcie_experts_per_step_per_layer']:.3f}",
+                    ratio(r["prefetch_precision"]), ratio(r["prefetch_recall"]),
+                    ratio(r["prefetch_copies_used"])]
+        row.append(f"{r['readvised_experts_per_token']:.3f}")
+        if timed:
+            row += [f"{r['pcie_bytes_per_token'] / 1e6:.1f}",
+                    f"{r['step_floor_overlapped_ms']:.3f}", f"{r['step_floor_serial_ms']:.3f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plan(
+    profile: Profile, shape: ModelShape, budget_bytes: float, min_per_layer: int = 0
+) -> dict:
+    """The global budget split of `budget_bytes` over a model's MoE layers by the profile's
+    counts, with the hit rate and PCIe bytes per token it implies one token at a time (each
+    routing is one expert read), next to an even split of the same number of experts."""
+    profile.check_matches(shape.num_moe_layers, shape.num_experts, shape.top_k)
+    L, E = profile.num_layers, profile.num_experts
+    budget = ResidentBudget.from_bytes(L, E, budget_bytes, shape.bytes_per_expert, min_per_layer)
+    routed = max(int(profile.counts.sum()), 1)
+    tokens = max(profile.num_tokens, 1)
+    result = {"model_shape": shape.name, "budget_bytes": budget_bytes,
+              "bytes_per_expert": shape.bytes_per_expert, "resident_experts": budget.total}
+    even = ResidentBudget(L, E, total=budget.total).layer_counts()
+    for name, sizes in (("global", budget.layer_counts(profile.counts)), ("even", even)):
+        covered = (profile.counts * frequency(profile.counts, sizes)).sum(axis=1)
+        missed = int(routed - covered.sum())
+        result[name] = {
+            "per_layer": sizes.tolist(),
+            "hit_rate": float(covered.sum() / routed),
+            "pcie_bytes_per_token": missed * shape.bytes_per_expert / tokens,
+        }
+    return result

@@ -1,0 +1,1 @@
+"""Pure decision logic over routing counts and ids: no CUDA calls, no manager."""
