@@ -1,0 +1,1 @@
+"""Adapters from other libraries to moe-uvm."""

@@ -1,0 +1,67 @@
+"""Hugging Face transformers integration: run the routed experts of a transformers MoE model
+through FusedMoE with weights in managed memory (`offload_experts`), stream a safetensors
+checkpoint straight into that layout (`load_offloaded`), and calibrate a routing profile from a
+model (`calibrate_model`). Needs the `hf` extra (transformers, safetensors).
+
+Where the parts live: hf_blocks.py (supported families, the FusedExperts adapter), hf_load.py
+(streaming load), hf_calibrate.py (calibration)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.integrations.hf_blocks import (
+    FAMILIES,
+    FusedExperts,
+    attach_experts,
+    find_moe_blocks,
+    supported_families,
+)
+from moe_uvm.integrations.hf_calibrate import calibrate_model, read_prompts
+from moe_uvm.integrations.hf_load import CheckpointError, LoadedModel, load_offloaded
+from moe_uvm.manager import ExpertOffloadManager
+
+__all__ = [
+    "FAMILIES",
+    "CheckpointError",
+    "FusedExperts",
+    "LoadedModel",
+    "calibrate_model",
+    "find_moe_blocks",
+    "load_offloaded",
+    "offload_experts",
+    "read_prompts",
+    "supported_families",
+]
+
+
+def offload_experts(
+    model: nn.Module,
+    config: ExpertOffloadConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> ExpertOffloadManager:
+    """Move the routed experts of a loaded transformers MoE model into managed expert stores and
+    run them through FusedMoE; routers, shared experts and everything else stay the model's own,
+    so `model(...)` and `model.generate(...)` work unchanged.
+
+    The stores go on `device` (default: where the experts are now), and the rest of the model is
+    moved there too. All stores are allocated first and each block's original experts are freed
+    once copied in, so for a while both exist: for models larger than the GPU use
+    `load_offloaded`, which never materialises them. A model with no supported MoE block is
+    refused, naming the supported families.
+    """
+    blocks = find_moe_blocks(model)
+    experts = blocks[0].module.experts
+    if isinstance(experts, FusedExperts):
+        raise ValueError(f"{type(model).__name__}: experts are already offloaded")
+    if experts.gate_up_proj.device.type == "meta":
+        raise ValueError(
+            f"{type(model).__name__} has its expert weights on the meta device; use "
+            "load_offloaded to stream a checkpoint into managed memory"
+        )
+    manager = attach_experts(blocks, config, device or experts.gate_up_proj.device)
+    model.to(manager.device)
+    return manager

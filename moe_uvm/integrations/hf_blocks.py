@@ -1,0 +1,195 @@
+"""The transformers MoE blocks moe-uvm runs, and `FusedExperts`, the module that takes the place of
+a block's routed experts. The block keeps its own router and shared experts, so each family's
+routing (softmax or sigmoid, grouped, biased, renormalised, scaled) is unchanged by construction;
+only the routed-expert GEMMs move to FusedMoE, with weights in managed memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.layer import FusedMoE, offload_experts
+from moe_uvm.manager import ExpertOffloadManager
+
+
+@dataclass(frozen=True)
+class MoeFamily:
+    """A transformers model family whose sparse-MoE block moe-uvm supports.
+
+    block / experts: class names of the MoE block and of the routed-experts module it holds as
+    `block.experts` (transformers 5 fused layout: `gate_up_proj` [E, 2I, H] with gate rows
+    first, `down_proj` [E, H, I], SiLU-gated). checkpoint_renames: substrings of checkpoint
+    names that transformers renames at load time (legacy module names), as (saved, module).
+    """
+
+    model_type: str
+    block: str
+    experts: str
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+
+# Routing each family keeps (its router module stays in the block):
+#   mixtral      softmax, top-k, renormalised
+#   qwen2_moe    softmax, top-k, optional renormalisation; sigmoid-gated shared expert
+#   qwen3_moe    softmax, top-k, optional renormalisation
+#   olmoe        softmax, top-k, optional renormalisation
+#   deepseek_v2  softmax, greedy or group-limited top-k, scaled; shared experts
+#   deepseek_v3  sigmoid + correction bias, grouped top-k, renormalised, scaled; shared experts
+FAMILIES = (
+    MoeFamily(
+        "mixtral", "MixtralSparseMoeBlock", "MixtralExperts", ((".block_sparse_moe.", ".mlp."),)
+    ),
+    MoeFamily("qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeExperts"),
+    MoeFamily("qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeExperts"),
+    MoeFamily("olmoe", "OlmoeSparseMoeBlock", "OlmoeExperts"),
+    MoeFamily("deepseek_v2", "DeepseekV2Moe", "DeepseekV2Experts"),
+    MoeFamily("deepseek_v3", "DeepseekV3MoE", "DeepseekV3Experts"),
+)
+
+
+def supported_families() -> str:
+    return ", ".join(f.model_type for f in FAMILIES)
+
+
+def family_of(model_type: str) -> MoeFamily:
+    """The family of a transformers `config.model_type`; other types are refused."""
+    for family in FAMILIES:
+        if family.model_type == model_type:
+            return family
+    raise ValueError(
+        f"model type {model_type!r} has no MoE block moe-uvm supports; supported families: "
+        f"{supported_families()}"
+    )
+
+
+class FusedExperts(nn.Module):
+    """Takes the place of a transformers routed-experts module: same call,
+    `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`, computed
+    by `self.moe` (a FusedMoE whose weights live in the offload manager's stores)."""
+
+    def __init__(
+        self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        # Built on meta: offload_experts gives it store-backed weights before anything is written.
+        # Routing is the block's own, so FusedMoE.route (and its renormalize flag) is never used.
+        self.moe = FusedMoE(
+            num_experts, top_k, hidden_size, intermediate_size, renormalize=False, dtype=dtype,
+            device="meta",
+        )
+
+    @classmethod
+    def replacing(cls, block: MoeBlock) -> FusedExperts:
+        """An adapter of the shape and dtype of `block`'s experts (checked against the layout
+        FusedMoE runs)."""
+        experts = block.module.experts
+        where = f"{block.name}.experts ({type(experts).__name__})"
+        act = getattr(getattr(experts, "config", None), "hidden_act", None)
+        if act not in ("silu", "swish"):
+            raise ValueError(f"{where}: activation {act!r}; FusedMoE runs SiLU-gated experts only")
+        layout = {name: getattr(experts, name, default) for name, default in (
+            ("has_gate", True), ("has_bias", False), ("is_transposed", False),
+            ("is_concatenated", True),
+        )}
+        if layout != {"has_gate": True, "has_bias": False, "is_transposed": False,
+                      "is_concatenated": True}:
+            raise ValueError(
+                f"{where}: expert layout {layout}; FusedMoE runs gated, bias-free experts with "
+                "[gate; up] concatenated, not transposed"
+            )
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        E, two_I, H = gate_up.shape
+        if two_I % 2 or tuple(down.shape) != (E, H, two_I // 2):
+            raise ValueError(
+                f"{where}: gate_up_proj {tuple(gate_up.shape)} and down_proj "
+                f"{tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
+            )
+        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype)
+
+    def load_fused(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy a transformers 3-D expert tensor (`gate_up_proj` [E, 2I, H] or `down_proj`
+        [E, H, I], same row layout as w13/w2) into the store."""
+        param = {"gate_up_proj": self.moe.w13_weight, "down_proj": self.moe.w2_weight}[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+            )
+        param.data.copy_(tensor)
+
+    # Hot path (every MoE layer of every step): the fused kernel, nothing else.
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return self.moe.experts(hidden_states, top_k_weights, top_k_index)
+
+
+@dataclass(frozen=True)
+class MoeBlock:
+    """A supported sparse-MoE block found in a model: its module path, module and family."""
+
+    name: str
+    module: nn.Module
+    family: MoeFamily
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(experts, hidden, intermediate) of the routed experts, wrapped or not."""
+        experts = self.module.experts
+        if isinstance(experts, FusedExperts):
+            return experts.moe.num_experts, experts.moe.hidden_size, experts.moe.intermediate_size
+        E, two_I, H = experts.gate_up_proj.shape
+        return E, H, two_I // 2
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.module.gate.top_k
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
+    """The supported sparse-MoE blocks of `model` in module order (= MoE layer order); a model
+    with none is refused with the list of supported families."""
+    by_class = {f.block: f for f in FAMILIES}
+    blocks = []
+    for name, module in model.named_modules():
+        family = by_class.get(type(module).__name__)
+        if family is None:
+            continue
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, FusedExperts) and type(experts).__name__ != family.experts:
+            raise ValueError(
+                f"{name} ({family.block}) holds experts of type {type(experts).__name__}, "
+                f"expected {family.experts}"
+            )
+        blocks.append(MoeBlock(name, module, family))
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no sparse-MoE block of a supported family "
+            f"({supported_families()})"
+        )
+    return blocks
+
+
+def attach_experts(
+    blocks: list[MoeBlock], config: ExpertOffloadConfig | None,
+    device: torch.device | str | None,
+) -> ExpertOffloadManager:
+    """Put a FusedExperts in place of each block's experts, its weights in a managed store
+    (allocated and advised first); experts that hold weights (not meta) are copied in and freed
+    block by block."""
+    adapters = [FusedExperts.replacing(b) for b in blocks]
+    manager = offload_experts(adapters, config, device=device)
+    for block, adapter in zip(blocks, adapters, strict=True):
+        old = block.module.experts
+        if old.gate_up_proj.device.type != "meta":
+            adapter.load_fused("gate_up_proj", old.gate_up_proj.detach())
+            adapter.load_fused("down_proj", old.down_proj.detach())
+        block.module.experts = adapter
+    return manager

@@ -1,0 +1,330 @@
+"""Streaming load of a transformers safetensors checkpoint into an offloaded model: parameters are
+built on the meta device and matched against the shard headers (missing, unexpected and mismatched
+tensors are named before anything is allocated or read), the MoE experts get managed stores
+(advised before a byte is written), then each shard is read once: expert tensors go through
+FusedMoE's weight_loader into the stores, everything else is materialised on the device."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from moe_uvm import uvm
+from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.dense import DenseOffloadConfig, DenseOffloader
+from moe_uvm.dense_select import select_param_names
+from moe_uvm.integrations.hf_blocks import (
+    MoeBlock,
+    MoeFamily,
+    attach_experts,
+    family_of,
+    find_moe_blocks,
+)
+from moe_uvm.manager import ExpertOffloadManager
+
+EXPERT_KEY = re.compile(
+    r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+    r"\.weight$"
+)
+"""Per-expert checkpoint names, as transformers 5 `save_pretrained` writes them (and the hub has
+them): Mixtral's w1/w3/w2 or gate_proj/up_proj/down_proj."""
+FUSED_KEY = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+"""Fused 3-D expert tensors, as the transformers 5 modules hold them."""
+SHARD_OF = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2",
+            "down_proj": "w2"}
+IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$",)
+"""Older checkpoints saved rotary inv_freq; it is a computed buffer now (transformers skips it)."""
+LISTED = 6
+"""Names listed per kind of problem in a CheckpointError (then a count of the rest)."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint and the model disagree; the message names the tensors."""
+
+
+class LoadedModel(NamedTuple):
+    """What load_offloaded returns: the model, its expert offload manager, and the dense
+    offloader when one was asked for."""
+
+    model: nn.Module
+    manager: ExpertOffloadManager
+    dense: DenseOffloader | None
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init work)
+    while buffers stay real: non-persistent ones such as rotary inv_freq are computed by the
+    constructors and are in no checkpoint.
+
+    torch has no switch for "parameters on meta, buffers real", so registration is patched for
+    the duration (as accelerate's init_empty_weights does); not thread-safe."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint directory (sharded or single file)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise CheckpointError(
+        f"{path}: no safetensors checkpoint (model.safetensors or model.safetensors.index.json);"
+        " moe-uvm streams safetensors only"
+    )
+
+
+@dataclass
+class _Slot:
+    """One non-expert tensor of the model and every (module, attribute) name sharing it."""
+
+    names: list[str]
+    owners: list[tuple[nn.Module, str]]
+    is_param: bool
+    like: torch.Tensor
+    loaded: bool = False
+
+
+@dataclass
+class _Plan:
+    """What each checkpoint tensor loads into, built from the shard headers."""
+
+    model: nn.Module
+    family: MoeFamily
+    blocks: list[MoeBlock]
+    materialize: Callable[[_Slot, torch.Tensor], None]
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    actions: list[tuple[Path, list[tuple[str, Callable[[torch.Tensor], None]]]]] = field(
+        default_factory=list
+    )
+    covered: dict[str, torch.Tensor] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    block_at: dict[str, MoeBlock] = field(init=False)
+    ignored: list[re.Pattern] = field(init=False)
+
+    def __post_init__(self) -> None:
+        by_id: dict[int, _Slot] = {}
+        experts = {id(block.module.experts) for block in self.blocks}
+        for prefix, module in self.model.named_modules(remove_duplicate=False):
+            if id(module) in experts:
+                continue  # routed experts are loaded into the managed stores
+            tensors = [(a, p, True) for a, p in module._parameters.items() if p is not None]
+            tensors += [
+                (a, b, False) for a, b in module._buffers.items()
+                if b is not None and a not in module._non_persistent_buffers_set
+            ]
+            for attr, tensor, is_param in tensors:
+                slot = by_id.setdefault(id(tensor), _Slot([], [], is_param, tensor))
+                name = f"{prefix}.{attr}" if prefix else attr
+                slot.names.append(name)
+                slot.owners.append((module, attr))
+                self.slots[name] = slot
+        self.block_at = {block.name: block for block in self.blocks}
+        for block in self.blocks:
+            self.covered[block.name] = torch.zeros(block.num_experts, 3, dtype=torch.bool)
+        model_ignores = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        self.ignored = [re.compile(p) for p in (*IGNORED_UNEXPECTED, *model_ignores)]
+
+    def add_file(self, file: Path) -> None:
+        """Plan every tensor of one shard from its header (no tensor data is read)."""
+        entries = []
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                action = self._resolve(key, tuple(f.get_slice(key).get_shape()))
+                if action is not None:
+                    entries.append((key, action))
+        self.actions.append((file, entries))
+
+    def _resolve(self, key: str, shape: tuple[int, ...]):
+        name = key
+        for saved, module_name in self.family.checkpoint_renames:
+            name = name.replace(saved, module_name)
+        match = EXPERT_KEY.match(name) or FUSED_KEY.match(name)
+        block = self.block_at.get(match["block"]) if match else None
+        if block is not None:
+            return self._resolve_expert(key, shape, block, match)
+        slot = self.slots.get(name)
+        if slot is None:
+            if not any(p.search(name) for p in self.ignored):
+                self.unexpected.append(key)
+            return None
+        if tuple(slot.like.shape) != shape:
+            self.mismatched.append(
+                f"{key}: checkpoint {list(shape)}, model {list(slot.like.shape)}"
+            )
+            return None
+        slot.loaded = True
+        return lambda tensor: self.materialize(slot, tensor)
+
+    def _resolve_expert(self, key: str, shape: tuple[int, ...], block: MoeBlock, match):
+        """Expert tensors load through the block's FusedExperts, in place by load time."""
+        E, H, I = block.shape
+        covered = self.covered[block.name]
+        if "expert" not in match.groupdict():
+            fused = match["proj"] == "gate_up_proj"
+            expected = (E, 2 * I, H) if fused else (E, H, I)
+            if shape != expected:
+                self.mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(expected)}")
+                return None
+            covered[:, [0, 1] if fused else [2]] = True
+            return lambda tensor: block.module.experts.load_fused(match["proj"], tensor)
+        expert, shard = int(match["expert"]), SHARD_OF[match["proj"]]
+        expected = (H, I) if shard == "w2" else (I, H)
+        if expert >= E or shape != expected:
+            self.mismatched.append(
+                f"{key}: checkpoint expert {expert} {list(shape)}, model {E} experts of "
+                f"{list(expected)}"
+            )
+            return None
+        covered[expert, ("w1", "w3", "w2").index(shard)] = True
+
+        def load(tensor: torch.Tensor) -> None:
+            moe = block.module.experts.moe
+            param = moe.w2_weight if shard == "w2" else moe.w13_weight
+            moe.weight_loader(param, tensor, expert, shard)
+
+        return load
+
+    def check(self, path: Path) -> None:
+        """Raise CheckpointError naming every missing, unexpected and mismatched tensor."""
+        missing = []
+        seen = set()
+        for slot in self.slots.values():
+            if not slot.loaded and id(slot) not in seen:
+                missing.append(slot.names[0])
+            seen.add(id(slot))
+        for block_name, covered in self.covered.items():
+            for expert, shard in (~covered).nonzero().tolist():
+                missing.append(f"{block_name}.experts.{expert} ({('w1', 'w3', 'w2')[shard]})")
+        problems = [
+            f"{what} ({len(items)}): {', '.join(items[:LISTED])}"
+            + (f", ... {len(items) - LISTED} more" if len(items) > LISTED else "")
+            for what, items in (("missing", missing), ("unexpected", self.unexpected),
+                                ("mismatched", self.mismatched)) if items
+        ]
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {path} does not match {type(self.model).__name__}: "
+                + "; ".join(problems)
+            )
+
+
+def _fp32_patterns(model: nn.Module, dtype: torch.dtype) -> list[re.Pattern]:
+    """Tensors transformers keeps in fp32 at this load dtype (its keep-in-fp32 rules)."""
+    patterns = []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return [re.compile(p) for p in patterns]
+
+
+def _dense_offload_ids(
+    model: nn.Module, config: DenseOffloadConfig, blocks: list[MoeBlock]
+) -> tuple[nn.ModuleList, set[int]]:
+    """The decoder layers and the parameters (by id) the dense offloader will take: those are
+    loaded into host memory, never to the device. Expert weights cannot be among them."""
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no decoder layer list (base_model.layers)")
+    named = {
+        f"{i}.{n}": p
+        for i in config.offloaded_layers(len(layers))
+        for n, p in layers[i].named_parameters()
+    }
+    expert_ids = {id(p) for b in blocks for p in b.module.experts.parameters()}
+    selected = select_param_names(list(named), config.params)
+    experts = [n for n in selected if id(named[n]) in expert_ids]
+    if experts:
+        raise ValueError(
+            f"dense offload params select expert weights {experts[:3]}, which live in managed "
+            "memory; restrict DenseOffloadConfig.params (e.g. 'self_attn', 'shared_experts')"
+        )
+    return layers, {id(named[n]) for n in selected}
+
+
+def load_offloaded(
+    path: str | Path,
+    config: ExpertOffloadConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    dense_config: DenseOffloadConfig | None = None,
+) -> LoadedModel:
+    """Build the causal LM of a local transformers checkpoint without materialising its weights,
+    put its routed experts in managed memory per `config`, and read the safetensors shards once:
+    expert tensors straight into the stores, the rest onto `device` (default: CUDA if usable,
+    else CPU), or into host memory for the layers `dense_config` offloads. `dtype` defaults to
+    the checkpoint config's dtype (fp32 if it names none)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a local checkpoint directory")
+    files = checkpoint_files(path)
+    hf_config = AutoConfig.from_pretrained(path)
+    family = family_of(hf_config.model_type)
+    dtype = dtype or getattr(hf_config, "dtype", None) or torch.float32
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    blocks = find_moe_blocks(model)
+    layers, host_ids = None, set()
+    if dense_config is not None:
+        layers, host_ids = _dense_offload_ids(model, dense_config, blocks)
+    fp32 = _fp32_patterns(model, dtype)
+    device = torch.device(device or ("cuda" if uvm.available() else "cpu"))
+
+    def materialize(slot: _Slot, tensor: torch.Tensor) -> None:
+        target = slot.like.dtype
+        if target.is_floating_point and any(p.search(n) for p in fp32 for n in slot.names):
+            target = torch.float32
+        where = torch.device("cpu") if id(slot.like) in host_ids else device
+        value = tensor.to(device=where, dtype=target)
+        if slot.is_param:
+            value = nn.Parameter(value, requires_grad=False)
+        for module, attr in slot.owners:
+            (module._parameters if slot.is_param else module._buffers)[attr] = value
+
+    plan = _Plan(model, family, blocks, materialize)
+    for file in files:
+        plan.add_file(file)
+    plan.check(path)
+    # Stores are allocated (and advised) only for a checkpoint that matches.
+    manager = attach_experts(blocks, config, device)
+    # The initial advice prefetches on the manager's stream; let it finish before the writes.
+    manager.synchronize()
+    for file, entries in plan.actions:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key, action in entries:
+                action(f.get_tensor(key))
+    for module in model.modules():
+        for attr in module._non_persistent_buffers_set:
+            if module._buffers.get(attr) is not None:
+                module._buffers[attr] = module._buffers[attr].to(device)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    dense = DenseOffloader(layers, dense_config, device) if dense_config is not None else None
+    return LoadedModel(model, manager, dense)

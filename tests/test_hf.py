@@ -1,0 +1,251 @@
+"""The transformers integration on tiny random-weight models of every supported family (fp32, CPU):
+wrapped logits and greedy generation equal the original model's, a streaming load equals a normal
+`from_pretrained` load, and checkpoint problems and unsupported models are refused by name."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
+from moe_uvm.dense import DenseOffloadConfig  # noqa: E402
+from moe_uvm.integrations import hf  # noqa: E402
+
+COMMON = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, bos_token_id=1,
+    eos_token_id=2,
+)
+# One tiny config per family, each with two MoE layers; the DeepSeek ones put a dense MLP first
+# (first_k_dense_replace) and use grouped routing, V3 with its sigmoid + correction-bias router.
+DEEPSEEK = dict(
+    num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+    moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+    qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, n_group=4, topk_group=2,
+)
+FAMILY_CONFIGS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+        shared_expert_intermediate_size=64, norm_topk_prob=True,
+    ),
+    "qwen3_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=8,
+        tie_word_embeddings=True,
+    ),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "deepseek_v2": dict(DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
+    "deepseek_v3": dict(DEEPSEEK, q_lora_rank=16, routed_scaling_factor=2.5),
+}
+REL_TOL = 1e-5
+"""fp32 on CPU: ||out - ref|| / ||ref|| of the logits (the kernel and transformers sum the same
+products in different orders)."""
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tiny_model(model_type: str, seed: int, **overrides) -> torch.nn.Module:
+    """A random-weight model: norms near 1, every other weight N(0, 0.2^2) (large enough that
+    the routed experts move the logits), DeepSeek-V3's correction bias random too."""
+    fields = {**COMMON, **FAMILY_CONFIGS[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    """(family, seed, directory) of a tiny model saved with save_pretrained in small shards."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    path = tmp_path_factory.mktemp(request.param)
+    tiny_model(request.param, seed).save_pretrained(path, max_shard_size="40KB")
+    return request.param, seed, path
+
+
+def token_ids(batch: int = 2, length: int = 6) -> torch.Tensor:
+    return torch.randint(3, COMMON["vocab_size"], (batch, length))
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_wrapped_logits_equal_original_and_come_from_the_stores(family, seed):
+    model = tiny_model(family, seed)
+    ids = token_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    manager = hf.offload_experts(model, ExpertOffloadConfig(num_resident=1))
+    with torch.no_grad():
+        out = model(ids).logits
+    assert rel_err(out, ref) < REL_TOL, f"seed {seed}"
+    blocks = hf.find_moe_blocks(model)
+    assert [type(b.module.experts) for b in blocks] == [hf.FusedExperts] * 2
+    assert manager.num_layers == 2
+    # The stores are what the model reads: changing them changes the logits.
+    blocks[0].module.experts.moe.w2_weight.data.mul_(2)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref) > 1e-3, f"seed {seed}"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_generate_unchanged(family, seed):
+    model = tiny_model(family, seed)
+    ids = token_ids(batch=1)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kwargs)
+    hf.offload_experts(model)
+    assert torch.equal(model.generate(ids, **kwargs), ref), f"seed {seed}"
+
+
+def test_streaming_load_equals_normal_load(checkpoint):
+    family, seed, path = checkpoint
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # the load below reads several shards
+    normal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    loaded = hf.load_offloaded(path, ExpertOffloadConfig(num_resident=2))
+    model = loaded.model
+    reference = dict(normal.named_parameters()) | dict(normal.named_buffers())
+    for block in hf.find_moe_blocks(model):
+        moe = block.module.experts.moe
+        assert torch.equal(moe.w13_weight, reference.pop(f"{block.name}.experts.gate_up_proj"))
+        assert torch.equal(moe.w2_weight, reference.pop(f"{block.name}.experts.down_proj"))
+    mine = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in reference.items():
+        assert torch.equal(mine[name], tensor), name
+    if normal.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any(p.is_meta for p in model.parameters())
+    ids = token_ids()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, normal(ids).logits) < REL_TOL, f"{family} seed {seed}"
+
+
+def test_streaming_load_of_fused_expert_tensors(tmp_path, seed):
+    """Checkpoints may also hold transformers 5's fused 3-D gate_up_proj / down_proj."""
+    model = tiny_model("mixtral", seed)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              tmp_path / "model.safetensors")
+    model.config.save_pretrained(tmp_path)
+    loaded = hf.load_offloaded(tmp_path).model
+    for block in hf.find_moe_blocks(loaded):
+        assert torch.equal(block.module.experts.moe.w13_weight,
+                           model.get_submodule(block.name).experts.gate_up_proj)
+        assert torch.equal(block.module.experts.moe.w2_weight,
+                           model.get_submodule(block.name).experts.down_proj)
+
+
+def test_streaming_load_with_dense_offload_equals_normal_load(tmp_path, seed):
+    model = tiny_model("qwen3_moe", seed)
+    model.save_pretrained(tmp_path)
+    dense = DenseOffloadConfig(group_size=1, num_in_group=1, prefetch_step=0, params="self_attn")
+    loaded = hf.load_offloaded(tmp_path, dense_config=dense)
+    assert loaded.dense is not None and loaded.dense.offloaded_layers == (0, 1)
+    ids = token_ids()
+    with torch.no_grad():
+        assert rel_err(loaded.model(ids).logits, model(ids).logits) < REL_TOL, f"seed {seed}"
+
+
+def test_dense_offload_of_expert_weights_refused(tmp_path, seed):
+    tiny_model("qwen3_moe", seed).save_pretrained(tmp_path)
+    dense = DenseOffloadConfig(group_size=1, num_in_group=1, prefetch_step=0)
+    with pytest.raises(ValueError, match=r"expert weights .*restrict DenseOffloadConfig.params"):
+        hf.load_offloaded(tmp_path, dense_config=dense)
+
+
+@pytest.fixture(scope="module")
+def mixtral_tensors(tmp_path_factory):
+    """A saved Mixtral checkpoint (legacy per-expert names) as a dict, and its directory."""
+    path = tmp_path_factory.mktemp("mixtral-base")
+    tiny_model("mixtral", int.from_bytes(os.urandom(4), "little")).save_pretrained(path)
+    return load_file(path / "model.safetensors"), path
+
+
+def edited_checkpoint(mixtral_tensors, tmp_path, edit):
+    tensors, source = mixtral_tensors
+    tensors = dict(tensors)
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    return tmp_path
+
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.3"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("model.norm.weight"), r"missing \(1\): model\.norm\.weight"),
+        (lambda t: t.pop(f"{EXPERT}.w2.weight"),
+         r"missing \(1\): model\.layers\.1\.mlp\.experts\.3 \(w2\)"),
+        (lambda t: t.update({"model.layers.0.extra.weight": torch.ones(2)}),
+         r"unexpected \(1\): model\.layers\.0\.extra\.weight"),
+        (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": torch.ones(32, 8)}),
+         r"mismatched \(1\): model\.layers\.0\.self_attn\.q_proj\.weight: checkpoint \[32, 8\], "
+         r"model \[32, 32\]"),
+        (lambda t: t.update({f"{EXPERT}.w1.weight": torch.ones(64, 31)}),
+         rf"mismatched \(1\): {EXPERT}\.w1\.weight: checkpoint expert 3 \[64, 31\]"),
+        (lambda t: t.update({f"{EXPERT[:-1]}4.w1.weight": torch.ones(64, 32)}),
+         r"mismatched \(1\): .*experts\.4\.w1\.weight: checkpoint expert 4 \[64, 32\], "
+         r"model 4 experts"),
+    ],
+    ids=["missing-dense", "missing-expert", "unexpected", "mismatched-dense", "mismatched-expert",
+         "expert-out-of-range"],
+)
+def test_checkpoint_problems_are_named(mixtral_tensors, tmp_path, edit, message):
+    path = edited_checkpoint(mixtral_tensors, tmp_path, edit)
+    with pytest.raises(hf.CheckpointError, match=message):
+        hf.load_offloaded(path)
+
+
+def test_directory_without_safetensors_refused(tmp_path):
+    AutoConfig.for_model("mixtral", **COMMON).save_pretrained(tmp_path)
+    with pytest.raises(hf.CheckpointError, match="no safetensors checkpoint"):
+        hf.load_offloaded(tmp_path)
+
+
+def test_model_without_moe_blocks_refused_naming_the_families(tmp_path):
+    config = AutoConfig.for_model("llama", **COMMON)
+    model = AutoModelForCausalLM.from_config(config)
+    families = r"\(mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3\)"
+    with pytest.raises(ValueError, match=f"LlamaForCausalLM has no sparse-MoE block of a "
+                       f"supported family {families}"):
+        hf.offload_experts(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'llama' has no MoE block moe-uvm supports; supported "
+                       "families: mixtral, qwen2_moe"):
+        hf.load_offloaded(tmp_path)
+
+
+def test_unsupported_activation_and_double_offload_refused(seed):
+    with pytest.raises(ValueError, match="activation 'gelu'; FusedMoE runs SiLU-gated experts"):
+        hf.offload_experts(tiny_model("mixtral", seed, hidden_act="gelu"))
+    model = tiny_model("olmoe", seed)
+    hf.offload_experts(model)
+    with pytest.raises(ValueError, match="already offloaded"):
+        hf.offload_experts(model)
+
+
+def test_meta_model_is_sent_to_load_offloaded():
+    config = AutoConfig.for_model("olmoe", **COMMON, **FAMILY_CONFIGS["olmoe"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="meta device; use load_offloaded"):
+        hf.offload_experts(model)
+
