@@ -1,0 +1,216 @@
+"""SlotCache: per-layer pools of GPU slots holding copies of offloaded experts, filled ahead of
+use by a side stream (prefetch of the next layer's predicted experts) and by the fused kernel
+itself (fill-on-read), kept across decode steps. Carries out policies.prefetch's plans (through
+kernels.slot_plan: one launch per plan, bitwise the same as the torch reference); every
+piece is a device op, so a decode step with the cache captures in a CUDA graph.
+
+Ordering per layer l of a step (compute stream C, side stream P):
+  C waits copied[l]                     prefetch of layer l done before its kernel reads slots
+  C: plan_fill(l), record ready[l]      slots for layer l's uncached experts
+  P waits ready[l]: predict + plan_prefetch(l+1) + copy -> record copied[l+1]
+                                        (everything earlier on C has finished, including the
+                                        previous step's use of layer l+1's slots)
+  C: fused_moe(l, fill_slot), commit_fill(l)
+Correctness never depends on the cache: a slot is named in `expert_slot` only when it holds an
+exact copy, otherwise the kernel reads managed memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moe_uvm.kernels import copy_experts_to_slots
+from moe_uvm.kernels.slot_plan import plan_fill_fused, plan_prefetch_fused
+from moe_uvm.policies import prefetch as plan
+
+PREFETCH_MODES = ("none", "frequency", "speculative", "lookahead")
+DEFAULT_PREDICTED = 2
+"""Experts prefetched per layer and step by default: on the sample traces every extra copy
+evicted an expert about as likely to be needed, so few confident copies hurt least."""
+
+
+@dataclass
+class LayerSlots:
+    """One layer's slot pool and its maps (the tensors the kernel and the planner share)."""
+
+    w13_slots: torch.Tensor
+    w2_slots: torch.Tensor
+    expert_slot: torch.Tensor
+    slot_expert: torch.Tensor
+    slot_stamp: torch.Tensor
+    resident: torch.Tensor
+    predicted: torch.Tensor  # bool [E]: the last prefetch's prediction for this layer (metrics)
+
+
+class SlotCache:
+    """GPU slot caches for offloaded experts of every layer, and the hooks a decode step calls.
+
+    `weights[l]` is layer l's (w13, w2) as the kernel reads them (managed views); `resident[l]`
+    a bool [E] tensor of experts advised resident (updated by `set_resident`). `mode` picks the
+    predictor of the next layer's experts: none (fill-on-read only: an LRU cache inside the
+    graph), frequency (`counts` [L, E]), speculative (`cooccurrence` [L-1, E, E], learned
+    online on top of any profile counts) or lookahead (`next_gates[l]`: layer l+1's router
+    weight [E, H], applied to layer l's input). `num_predicted` experts (default 2, at most
+    `num_slots`) are prefetched per layer and step; `copies` counts the copies issued.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        resident: Sequence[Sequence[int]],
+        num_slots: int,
+        *,
+        mode: str = "speculative",
+        num_predicted: int | None = None,
+        counts: torch.Tensor | None = None,
+        cooccurrence: torch.Tensor | None = None,
+        next_gates: Sequence[torch.Tensor] | None = None,
+        learn_online: bool = True,
+    ) -> None:
+        if mode not in PREFETCH_MODES:
+            raise ValueError(
+                f"prefetch mode must be one of {', '.join(PREFETCH_MODES)}, got {mode!r}"
+            )
+        if num_slots < 1:
+            raise ValueError(f"a slot cache needs num_slots >= 1, got {num_slots}")
+        w13, _ = weights[0]
+        self.num_layers, self.num_experts = len(weights), w13.shape[0]
+        self.device = w13.device
+        self.mode, self.num_slots = mode, num_slots
+        self.num_predicted = min(num_predicted or DEFAULT_PREDICTED, num_slots)
+        if mode == "frequency" and counts is None:
+            raise ValueError("frequency prefetch needs routing counts [layers, experts]")
+        if mode == "lookahead" and (next_gates is None or len(next_gates) != self.num_layers - 1):
+            raise ValueError("lookahead prefetch needs the next layer's router weight per layer")
+        self.weights = list(weights)
+        self.layers = [self._pool(w13, w2) for w13, w2 in self.weights]
+        self.set_resident(resident)
+        E, L = self.num_experts, self.num_layers
+        self.counts = None if counts is None else counts.to(self.device, torch.float32)
+        self.cooccurrence = torch.zeros(max(L - 1, 1), E, E, device=self.device)
+        if cooccurrence is not None:
+            self.cooccurrence.copy_(cooccurrence.to(self.device, torch.float32))
+        self.learn_online = learn_online and mode == "speculative"
+        self.next_gates = list(next_gates) if next_gates is not None else None
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.stats = plan.PrefetchStats(L, device=self.device)
+        self.copies = torch.zeros(L, dtype=torch.int64, device=self.device)
+        self._last_ids: list[torch.Tensor | None] = [None] * L
+        cuda = self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if cuda else None
+        self.ready = [torch.cuda.Event() for _ in range(L)] if cuda else None
+        self.copied = [torch.cuda.Event() for _ in range(L)] if cuda else None
+        self._issued = [False] * L
+
+    def _pool(self, w13: torch.Tensor, w2: torch.Tensor) -> LayerSlots:
+        S, E, dev = self.num_slots, w13.shape[0], w13.device
+        return LayerSlots(
+            torch.empty((S, *w13.shape[1:]), dtype=w13.dtype, device=dev),
+            torch.empty((S, *w2.shape[1:]), dtype=w2.dtype, device=dev),
+            torch.full((E,), -1, dtype=torch.int32, device=dev),
+            torch.full((S,), -1, dtype=torch.int32, device=dev),
+            torch.full((S,), plan.EMPTY_STAMP, dtype=torch.int64, device=dev),
+            torch.zeros(E, dtype=torch.bool, device=dev),
+            torch.zeros(E, dtype=torch.bool, device=dev),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of all slot pools (counted against the GPU memory budget)."""
+        return sum(p.w13_slots.nbytes + p.w2_slots.nbytes for p in self.layers)
+
+    def set_resident(self, resident: Sequence[Sequence[int]]) -> None:
+        for layer, ids in enumerate(resident):
+            self.set_layer_resident(layer, ids)
+
+    def set_layer_resident(self, layer: int, resident_ids: Sequence[int]) -> None:
+        """Tell the planner which experts of a layer are resident now (after a re-advise).
+        Slots holding an expert that became resident stay valid copies; the planner just stops
+        adding resident experts."""
+        mask = torch.zeros(self.num_experts, dtype=torch.bool)
+        mask[list(resident_ids)] = True
+        self.layers[layer].resident.copy_(mask)
+
+    def reset(self) -> None:
+        """Empty every slot (e.g. before timing a new configuration)."""
+        for pool in self.layers:
+            pool.expert_slot.fill_(-1)
+            pool.slot_expert.fill_(-1)
+            pool.slot_stamp.fill_(plan.EMPTY_STAMP)
+        self.stats.reset()
+        self.copies.zero_()
+
+    # --- the hooks around each layer's kernel (HOT PATH: device ops only) ----------------------
+
+    def before_layer(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> dict:
+        """Join this layer's prefetch, plan its fill-on-read, fork the next layer's prefetch;
+        returns the slot arguments for `fused_moe`."""
+        pool = self.layers[layer]
+        if layer == 0:
+            self.step.add_(1)
+        if self.side is not None and self._issued[layer]:
+            torch.cuda.current_stream().wait_event(self.copied[layer])
+        # One launch: fill plan plus this layer's prefetch counters (with the prediction made
+        # for it during the previous layer, if any).
+        fill_slot = plan_fill_fused(topk_ids, pool.resident, pool.expert_slot, pool.slot_expert,
+                                    pool.slot_stamp, self.step, counters=self.stats.counters[layer],
+                                    predicted=pool.predicted if self._issued[layer] else None)
+        if self.learn_online and layer > 0 and self._last_ids[layer - 1] is not None:
+            plan.update_cooccurrence(self.cooccurrence[layer - 1], self._last_ids[layer - 1],
+                                     topk_ids)
+        self._last_ids[layer] = topk_ids
+        self._issued[layer] = False
+        if layer + 1 < self.num_layers and self.mode != "none":
+            self._prefetch_next(layer, topk_ids, hidden)
+        return dict(expert_slot=pool.expert_slot, w13_slots=pool.w13_slots,
+                    w2_slots=pool.w2_slots, fill_slot=fill_slot)
+
+    def after_layer(self, layer: int, fill_slot: torch.Tensor) -> None:
+        plan.commit_fill(fill_slot, self.layers[layer].expert_slot)
+
+    def _scores(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mode == "frequency":
+            return plan.frequency_scores(self.counts[layer + 1])
+        if self.mode == "lookahead":
+            return plan.lookahead_scores(hidden, self.next_gates[layer])
+        return plan.speculative_scores(self.cooccurrence[layer], topk_ids)
+
+    def _prefetch_next(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        nxt = self.layers[layer + 1]
+        w13, w2 = self.weights[layer + 1]
+        if self.side is not None:
+            self.ready[layer].record()
+            self.side.wait_event(self.ready[layer])
+            context = torch.cuda.stream(self.side)
+        else:
+            context = _NullContext()
+        if self.side is not None:  # the side stream reads these: keep their memory alive
+            topk_ids.record_stream(self.side)
+            hidden.record_stream(self.side)
+        with context:
+            scores = self._scores(layer, topk_ids, hidden)
+            experts, slots = plan_prefetch_fused(scores, nxt.resident, nxt.expert_slot,
+                                                 nxt.slot_expert, nxt.slot_stamp, self.step,
+                                                 self.num_predicted,
+                                                 counters_predicted=nxt.predicted)
+            copy_experts_to_slots(w13, w2, experts, slots, nxt.w13_slots, nxt.w2_slots)
+            self.copies[layer + 1] += (slots >= 0).sum()
+            if self.side is not None:
+                self.copied[layer + 1].record(self.side)
+        self._issued[layer + 1] = True
+
+    def summary(self) -> str:
+        return (f"slot cache: {self.num_slots} slots x {self.num_layers} layers "
+                f"({self.nbytes / 2**30:.2f} GiB), prefetch={self.mode}, "
+                f"{self.num_predicted} predicted per layer and step")
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
