@@ -1,0 +1,393 @@
+"""Fused-MoE kernel on the Mixtral-8x7B and Qwen3-30B-A3B layer shapes, bf16, T in 1..256:
+time (CUDA-graph replay, L2 flushed before each), bytes of distinct experts read, bandwidth
+against the HBM read and managed read-through ceilings measured in the same run, for weights in
+device memory, in managed memory advised resident, and advised offloaded; plus the plain-torch
+reference. The default (--no-tune) benchmarks the tables in kernels/fused_moe_configs.py.
+`--tune` first sweeps grouped-path configs per (shape, T) with block_m >= min_block_m (for
+T >= 64 keeping, among configs within 3% of the best device time, the fastest with offloaded
+weights) and one-token configs at T=1 (or the grouped path where that is faster), prints both
+tables to paste, and benchmarks with them.
+
+    python benchmarks/fused_moe.py [--tune | --no-tune] [--out benchmarks/results/fused_moe.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import textwrap
+import time
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+from moe_uvm import ceilings
+from moe_uvm.kernels import fused_moe, fused_moe_reference
+from moe_uvm.kernels.fused_moe import fused_moe_triton
+from moe_uvm.kernels.fused_moe_configs import (
+    TUNED_CONFIGS,
+    TUNED_DECODE_CONFIGS,
+    MoeBlockConfig,
+    MoeDecodeConfig,
+    config_key,
+    default_decode_config,
+    min_block_m,
+    select_config,
+    select_decode_config,
+)
+from moe_uvm.store import ManagedExpertStore
+
+SHAPES = {
+    "mixtral-8x7b": dict(num_experts=8, top_k=2, hidden=4096, intermediate=14336),
+    "qwen3-30b-a3b": dict(num_experts=128, top_k=8, hidden=2048, intermediate=768),
+}
+TOKENS = (1, 4, 16, 64, 256)
+# Resident-weight decode targets (fraction of the HBM read ceiling), per shape.
+DECODE_TARGET = {"mixtral-8x7b": 0.8, "qwen3-30b-a3b": 0.6}
+OFFLOADED_TARGET = 0.9
+# Within this fraction of the best device time, --tune prefers the fastest offloaded config.
+DEVICE_SLACK = 1.03
+# (block_n, block_k, warps, stages) tried for the gate/up GEMM, by block_m: thin row tiles
+# (16, 32) then wide ones; 8 warps at block_m=128 keep the two accumulators out of spills.
+GATE_UP = {
+    16: [(16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4),
+         (64, 64, 4, 5), (32, 128, 8, 4)],
+    64: [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)],
+    128: [(64, 64, 8, 3), (64, 64, 8, 4), (64, 128, 8, 3), (32, 128, 4, 3)],
+}
+# (block_n, block_k, warps, stages) for the down GEMM; each is tried with several split-K.
+DOWN = {
+    16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)],
+    64: [(128, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)],
+    128: [(128, 64, 8, 3), (64, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 3)],
+}
+GATE_UP[32], DOWN[32] = GATE_UP[16], DOWN[16]
+# One-token path: (block_n, block_k, warps) for gate/up and for down, tried around the rule.
+DECODE_GATE_UP = [(16, 256, 4), (8, 512, 4), (32, 128, 4), (8, 256, 4), (16, 512, 8)]
+DECODE_DOWN = [(2, 256, 4), (4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 4), (16, 256, 8)]
+
+
+@functools.cache
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > H100's 50 MB L2
+
+
+def median_ms(fn, budget_ms: float = 150.0) -> float:
+    """Median of `fn()` between CUDA events, L2 flushed before each call (weights must come
+    from memory, as they would after the previous layer), 5..200 repeats within the budget."""
+    flush = _l2_flush_buffer()
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    reps = int(min(200, max(5, budget_ms / 1e3 / max(time.perf_counter() - t0, 1e-6))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def graph_ms(call, budget_ms: float = 150.0) -> float:
+    """Capture `call` (a decode step would be replayed from a graph) and time the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    ms = median_ms(graph.replay, budget_ms)
+    del graph
+    return ms
+
+
+def device_weights(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random weights in the store's layout (2 MiB-aligned expert slots) in device memory."""
+    e, h, i = shape["num_experts"], shape["hidden"], shape["intermediate"]
+    slot = (3 * i * h + (1 << 20) - 1) // (1 << 20) * (1 << 20)  # elements; 2 MiB of bf16
+    flat = torch.empty(e * slot, dtype=torch.bfloat16, device="cuda")
+    w13 = flat.as_strided((e, 2 * i, h), (slot, h, 1))
+    w2 = flat.as_strided((e, h, i), (slot, i, 1), 2 * i * h)
+    for expert in range(e):
+        w13[expert].copy_(torch.randn(2 * i, h, device="cuda") * h**-0.5)
+        w2[expert].copy_(torch.randn(h, i, device="cuda") * i**-0.5)
+    return w13, w2
+
+
+def routing(shape: dict, num_tokens: int, generator: torch.Generator):
+    x = torch.randn(num_tokens, shape["hidden"], device="cuda", generator=generator)
+    logits = torch.randn(num_tokens, shape["num_experts"], device="cuda", generator=generator)
+    topk_weights, topk_ids = torch.softmax(logits, -1).topk(shape["top_k"], dim=-1)
+    return x.bfloat16(), topk_weights, topk_ids.to(torch.int32)
+
+
+def timed_ms(weights, inputs, config, budget_ms: float = 40.0) -> float:
+    (w13, w2), (x, topk_weights, topk_ids) = weights, inputs
+    call = functools.partial(fused_moe_triton, x, w13, w2, topk_weights, topk_ids, config=config)
+    try:
+        return graph_ms(call, budget_ms=budget_ms)
+    except OutOfResources:  # a tile that needs more shared memory than the SM has
+        return float("inf")
+
+
+def tune_one(shape: dict, weights, offloaded, inputs, num_tokens: int) -> dict:
+    """Coordinate search from the current table entry (which it can only beat, or trade for at
+    most DEVICE_SLACK of device time): row tile (>= min_block_m), then gate/up tiles, then down
+    tiles and split-K. For T >= 64, the configs within DEVICE_SLACK of the best device time are
+    timed with offloaded weights and the fastest there wins."""
+    e, k, h, i = (shape[n] for n in ("num_experts", "top_k", "hidden", "intermediate"))
+    measured: dict[MoeBlockConfig, float] = {}
+
+    def consider(config: MoeBlockConfig) -> MoeBlockConfig:
+        if config not in measured:
+            measured[config] = timed_ms(weights, inputs, config)
+        return min(measured, key=measured.get)
+
+    start = select_config(e, h, i, k, torch.bfloat16, num_tokens)
+    best = consider(start)
+    floor = min_block_m(e, k, num_tokens)
+    rows_per_expert = num_tokens * k / min(e, num_tokens * k)
+    for m in (16, 32, 64, 128):
+        if floor <= m <= max(floor, 2 * rows_per_expert):
+            best = consider(dataclasses.replace(start, block_m=m))
+    for n, kk, warps, stages in GATE_UP[best.block_m]:
+        best = consider(dataclasses.replace(best, gate_up_block_n=n, gate_up_block_k=kk,
+                                            gate_up_warps=warps, gate_up_stages=stages))
+    active = min(e, num_tokens * k)
+    for n, kk, warps, stages in DOWN[best.block_m]:
+        for split in (1, 2, 4, 8):
+            too_many = active * (h // n) * split > 8 * 132 and split > 1
+            if too_many or i < 2 * kk * split:
+                continue
+            best = consider(dataclasses.replace(best, down_block_n=n, down_block_k=kk,
+                                                down_warps=warps, down_stages=stages,
+                                                down_split_k=split))
+    device_ms = measured[best]
+    result = dict(config=best, us=device_ms * 1e3, table_us=measured[start] * 1e3)
+    if num_tokens >= 64:
+        near = sorted((c for c, ms in measured.items() if ms <= DEVICE_SLACK * device_ms),
+                      key=measured.get)[:4]
+        offloaded_ms = {c: timed_ms(offloaded, inputs, c, budget_ms=300) for c in near}
+        best = min(offloaded_ms, key=offloaded_ms.get)
+        result.update(config=best, us=measured[best] * 1e3,
+                      offloaded_us=offloaded_ms[best] * 1e3)
+    return result
+
+
+def tune_decode(shape: dict, weights, inputs) -> tuple[MoeDecodeConfig, float]:
+    """One-token path, from the table entry (or the rule): gate/up tiles, then down tiles."""
+    e, k, h, i = (shape[n] for n in ("num_experts", "top_k", "hidden", "intermediate"))
+    measured: dict[MoeDecodeConfig, float] = {}
+
+    def consider(config: MoeDecodeConfig) -> MoeDecodeConfig:
+        if config not in measured:
+            measured[config] = timed_ms(weights, inputs, config)
+        return min(measured, key=measured.get)
+
+    start = select_decode_config(e, h, i, k, torch.bfloat16)
+    best = consider(default_decode_config(e, h, i, k) if start is None else start)
+    for n, kk, warps in DECODE_GATE_UP:
+        if kk <= max(16, triton.next_power_of_2(h)):
+            best = consider(dataclasses.replace(best, gate_up_block_n=n, gate_up_block_k=kk,
+                                                gate_up_warps=warps))
+    for n, kk, warps in DECODE_DOWN:
+        if kk <= max(16, triton.next_power_of_2(i)):
+            best = consider(dataclasses.replace(best, down_block_n=n, down_block_k=kk,
+                                                down_warps=warps))
+    return best, measured[best]
+
+
+def literal(config) -> str:
+    fields = ", ".join(f"{f}={v}" for f, v in dataclasses.asdict(config).items())
+    return f"{type(config).__name__}({fields})"
+
+
+def key_literal(key: tuple) -> str:
+    *sizes, dtype = key
+    return "(" + ", ".join(map(str, sizes)) + f', "{dtype}")'
+
+
+def print_tables(tuned: dict, decode: dict) -> None:
+    print("\n# paste into kernels/fused_moe_configs.py")
+    print("TUNED_CONFIGS: dict[ConfigKey, tuple[tuple[int, MoeBlockConfig], ...]] = {")
+    for key, entries in tuned.items():
+        print(f"    {key_literal(key)}: (")
+        for num_tokens, config in entries:
+            head = f"        ({num_tokens}, "
+            print(textwrap.fill(literal(config) + "),", width=99, initial_indent=head,
+                                subsequent_indent=" " * (len(head) + 15)))
+        print("    ),")
+    print("}")
+    print("TUNED_DECODE_CONFIGS: dict[ConfigKey, MoeDecodeConfig | None] = {")
+    for key, config in decode.items():
+        text = "None" if config is None else literal(config)
+        print(textwrap.fill(f"{key_literal(key)}: {text},", width=99, initial_indent="    ",
+                            subsequent_indent=" " * 8))
+    print("}\n")
+
+
+def offloaded_store(shape: dict, dev13: torch.Tensor, dev2: torch.Tensor) -> ManagedExpertStore:
+    """The weights copied into a managed expert store (2 MiB-aligned slots), as the runtime
+    holds them; callers advise it resident or offloaded."""
+    e, h, i = shape["num_experts"], shape["hidden"], shape["intermediate"]
+    store = ManagedExpertStore(e, {"w13": ((2 * i, h), torch.bfloat16),
+                                   "w2": ((h, i), torch.bfloat16)}, device="cuda:0")
+    store["w13"].copy_(dev13)
+    store["w2"].copy_(dev2)
+    return store
+
+
+def tune(out_dir: pathlib.Path) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    tuned, decode, report = {}, {}, []
+    for name, shape in SHAPES.items():
+        weights = device_weights(shape)
+        store = offloaded_store(shape, *weights)
+        store.advise_offloaded(range(shape["num_experts"]))
+        torch.cuda.synchronize()
+        offloaded = (store["w13"], store["w2"])
+        key = config_key(shape["num_experts"], shape["hidden"], shape["intermediate"],
+                         shape["top_k"], torch.bfloat16)
+        entries = []
+        for num_tokens in TOKENS:
+            inputs = routing(shape, num_tokens, generator)
+            result = tune_one(shape, weights, offloaded, inputs, num_tokens)
+            entries.append((num_tokens, result["config"]))
+            line = (f"tuned {name} T={num_tokens}: {result['us']:.1f} us (table "
+                    f"{result['table_us']:.1f} us)")
+            if "offloaded_us" in result:
+                line += f", offloaded {result['offloaded_us']:.0f} us"
+            if num_tokens == 1:
+                config, ms = tune_decode(shape, weights, inputs)
+                decode[key] = config if ms * 1e3 <= result["us"] else None
+                result.update(decode_config=config, decode_us=ms * 1e3)
+                line += f"; one-token path {ms * 1e3:.1f} us {config}"
+            print(f"{line} {result['config']}", flush=True)
+            report.append(dict(shape=name, tokens=num_tokens, **{
+                f: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                for f, v in result.items()}))
+        tuned[key] = tuple(entries)
+        store.free()
+        del weights, offloaded
+        torch.cuda.empty_cache()
+    (out_dir / "fused_moe_tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_tables(tuned, decode)
+    TUNED_CONFIGS.update(tuned)  # this process benchmarks with what it just found
+    TUNED_DECODE_CONFIGS.update(decode)
+
+
+def bench_shape(name: str, shape: dict, hbm: float, read_through: float) -> list[dict]:
+    e, h, i = shape["num_experts"], shape["hidden"], shape["intermediate"]
+    expert_bytes = 3 * i * h * 2
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    inputs = {t: routing(shape, t, generator) for t in TOKENS}
+    dev13, dev2 = device_weights(shape)
+    store = offloaded_store(shape, dev13, dev2)
+    rows, expected = [], {}
+    for t, (x, topk_weights, topk_ids) in inputs.items():
+        ref = fused_moe_reference(x, dev13, dev2, topk_weights, topk_ids)
+        expected[t] = fused_moe(x, dev13, dev2, topk_weights, topk_ids)
+        call = functools.partial(fused_moe_reference, x, dev13, dev2, topk_weights, topk_ids)
+        ref_ms = ceilings.time_ms(call, warmup=1, repeat=5)
+        err = ((expected[t].float() - ref.float()).norm() / ref.float().norm()).item()
+        decode = select_decode_config(e, h, i, shape["top_k"], torch.bfloat16) if t == 1 else None
+        config = decode if decode is not None else select_config(
+            e, h, i, shape["top_k"], torch.bfloat16, t)
+        rows.append(dict(shape=name, tokens=t, weights="reference", rel_err=err,
+                         us=ref_ms * 1e3, experts=int(topk_ids.unique().numel()),
+                         path="grouped" if decode is None else "one-token",
+                         config=dict(kind=type(config).__name__, **dataclasses.asdict(config))))
+    for placement in ("device", "resident", "offloaded"):
+        if placement == "resident":
+            store.advise_resident(range(e))
+        elif placement == "offloaded":
+            store.advise_offloaded(range(e))
+        torch.cuda.synchronize()
+        w13, w2 = (dev13, dev2) if placement == "device" else (store["w13"], store["w2"])
+        for t, (x, topk_weights, topk_ids) in inputs.items():
+            experts = int(topk_ids.unique().numel())
+            ms = graph_ms(functools.partial(fused_moe, x, w13, w2, topk_weights, topk_ids))
+            gbps = experts * expert_bytes / ms / 1e6
+            ceiling = read_through if placement == "offloaded" else hbm
+            target = OFFLOADED_TARGET if placement == "offloaded" else (
+                DECODE_TARGET[name] if t <= 16 else None)
+            same = torch.equal(fused_moe(x, w13, w2, topk_weights, topk_ids), expected[t])
+            rows.append(dict(shape=name, tokens=t, weights=placement, experts=experts,
+                             mbytes=experts * expert_bytes / 1e6, us=ms * 1e3, gbps=gbps,
+                             of_ceiling=gbps / ceiling, target=target,
+                             meets_target=None if target is None else gbps / ceiling >= target,
+                             bitwise_equal_to_device=same))
+            print(f"{name} T={t} {placement}: {ms * 1e3:.1f} us, {gbps:.0f} GB/s", flush=True)
+    store.free()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    ref = {(r["shape"], r["tokens"]): r for r in rows if r["weights"] == "reference"}
+    lines = ["| shape | T | weights | experts | MB read | fused us | GB/s | of ceiling | target "
+             "| reference us |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- "
+             "| ---: |"]
+    for r in rows:
+        if r["weights"] == "reference":
+            continue
+        mark = "-" if r["target"] is None else (
+            f"{r['target']:.0%} {'met' if r['meets_target'] else 'MISSED'}")
+        reference_us = ref[(r["shape"], r["tokens"])]["us"] if r["weights"] == "device" else None
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['weights']} | {r['experts']} | "
+            f"{r['mbytes']:.0f} | {r['us']:.1f} | {r['gbps']:.0f} | {r['of_ceiling']:.0%} | "
+            f"{mark} | {'' if reference_us is None else f'{reference_us:.0f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=False,
+                        help="sweep configs first; default: benchmark the tables as they are")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"
+                                             / "fused_moe.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("fused_moe.py needs a CUDA GPU")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if args.tune:
+        tune(out.parent)
+    hbm, read_through = ceilings.hbm_read_gbps(), ceilings.read_through_gbps()
+    torch.cuda.empty_cache()
+    rows = []
+    for name, shape in SHAPES.items():
+        rows += bench_shape(name, shape, hbm, read_through)
+        torch.cuda.empty_cache()  # hand this shape's weights back before the next one
+    result = dict(ceilings.device_summary(), hbm_read_gbps=hbm, read_through_gbps=read_through,
+                  tuned_in_this_run=args.tune, timing="median, CUDA-graph replay, L2 flushed",
+                  seconds=time.perf_counter() - started, rows=rows)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    errors = {f"{r['shape']} T={r['tokens']}": f"{r['rel_err']:.1e}" for r in rows
+              if r["weights"] == "reference"}
+    paths = {f"{r['shape']} T={r['tokens']}": f"{r['path']} {r['config']}" for r in rows
+             if r["weights"] == "reference"}
+    print("\nconfigs: " + "\n  ".join(f"{k}: {v}" for k, v in paths.items()))
+    print(f"relative error vs reference: {errors}")
+    print(f"{result['device']}, torch {result['torch']}, HBM read {hbm:.0f} GB/s, managed "
+          f"read-through {read_through:.1f} GB/s, {result['seconds']:.0f} s; "
+          f"{result['timing']}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""The end-to-end decode benchmark behind `moe-uvm bench`: L MoE layers of a real model shape
+with random weights, routing replayed from a trace so every method reads the same experts, and
+a sweep over resident counts comparing moe-uvm with the other ways to offload experts.
+
+Methods (same weights, same routing, one process):
+  device   all experts in ordinary device memory (the upper bound)
+  uva      resident experts in device memory, the rest read in place from pinned host memory
+           through its mapped address (zero-copy, the `--cpu-offload-gb` way)
+  lru      a GPU cache of that many experts per layer, filled on miss by copies from pinned
+           memory (the mixtral-offloading way; it must read each layer's routing on the host)
+  first_n  moe-uvm, static first-n residency (the seed's default)
+  profile  moe-uvm, per-layer most-used experts from a profile calibrated on other sequences
+  global   moe-uvm, the same total resident count split across layers by the profile
+  cacheS / speculativeS / frequencyS
+           moe-uvm, `profile` residency plus S GPU slots per layer caching offloaded experts
+           across steps (fill-on-read), with no / speculative / frequency prefetch
+All but `lru` run as captured CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moe_uvm import uvm
+from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.kernels import fused_moe
+from moe_uvm.manager import ExpertOffloadManager
+from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
+from moe_uvm.profile import Profile
+from moe_uvm.slots import SlotCache
+from moe_uvm.store import ManagedExpertStore
+from moe_uvm.trace import RoutingTrace
+
+METHODS = ("device", "uva", "lru", "first_n", "profile", "global")
+MANAGED = ("first_n", "profile", "global")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every method shares: shape, weights (device copies), and the evaluation routing."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    dtype: torch.dtype
+    device: torch.device
+    w13: list[torch.Tensor]
+    w2: list[torch.Tensor]
+    eval_trace: RoutingTrace
+    profile: Profile
+    seed: int = 0
+    expert_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        item = torch.empty((), dtype=self.dtype).element_size()
+        object.__setattr__(self, "expert_bytes", 3 * self.hidden * self.intermediate * item)
+
+    def routing(self, batch: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [steps, L, B, k] int32 and weights [steps, L, B, k] fp32 on the device: step s
+        is tokens s*B..(s+1)*B-1 of the evaluation sequences at every layer."""
+        ids = self.eval_trace.topk_ids[:, : steps * batch].astype(np.int32)
+        ids = ids.reshape(self.num_layers, steps, batch, self.top_k).transpose(1, 0, 2, 3)
+        gen = torch.Generator().manual_seed(self.seed + batch)
+        weights = torch.rand(ids.shape, generator=gen) + 0.1
+        weights = weights / weights.sum(-1, keepdim=True)
+        return (torch.from_numpy(np.ascontiguousarray(ids)).to(self.device),
+                weights.to(self.device))
+
+
+def build_workload(
+    trace: RoutingTrace, *, num_layers: int, hidden: int, intermediate: int,
+    calibrate_sequences: int, dtype: torch.dtype, device: torch.device, seed: int = 0,
+) -> Workload:
+    """Random weights (never zeros) and the calibration/evaluation split of the trace."""
+    if not 0 < calibrate_sequences < trace.num_sequences:
+        raise ValueError(
+            f"calibrate_sequences must leave sequences on both sides, got {calibrate_sequences} "
+            f"of {trace.num_sequences}"
+        )
+    if num_layers > trace.num_layers:
+        raise ValueError(f"the trace has {trace.num_layers} layers, {num_layers} asked for")
+    layers = RoutingTrace(trace.topk_ids[:num_layers], trace.num_experts, trace.top_k,
+                          trace.seq_starts, None)
+    cal = layers.sequences(0, calibrate_sequences)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    E = trace.num_experts
+    w13 = [(torch.randn(E, 2 * intermediate, hidden, device=device, generator=gen)
+            * hidden**-0.5).to(dtype) for _ in range(num_layers)]
+    w2 = [(torch.randn(E, hidden, intermediate, device=device, generator=gen)
+           * intermediate**-0.5).to(dtype) for _ in range(num_layers)]
+    return Workload(num_layers, E, trace.top_k, hidden, intermediate, dtype, device, w13, w2,
+                    layers.sequences(calibrate_sequences, None),
+                    Profile.from_trace(cal, cooccurrence=True), seed)
+
+
+@dataclass
+class LayerWeights:
+    """What one layer's kernel call reads (the slot arguments of `fused_moe`)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    expert_slot: torch.Tensor | None = None
+    w13_slots: torch.Tensor | None = None
+    w2_slots: torch.Tensor | None = None
+
+
+def decode_step(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                layers: list[LayerWeights]) -> torch.Tensor:
+    """HOT PATH: one decode step over all MoE layers (residual stream through each)."""
+    for layer, w in enumerate(layers):
+        h = h + fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], expert_slot=w.expert_slot,
+                          w13_slots=w.w13_slots, w2_slots=w.w2_slots)
+    return h
+
+
+class Timer:
+    """Per-step times: CUDA events on a GPU, the host clock on the CPU path."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, start) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.marks.append((start, end))
+        else:
+            self.marks.append((start, time.perf_counter()))
+
+    def median_ms(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) for s, e in self.marks)
+        return statistics.median((e - s) * 1e3 for s, e in self.marks)
+
+
+def decode_step_cached(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       layers: list[LayerWeights], cache: SlotCache) -> torch.Tensor:
+    """HOT PATH: `decode_step` with the slot cache's hooks around each layer's kernel."""
+    for layer, w in enumerate(layers):
+        slots = cache.before_layer(layer, ids[layer], h)
+        h = h + fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], **slots)
+        cache.after_layer(layer, slots["fill_slot"])
+    return h
+
+
+def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
+                 weights: torch.Tensor, h0: torch.Tensor,
+                 cache: SlotCache | None = None) -> tuple[float, torch.Tensor]:
+    """Median step time of a CUDA-graph-captured decode step (eager on the CPU path) over the
+    routing steps, and step 0's output for the equality check. With a slot cache, it starts
+    empty and its counters cover the timed steps only."""
+    static_ids, static_w, static_h = ids[0].clone(), weights[0].clone(), h0.clone()
+
+    def body():
+        if cache is None:
+            return decode_step(static_h, static_ids, static_w, layers)
+        return decode_step_cached(static_h, static_ids, static_w, layers, cache)
+
+    if cache is not None:
+        cache.reset()
+    if work.device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = body()
+        step = graph.replay
+    else:
+        static_out = None
+
+        def step():
+            nonlocal static_out
+            static_out = body()
+
+    if cache is not None:
+        cache.stats.reset()
+        cache.copies.zero_()
+
+    timer, first = Timer(work.device), None
+    for s in range(ids.shape[0]):
+        static_ids.copy_(ids[s])
+        static_w.copy_(weights[s])
+        start = timer.start()
+        step()
+        timer.stop(start)
+        if s == 0:
+            first = static_out.clone()
+    return timer.median_ms(), first
+
+
+class LRUCache:
+    """A per-layer GPU cache of `capacity` expert slots filled on miss from pinned host memory;
+    misses beyond capacity are read in place from the mapped host copy. Host-side: it needs
+    each layer's routing on the host before the layer runs (a sync per layer)."""
+
+    def __init__(self, work: Workload, host: list[tuple[torch.Tensor, torch.Tensor]],
+                 mapped: list[LayerWeights], slots: list[tuple[torch.Tensor, torch.Tensor]],
+                 capacity: int) -> None:
+        self.work, self.host, self.capacity = work, host, capacity
+        self.layers = []
+        for m, (s13, s2) in zip(mapped, slots, strict=True):
+            if capacity == 0:  # no cache: every expert is read in place from host memory
+                self.layers.append(LayerWeights(m.w13, m.w2))
+                continue
+            expert_slot = torch.full((work.num_experts,), -1, dtype=torch.int32,
+                                     device=work.device)
+            self.layers.append(LayerWeights(m.w13, m.w2, expert_slot, s13[:capacity],
+                                            s2[:capacity]))
+        self.cache = [OrderedDict() for _ in range(work.num_layers)]
+        pin = work.device.type == "cuda"
+        self.staging = torch.empty(work.num_experts, dtype=torch.int32, pin_memory=pin)
+        self.copied_bytes = 0
+        self.inplace_bytes = 0
+
+    def _fill(self, layer: int, needed: list[int]) -> None:
+        cache, lw = self.cache[layer], self.layers[layer]
+        if self.capacity == 0:
+            self.inplace_bytes += len(needed) * self.work.expert_bytes
+            return
+        for e in needed:
+            if e in cache:
+                cache.move_to_end(e)
+        for e in needed:
+            if e in cache:
+                continue
+            if len(cache) < self.capacity:
+                slot = len(cache)
+            else:
+                victim = next((v for v in cache if v not in needed), None)
+                if victim is None:
+                    continue  # every slot holds an expert this step needs: read e in place
+                slot = cache.pop(victim)
+            host13, host2 = self.host[layer]
+            lw.w13_slots[slot].copy_(host13[e], non_blocking=True)
+            lw.w2_slots[slot].copy_(host2[e], non_blocking=True)
+            self.copied_bytes += self.work.expert_bytes
+            cache[e] = slot
+        self.inplace_bytes += sum(e not in cache for e in needed) * self.work.expert_bytes
+        self.staging.fill_(-1)
+        for e, slot in cache.items():
+            self.staging[e] = slot
+        lw.expert_slot.copy_(self.staging, non_blocking=True)
+
+    def step(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        for layer, lw in enumerate(self.layers):
+            host_ids = ids[layer].cpu()  # the routing sync this method cannot avoid
+            needed = sorted({int(e) for e in host_ids.flatten().tolist() if e >= 0})
+            self._fill(layer, needed)
+            h = h + fused_moe(h, lw.w13, lw.w2, weights[layer], ids[layer],
+                              expert_slot=lw.expert_slot, w13_slots=lw.w13_slots,
+                              w2_slots=lw.w2_slots)
+        return h
+
+
+def run_lru(cache: LRUCache, ids: torch.Tensor, weights: torch.Tensor, h0: torch.Tensor,
+            warmup_steps: int = 2) -> tuple[float, torch.Tensor, float, float]:
+    """Median eager step time, step 0's output, and per timed step the bytes copied into the
+    cache and the bytes read in place from host memory (misses the cache could not hold)."""
+    for s in range(min(warmup_steps, ids.shape[0])):
+        cache.step(h0, ids[s], weights[s])
+    timer, first = Timer(cache.work.device), None
+    cache.copied_bytes = cache.inplace_bytes = 0
+    for s in range(ids.shape[0]):
+        start = timer.start()
+        out = cache.step(h0, ids[s], weights[s])
+        timer.stop(start)
+        if s == 0:
+            first = out.clone()
+    steps = ids.shape[0]
+    return timer.median_ms(), first, cache.copied_bytes / steps, cache.inplace_bytes / steps
+
+
+def managed_residency(work: Workload, policy: str, resident: int) -> list[list[int]]:
+    """Per-layer resident ids for a moe-uvm policy at `resident` experts per layer."""
+    L, E = work.num_layers, work.num_experts
+    if policy == "first_n":
+        return [list(range(resident)) for _ in range(L)]
+    counts = work.profile.counts
+    if policy == "profile":
+        mask = frequency(counts, [resident] * L)
+    elif policy == "global":
+        mask = select_resident(counts, ResidentBudget(L, E, total=resident * L))
+    else:
+        raise ValueError(f"unknown moe-uvm policy {policy!r}")
+    return [np.flatnonzero(row).tolist() for row in mask]
+
+
+def managed_layers(work: Workload) -> tuple[ExpertOffloadManager, list[LayerWeights]]:
+    """One managed store per layer (refused beyond free GPU memory), all offloaded at first;
+    advice goes on before the weights are written so pages land on the host."""
+    specs = {"w13": ((2 * work.intermediate, work.hidden), work.dtype),
+             "w2": ((work.hidden, work.intermediate), work.dtype)}
+    stores = [ManagedExpertStore(work.num_experts, specs, work.device)
+              for _ in range(work.num_layers)]
+    manager = ExpertOffloadManager(stores, ExpertOffloadConfig(num_resident=0),
+                                   top_k=work.top_k)
+    for store, w13, w2 in zip(stores, work.w13, work.w2, strict=True):
+        store["w13"].copy_(w13)
+        store["w2"].copy_(w2)
+    return manager, [LayerWeights(s["w13"], s["w2"]) for s in stores]
+
+
+def host_copies(work: Workload) -> tuple[list, list[LayerWeights]]:
+    """Pinned host copies of every layer's experts and their mapped (zero-copy) GPU views."""
+    host, mapped = [], []
+    for w13, w2 in zip(work.w13, work.w2, strict=True):
+        pin = work.device.type == "cuda"
+        h13 = torch.empty(w13.shape, dtype=w13.dtype, pin_memory=pin)
+        h2 = torch.empty(w2.shape, dtype=w2.dtype, pin_memory=pin)
+        h13.copy_(w13)
+        h2.copy_(w2)
+        host.append((h13, h2))
+        if pin:
+            mapped.append(LayerWeights(uvm.mapped_host_view(h13), uvm.mapped_host_view(h2)))
+        else:
+            mapped.append(LayerWeights(h13, h2))
+    return host, mapped
