@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs for a check: install over the preinstalled torch/triton/
 # cuda-bindings (no package index there), the gpu-marked tests, then the named benchmarks.
-# Usage: bash scripts/gpu_check.sh [pytest args...] -- [benchmark commands, one per argument]
+# Usage: [TEST_TIMEOUT=s] bash scripts/gpu_check.sh [pytest args...] -- [benchmark commands, one per argument]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}
@@ -17,7 +17,7 @@ for a in "$@"; do
 done
 status=0
 if [ ${#tests[@]} -gt 0 ]; then
-  python3 -m pytest -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/pytest.log" | tail -40
+  timeout "${TEST_TIMEOUT:-1200}" python3 -m pytest -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/pytest.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
 for b in "${benches[@]}"; do

@@ -336,14 +336,14 @@ def test_gpu_fused_planners_equal_reference_at_the_largest_sizes(seed):
 @pytest.mark.gpu
 def test_gpu_cpu_tensors_outside_the_interpreter_take_the_reference(seed):
     rng = np.random.default_rng(seed)
-    E, S, resident, pool, ids = random_layer(rng)
+    E, S, resident, pool, ids = random_layer(rng, device="cpu")
     ref_pool = clones(pool)
     step = torch.tensor(3)
     counters, ref_counters = torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
     fill = plan_fill_fused(ids, resident, *pool, step, counters)
     expected = reference_fill(ids, resident, ref_pool, step, ref_counters)
     assert_same([fill, *pool, counters], [expected, *ref_pool, ref_counters])
-    scores = random_scores(rng, E)
+    scores = random_scores(rng, E, device="cpu")
     out = plan_prefetch_fused(scores, resident, *pool, step, S)
     assert_same([*out, *pool], [*reference_prefetch(scores, resident, ref_pool, step, S),
                                 *ref_pool])
