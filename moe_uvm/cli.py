@@ -214,7 +214,9 @@ def _bench_simulation(args: argparse.Namespace) -> int:
                        profile=profile, shape=shape)
     print(f"{SAMPLE_TRACE.name}: {trace.num_layers} layers x {trace.num_experts} experts, "
           f"calibrated on sequences 0:{half}, evaluated on {half}:{trace.num_sequences}, "
-          f"batch 1, {shape.name} expert size")
+          f"batch 1; PCIe and floors for the whole {shape.name} ({shape.num_moe_layers} MoE "
+          f"layers, the trace's traffic per layer scaled up) at {Bandwidths().pcie_gbps:.0f} "
+          f"GB/s PCIe read-through and {Bandwidths().hbm_gbps:.0f} GB/s HBM")
     print(format_table(records))
     return 0
 
