@@ -9,15 +9,6 @@ managed memory advised offloaded, and CUDA-graph capture.
 
 import pytest
 import torch
-from test_fused_moe import (
-    DEVICE,
-    SMALL_DECODE,
-    TOLERANCE,
-    make_inputs,
-    make_routing,
-    rel_err,
-    store_layout,
-)
 
 from moe_uvm.kernels import (
     copy_experts_to_slots,
@@ -27,6 +18,16 @@ from moe_uvm.kernels import (
 )
 from moe_uvm.kernels.fused_moe import MoeBlockConfig, fused_moe_triton
 from moe_uvm.kernels.slot_copy import CHUNK_BYTES
+
+from test_fused_moe import (
+    DEVICE,
+    SMALL_DECODE,
+    TOLERANCE,
+    make_inputs,
+    make_routing,
+    rel_err,
+    store_layout,
+)
 
 # Grouped path with every edge ragged: N tiles of 16 over I=40 and of 32 over H=80, K steps of
 # 32 over H=80, and split-K 3 over I=40 in K steps of 16 ([0, 16), [16, 32), [32, 40)).

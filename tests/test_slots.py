@@ -7,6 +7,7 @@ import torch
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.layer import offload_experts
 from moe_uvm.slots import SlotCache
+
 from test_layer import TinyMoEModel
 
 
