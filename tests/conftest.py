@@ -12,6 +12,20 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# kernels/ and policies/ become moe_uvm.kernels / moe_uvm.policies only through the install's
+# package-dir mapping. `python -m pytest` puts the checkout first on sys.path, so with a
+# non-editable install the checkout's moe_uvm/ (which has neither) shadows the installed one.
+try:
+    import moe_uvm.kernels  # noqa: F401
+    import moe_uvm.policies  # noqa: F401
+except ModuleNotFoundError as exc:
+    if not exc.name or not exc.name.startswith("moe_uvm"):
+        raise
+    raise pytest.UsageError(
+        f"{exc.name} is not importable: the tests need the package installed in editable mode "
+        "from this checkout: pip install -e '.[test]'"
+    ) from exc
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
