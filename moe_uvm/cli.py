@@ -12,18 +12,16 @@ from moe_uvm.policies.warmup import AdaptiveSettings
 from moe_uvm.presets import PRESETS, ModelShape
 from moe_uvm.profile import Profile, load_profile
 from moe_uvm.simulate import (
-    COOCCURRENCE_SOURCES,
     POLICIES,
-    PREFETCH_MODES,
     PROFILE_POLICIES,
     SLOT_POLICIES,
     Bandwidths,
-    SlotSettings,
     format_table,
     plan,
     resident_sizes,
     simulate,
 )
+from moe_uvm.simulate_slots import COOCCURRENCE_SOURCES, PREFETCH_MODES, SlotSettings
 from moe_uvm.trace import RoutingTrace, load_trace, parse_range
 
 

@@ -1,8 +1,7 @@
 """Replay a routing trace on the CPU against residency policies, optionally with a GPU slot cache
-per layer (fill-on-read and prefetch, run through the same policies.prefetch planning functions
-as the GPU executor): GPU hit rate of expert reads, PCIe reads and copies per step and layer,
-prefetch precision and recall, re-advice per token, and (given a model shape) the step-time floor
-of the performance model in ARCHITECTURE.md."""
+per layer (moe_uvm.simulate_slots): GPU hit rate of expert reads, PCIe reads and copies per step
+and layer, prefetch precision and recall, re-advice per token, and (given a model shape) the
+step-time floor of the performance model in ARCHITECTURE.md."""
 
 from __future__ import annotations
 
@@ -13,30 +12,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moe_uvm.policies.prefetch import (
-    commit_fill,
-    count_prefetch,
-    empty_slot_state,
-    frequency_scores,
-    plan_fill,
-    plan_prefetch,
-    predicted_mask,
-    speculative_scores,
-    update_cooccurrence,
-)
 from moe_uvm.policies.residency import ResidentBudget, first_n, frequency
 from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup
 from moe_uvm.presets import ModelShape
 from moe_uvm.profile import Profile
+from moe_uvm.simulate_slots import SlotSettings, cooccurrence_start, replay, step_ids
 from moe_uvm.trace import RoutingTrace
 
 POLICIES = ("first_n", "frequency", "global", "oracle", "adaptive", "lru")
 PROFILE_POLICIES = ("frequency", "global")
 SLOT_POLICIES = ("first_n", "frequency", "global", "oracle")
 """Static residency: the policies a slot cache is simulated over."""
-PREFETCH_MODES = ("none", "frequency", "speculative")
-"""lookahead needs hidden states, which a trace does not hold."""
-COOCCURRENCE_SOURCES = ("auto", "profile", "online", "both")
 
 
 @dataclass(frozen=True)
@@ -149,70 +135,6 @@ def _lru(touched: np.ndarray, sizes: np.ndarray) -> _Run:
     return _Run(gpu, fills + evictions)
 
 
-def _step_ids(trace: RoutingTrace, batch: int) -> torch.Tensor:
-    """int64 [steps, L, batch, k]: each step's ids, the last step padded with -1."""
-    L, T, k = trace.topk_ids.shape
-    steps = -(-T // batch)
-    ids = np.full((L, steps * batch, k), -1, np.int64)
-    ids[:, :T] = trace.topk_ids
-    return torch.from_numpy(ids.reshape(L, steps, batch, k).transpose(1, 0, 2, 3).copy())
-
-
-def _slot_cache(
-    ids: torch.Tensor,
-    resident_hits: np.ndarray,
-    mask: np.ndarray,
-    num_slots: int,
-    prefetch: str,
-    num_predicted: int,
-    counts: np.ndarray | None,
-    cooccurrence: torch.Tensor | None,
-    learn_online: bool,
-) -> _Run:
-    """Per layer a pool of `num_slots` slots over the static resident `mask`, step by step as the
-    executor runs it: prefetch for layer l+1 predicted from layer l's ids (layer 0 has no
-    predecessor in the step and is not prefetched), then at each layer plan_fill with the true
-    ids and commit_fill; online co-occurrence learns from each step after its predictions.
-    Layers' pools are independent, so all layers advance together as one batch of pools."""
-    steps, L, _, _ = ids.shape
-    E = mask.shape[1]
-    resident = torch.from_numpy(mask)
-    pools = empty_slot_state(E, num_slots, (L,))
-    nxt, nxt_resident = tuple(t[1:] for t in pools), resident[1:]
-    counters = torch.zeros(steps, L, 4, dtype=torch.int64)
-    fills = torch.zeros(steps, L, dtype=torch.int64)
-    copies = torch.zeros(steps, L, dtype=torch.int64)
-    used = torch.zeros((), dtype=torch.int64)
-    predicted = torch.zeros(L, E, dtype=torch.bool)
-    predicting = prefetch != "none" and L > 1
-    scores = None
-    if prefetch == "frequency":
-        scores = frequency_scores(torch.from_numpy(counts[1:]))
-    step = torch.zeros((), dtype=torch.int64)
-    for s in range(steps):
-        step.fill_(s)
-        now = ids[s]
-        if predicting:
-            if prefetch == "speculative":
-                scores = speculative_scores(cooccurrence, now[:-1])
-            experts, _ = plan_prefetch(scores, nxt_resident, *nxt, step, num_predicted)
-            copies[s, 1:] = (experts >= 0).sum(-1)
-            needed = torch.zeros(L - 1, E + 1, dtype=torch.bool)
-            needed.scatter_(-1, torch.where(now[1:] >= 0, now[1:], E).flatten(1), True)
-            used += (torch.gather(needed, -1, experts.long().clamp(min=0)) & (experts >= 0)).sum()
-            predicted[1:] = predicted_mask(scores, nxt_resident, num_predicted)
-        count_prefetch(counters[s], now, resident, pools[0], predicted if predicting else None)
-        fill = plan_fill(now, resident, *pools, step)
-        commit_fill(fill, pools[0])
-        fills[s] = (fill >= 0).sum(-1)
-        if learn_online and L > 1:
-            update_cooccurrence(cooccurrence, now[:-1], now[1:])
-    slot_hits = counters[..., 3].numpy()
-    totals = counters[..., :3].sum((0, 1)).tolist() + [int(used)]
-    return _Run(resident_hits + slot_hits, slot_hits=slot_hits, fills=fills.numpy(),
-                copies=copies.numpy(), prefetch=tuple(totals) if predicting else None)
-
-
 def _record(
     job: dict,
     reads: np.ndarray,
@@ -282,61 +204,6 @@ def resident_sizes(spec: str, num_experts: int) -> list[int]:
     return sizes
 
 
-@dataclass(frozen=True)
-class SlotSettings:
-    """The GPU slot caches to simulate: every slot count in `slots` (per layer; 0 = no cache)
-    with every prefetch mode in `prefetch` (a mode other than none needs slots). Each step
-    prefetches `num_predicted` experts per layer (default: half the slots, the rest keep
-    fill-on-read's recent experts), at most the slot count. Speculative co-occurrence comes
-    from `cooccurrence`: profile (the profile's counts), online (learned from the replayed
-    steps), both (profile counts plus online), auto (profile when it has them, else online)."""
-
-    slots: tuple[int, ...] = (0,)
-    prefetch: tuple[str, ...] = ("none",)
-    num_predicted: int | None = None
-    cooccurrence: str = "auto"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "slots", tuple(int(n) for n in self.slots))
-        object.__setattr__(self, "prefetch", tuple(self.prefetch))
-        if not self.slots or min(self.slots) < 0:
-            raise ValueError(f"slot counts must be >= 0, got {list(self.slots)}")
-        bad = [m for m in self.prefetch if m not in PREFETCH_MODES]
-        if bad or not self.prefetch:
-            raise ValueError(f"unknown prefetch modes {bad}; known: {', '.join(PREFETCH_MODES)} "
-                             "(lookahead needs hidden states, which a trace does not hold)")
-        if max(self.slots) == 0 and self.prefetch != ("none",):
-            raise ValueError(f"prefetch {', '.join(self.prefetch)} needs slots > 0")
-        if self.num_predicted is not None and self.num_predicted < 1:
-            raise ValueError(f"num_predicted must be >= 1, got {self.num_predicted}")
-        if self.cooccurrence not in COOCCURRENCE_SOURCES:
-            raise ValueError(f"cooccurrence source must be one of "
-                             f"{', '.join(COOCCURRENCE_SOURCES)}, got {self.cooccurrence!r}")
-
-    def predicted(self, num_slots: int) -> int:
-        return min(self.num_predicted or max(num_slots // 2, 1), num_slots)
-
-    def jobs(self) -> list[tuple[int, str]]:
-        return [(n, m) for n in self.slots for m in self.prefetch if n > 0 or m == "none"]
-
-
-def _cooccurrence(
-    settings: SlotSettings, profile: Profile | None, L: int, E: int
-) -> tuple[torch.Tensor, bool, str]:
-    """(starting counts [L-1, E, E] float32, learn online?, source name) for speculative."""
-    source = settings.cooccurrence
-    has = profile is not None and profile.cooccurrence is not None
-    if source == "auto":
-        source = "profile" if has else "online"
-    if source in ("profile", "both") and not has:
-        raise ValueError(f"cooccurrence source {source} needs a profile with co-occurrence "
-                         "(moe-uvm calibrate --cooccurrence)")
-    cooc = torch.zeros(max(L - 1, 1), E, E)
-    if source != "online":
-        cooc.copy_(torch.from_numpy(profile.cooccurrence))
-    return cooc, source != "profile", source
-
-
 def simulate(
     trace: RoutingTrace,
     resident: Sequence[int],
@@ -378,7 +245,7 @@ def simulate(
     touched = step_reads(trace, batch)
     reads = touched.sum(axis=2)
     step_counts = touched.sum(axis=0)
-    ids = _step_ids(trace, batch) if max(slots.slots) > 0 else None
+    ids = step_ids(trace, batch) if max(slots.slots) > 0 else None
     records = []
     jobs = [(p, n, job) for p in policies for n in resident for job in slots.jobs()]
     for policy, n, (num_slots, mode) in tqdm(jobs, desc="simulate", disable=not progress,
@@ -414,11 +281,13 @@ def simulate(
         if num_slots > 0:
             cooc, learn, source = None, False, None
             if mode == "speculative":
-                cooc, learn, source = _cooccurrence(slots, profile, L, E)
+                cooc, learn, source = cooccurrence_start(slots, profile, L, E)
             m = slots.predicted(num_slots) if mode != "none" else 0
             job.update(prefetch_experts=m, cooccurrence=source)
-            run = _slot_cache(ids, run.hits, mask, num_slots, mode, m,
-                              None if profile is None else profile.counts, cooc, learn)
+            r = replay(ids, run.hits, mask, num_slots, mode, m,
+                       None if profile is None else profile.counts, cooc, learn)
+            run = _Run(r.hits, slot_hits=r.slot_hits, fills=r.fills, copies=r.copies,
+                       prefetch=r.prefetch)
         records.append(_record(job, reads, run, trace.num_tokens, shape, bandwidths))
     return records
 

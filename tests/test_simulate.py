@@ -13,13 +13,13 @@ from moe_uvm.profile import Profile
 from moe_uvm.simulate import (
     POLICIES,
     Bandwidths,
-    SlotSettings,
     format_table,
     plan,
     resident_sizes,
     simulate,
     step_reads,
 )
+from moe_uvm.simulate_slots import SlotSettings
 from moe_uvm.trace import RoutingTrace, synthetic_trace
 
 
