@@ -16,7 +16,6 @@ import torch
 from moe_uvm.kernels import fused_moe, fused_moe_reference
 from moe_uvm.kernels.fused_moe import (
     MoeBlockConfig,
-    align_by_expert,
     fused_moe_triton,
     select_config,
 )
@@ -30,6 +29,7 @@ from moe_uvm.kernels.fused_moe_configs import (
     min_block_m,
     select_decode_config,
 )
+from moe_uvm.kernels.moe_align import align_by_expert
 
 # `moe_uvm.kernels.fused_moe` as an attribute is the function; the module is in sys.modules.
 KERNEL_MODULE = importlib.import_module("moe_uvm.kernels.fused_moe")
