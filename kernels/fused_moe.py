@@ -184,9 +184,12 @@ def _sum_topk_kernel(partial_ptr, ids_ptr, stride_it, stride_ij, weights_ptr, st
         weight = tl.where(routed, weight, 0.0)
         row = token.to(tl.int64) * TOP_K + j
         y = tl.zeros([BLOCK_H], dtype=tl.float32)
+        # tl.where, not `col_ok & routed`: triton 3.9's interpreter splats a scalar comparison
+        # as int32, which it then refuses as a load mask.
+        load_ok = tl.where(routed, col_ok, False)
         for s in tl.static_range(SPLIT_K):
             y += tl.load(partial_ptr + (s * num_pairs + row) * hidden + cols,
-                         mask=col_ok & routed, other=0.0)
+                         mask=load_ok, other=0.0)
         total += weight * y
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + cols,
              total.to(out_ptr.dtype.element_ty), mask=col_ok)

@@ -42,7 +42,9 @@ def _decode_gate_up_kernel(x_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, exper
         w_up = tl.load(up_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_FILL:
             # The tile just loaded, stored once: this program is the only one covering it.
-            fill_ok = row_ok[:, None] & k_ok[None, :] & fill
+            # tl.where, not `& fill`: triton 3.9's interpreter splats a scalar comparison as
+            # int32, which it then refuses as a mask.
+            fill_ok = tl.where(fill, row_ok[:, None] & k_ok[None, :], False)
             tl.store(fill_ptrs, w_gate, mask=fill_ok)
             tl.store(fill_ptrs + intermediate * hidden, w_up, mask=fill_ok)
             fill_ptrs += BLOCK_K

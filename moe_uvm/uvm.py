@@ -1,6 +1,6 @@
 """The only module that calls the CUDA runtime: managed allocations, advice, prefetch, range
 queries and memory info, every call checked (failures raise `UVMError` naming the call and the
-CUDA error). Imports without CUDA or cuda-python; calls then raise a clear `UVMError`."""
+CUDA error). Imports without CUDA or cuda-bindings; calls then raise a clear `UVMError`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 try:
     from cuda.bindings import runtime as _rt
-except ImportError as exc:  # cuda-python missing: the CPU path still works
+except ImportError as exc:  # cuda-bindings missing: the CPU path still works
     _rt = None
     _IMPORT_ERROR: Exception | None = exc
 else:
@@ -40,7 +40,8 @@ class OversubscriptionError(UVMError):
 
 def _runtime():
     if _rt is None:
-        raise UVMError(f"cuda-python is not importable ({_IMPORT_ERROR}); install cuda-python")
+        raise UVMError(f"cuda.bindings is not importable ({_IMPORT_ERROR}); "
+                       "pip install 'cuda-bindings>=12.9.1'")
     return _rt
 
 
@@ -53,7 +54,7 @@ def _error_name(err) -> str:
 
 
 def _check(result, call: str):
-    """Unpack a cuda-python result tuple, raising `UVMError` unless the status is success."""
+    """Unpack a cuda.bindings result tuple, raising `UVMError` unless the status is success."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != _runtime().cudaError_t.cudaSuccess:
         raise UVMError(f"{call} failed: {_error_name(err)}")
@@ -63,7 +64,7 @@ def _check(result, call: str):
 
 
 def device_count() -> int:
-    """Number of CUDA devices; 0 when there is no driver, no device or no cuda-python."""
+    """Number of CUDA devices; 0 when there is no driver, no device or no cuda-bindings."""
     if _rt is None:
         return 0
     err, count = _rt.cudaGetDeviceCount()
@@ -71,13 +72,19 @@ def device_count() -> int:
 
 
 def available() -> bool:
+    """True when a CUDA device can be used. Raises `UVMError` when torch sees a GPU but
+    cuda-bindings is missing: falling back to CPU stores there would be silent and slow."""
+    if _rt is None and torch.cuda.is_available():
+        raise UVMError(f"torch sees a CUDA GPU but cuda.bindings is not importable "
+                       f"({_IMPORT_ERROR}): pip install 'cuda-bindings>=12.9.1' (with a CUDA 12 "
+                       "driver: 'cuda-bindings>=12.9.1,<13')")
     return device_count() > 0
 
 
 def unavailable_reason() -> str:
     """One line saying why CUDA cannot be used (for messages on CPU machines)."""
     if _rt is None:
-        return f"cuda-python is not importable ({_IMPORT_ERROR})"
+        return f"cuda.bindings is not importable ({_IMPORT_ERROR})"
     err, count = _rt.cudaGetDeviceCount()
     if err != _rt.cudaError_t.cudaSuccess:
         return f"cudaGetDeviceCount failed: {_error_name(err)}"

@@ -199,3 +199,13 @@ def test_buffer_frees_exactly_once():
     buf.free()
     buf.free()
     assert buf.freed and uvm.live_managed_bytes(0) == live - 64 * 2**20
+
+
+def test_gpu_without_cuda_bindings_is_an_error_not_a_silent_cpu_fallback(monkeypatch):
+    monkeypatch.setattr(uvm, "_rt", None)
+    monkeypatch.setattr(uvm, "_IMPORT_ERROR", ImportError("No module named 'cuda'"))
+    monkeypatch.setattr(uvm.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(uvm.UVMError, match="cuda-bindings>=12.9.1"):
+        uvm.available()
+    monkeypatch.setattr(uvm.torch.cuda, "is_available", lambda: False)
+    assert not uvm.available()
