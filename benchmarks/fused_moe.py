@@ -2,11 +2,13 @@
 time (CUDA-graph replay, L2 flushed before each), bytes of distinct experts read, bandwidth
 against the HBM read and managed read-through ceilings measured in the same run, for weights in
 device memory, in managed memory advised resident, and advised offloaded; plus the plain-torch
-reference. The default (--no-tune) benchmarks the tables in kernels/fused_moe_configs.py.
+reference. The default (--no-tune) benchmarks this GPU model's tables in kernels/configs/
+(or the rules, for a GPU without a file).
 `--tune` first sweeps grouped-path configs per (shape, T) with block_m >= min_block_m (for
 T >= 64 keeping, among configs within 3% of the best device time, the fastest with offloaded
-weights) and one-token configs at T=1 (or the grouped path where that is faster), prints both
-tables to paste, and benchmarks with them.
+weights) and one-token configs at T=1 (or the grouped path where that is faster), writes them
+into this GPU model's file in kernels/configs/ (other shapes' entries kept), and benchmarks
+with them.
 
     python benchmarks/fused_moe.py [--tune | --no-tune] [--out benchmarks/results/fused_moe.json]
 """
@@ -20,7 +22,6 @@ import json
 import pathlib
 import statistics
 import sys
-import textwrap
 import time
 
 import torch
@@ -31,15 +32,17 @@ from moe_uvm import ceilings
 from moe_uvm.kernels import fused_moe, fused_moe_reference
 from moe_uvm.kernels.fused_moe import fused_moe_triton
 from moe_uvm.kernels.fused_moe_configs import (
-    TUNED_CONFIGS,
-    TUNED_DECODE_CONFIGS,
     MoeBlockConfig,
     MoeDecodeConfig,
+    TunedTables,
+    config_file,
     config_key,
     default_decode_config,
     min_block_m,
+    save_tables,
     select_config,
     select_decode_config,
+    tuned_tables,
 )
 from moe_uvm.store import ManagedExpertStore
 
@@ -156,7 +159,7 @@ def tune_one(shape: dict, weights, offloaded, inputs, num_tokens: int) -> dict:
             measured[config] = timed_ms(weights, inputs, config)
         return min(measured, key=measured.get)
 
-    start = select_config(e, h, i, k, torch.bfloat16, num_tokens)
+    start = select_config(e, h, i, k, torch.bfloat16, num_tokens, device_tables())
     best = consider(start)
     floor = min_block_m(e, k, num_tokens)
     rows_per_expert = num_tokens * k / min(e, num_tokens * k)
@@ -197,7 +200,7 @@ def tune_decode(shape: dict, weights, inputs) -> tuple[MoeDecodeConfig, float]:
             measured[config] = timed_ms(weights, inputs, config)
         return min(measured, key=measured.get)
 
-    start = select_decode_config(e, h, i, k, torch.bfloat16)
+    start = select_decode_config(e, h, i, k, torch.bfloat16, device_tables())
     best = consider(default_decode_config(e, h, i, k) if start is None else start)
     for n, kk, warps in DECODE_GATE_UP:
         if kk <= max(16, triton.next_power_of_2(h)):
@@ -210,33 +213,21 @@ def tune_decode(shape: dict, weights, inputs) -> tuple[MoeDecodeConfig, float]:
     return best, measured[best]
 
 
-def literal(config) -> str:
-    fields = ", ".join(f"{f}={v}" for f, v in dataclasses.asdict(config).items())
-    return f"{type(config).__name__}({fields})"
+def device_tables() -> TunedTables:
+    return tuned_tables(torch.cuda.get_device_name())
 
 
-def key_literal(key: tuple) -> str:
-    *sizes, dtype = key
-    return "(" + ", ".join(map(str, sizes)) + f', "{dtype}")'
-
-
-def print_tables(tuned: dict, decode: dict) -> None:
-    print("\n# paste into kernels/fused_moe_configs.py")
-    print("TUNED_CONFIGS: dict[ConfigKey, tuple[tuple[int, MoeBlockConfig], ...]] = {")
-    for key, entries in tuned.items():
-        print(f"    {key_literal(key)}: (")
-        for num_tokens, config in entries:
-            head = f"        ({num_tokens}, "
-            print(textwrap.fill(literal(config) + "),", width=99, initial_indent=head,
-                                subsequent_indent=" " * (len(head) + 15)))
-        print("    ),")
-    print("}")
-    print("TUNED_DECODE_CONFIGS: dict[ConfigKey, MoeDecodeConfig | None] = {")
-    for key, config in decode.items():
-        text = "None" if config is None else literal(config)
-        print(textwrap.fill(f"{key_literal(key)}: {text},", width=99, initial_indent="    ",
-                            subsequent_indent=" " * 8))
-    print("}\n")
+def write_tables(tuned: dict, decode: dict) -> None:
+    """Merge into this GPU model's tables file; the kernels (and this process) use it from now."""
+    name = torch.cuda.get_device_name()
+    old = device_tables()
+    tables = TunedTables(name, {**old.grouped, **tuned}, {**old.decode, **decode})
+    save_tables(tables, config_file(name), f"python benchmarks/fused_moe.py --tune on {name}, "
+                f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, triton "
+                f"{triton.__version__} (for T >= 64 the fastest with offloaded weights among "
+                f"configs within {DEVICE_SLACK - 1:.0%} of the best device time)")
+    tuned_tables.cache_clear()
+    print(f"wrote {config_file(name)}")
 
 
 def offloaded_store(shape: dict, dev13: torch.Tensor, dev2: torch.Tensor) -> ManagedExpertStore:
@@ -284,9 +275,7 @@ def tune(out_dir: pathlib.Path) -> None:
         del weights, offloaded
         torch.cuda.empty_cache()
     (out_dir / "fused_moe_tune.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_tables(tuned, decode)
-    TUNED_CONFIGS.update(tuned)  # this process benchmarks with what it just found
-    TUNED_DECODE_CONFIGS.update(decode)
+    write_tables(tuned, decode)
 
 
 def bench_shape(name: str, shape: dict, hbm: float, read_through: float) -> list[dict]:
@@ -303,9 +292,11 @@ def bench_shape(name: str, shape: dict, hbm: float, read_through: float) -> list
         call = functools.partial(fused_moe_reference, x, dev13, dev2, topk_weights, topk_ids)
         ref_ms = ceilings.time_ms(call, warmup=1, repeat=5)
         err = ((expected[t].float() - ref.float()).norm() / ref.float().norm()).item()
-        decode = select_decode_config(e, h, i, shape["top_k"], torch.bfloat16) if t == 1 else None
+        tables = device_tables()
+        decode = (select_decode_config(e, h, i, shape["top_k"], torch.bfloat16, tables)
+                  if t == 1 else None)
         config = decode if decode is not None else select_config(
-            e, h, i, shape["top_k"], torch.bfloat16, t)
+            e, h, i, shape["top_k"], torch.bfloat16, t, tables)
         rows.append(dict(shape=name, tokens=t, weights="reference", rel_err=err,
                          us=ref_ms * 1e3, experts=int(topk_ids.unique().numel()),
                          path="grouped" if decode is None else "one-token",

@@ -1,17 +1,23 @@
 """Fused-MoE forward in Triton. Grouped path (here): align (token, expert) pairs by expert on the
-GPU (moe_align.py), grouped gate/up GEMM with SiLU-and-mul fused, grouped down GEMM (optional split-K),
-deterministic top-k sum. One-token path: fused_moe_decode.py. Weights are read in place through
-their strides (device, managed or mapped host memory); fill_slot copies them into GPU slots."""
+GPU (moe_align.py), grouped gate/up GEMM with SiLU-and-mul fused, grouped down GEMM (optional
+split-K), deterministic top-k sum. One-token path: fused_moe_decode.py. Weights are read in
+place through their strides (device, managed or mapped host memory); fill_slot copies them into
+GPU slots."""
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .fused_moe_configs import (
+    NO_TABLES,
     MoeBlockConfig,
     MoeDecodeConfig,
+    TunedTables,
     select_config,
     select_decode_config,
+    tuned_tables,
 )
 from .fused_moe_decode import one_token_moe
 from .moe_align import align_by_expert
@@ -296,6 +302,14 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
     return out
 
 
+@functools.cache
+def _tables(device: torch.device) -> TunedTables:
+    """The tuned tables of the device's GPU model (rules alone in the interpreter)."""
+    if device.type != "cuda":
+        return NO_TABLES
+    return tuned_tables(torch.cuda.get_device_name(device))
+
+
 def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      expert_slot: torch.Tensor | None = None, w13_slots: torch.Tensor | None = None,
@@ -303,7 +317,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
                      config: MoeBlockConfig | MoeDecodeConfig | None = None) -> torch.Tensor:
     """The Triton path of fused_moe, with an explicit config for tuning. A MoeDecodeConfig runs
     the one-token path (T must be 1), a MoeBlockConfig the grouped path; None picks: the
-    one-token path when T == 1 and select_decode_config gives a config, else select_config."""
+    one-token path when T == 1 and select_decode_config gives a config, else select_config,
+    with the tuned tables of the GPU model (kernels/configs/) or the rules where it has none."""
     args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
             fill_slot)
     _check_inputs(*args)
@@ -313,10 +328,11 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
         raise ValueError(f"a MoeDecodeConfig runs the one-token path: got T={num_tokens} tokens")
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))
+    tables = _tables(hidden_states.device)
     if config is None and num_tokens == 1:
-        config = select_decode_config(*shape)
+        config = select_decode_config(*shape, tables)
     if config is None:
-        config = select_config(*shape, num_tokens)
+        config = select_config(*shape, num_tokens, tables)
     if hidden_states.stride(1) != 1:
         args = (hidden_states.contiguous(), *args[1:])
     # Hot path from here: no host sync, grids from static bounds, workspaces from the caching

@@ -1,9 +1,14 @@
 """Launch configs of the fused-MoE kernels: MoeBlockConfig for the grouped path, MoeDecodeConfig
-for the one-token path, the tables tuned on an H100 and the rules for shapes and token counts
-they do not cover."""
+for the one-token path, the tables tuned per GPU model (data files in kernels/configs/) and the
+rules for GPUs, shapes and token counts they do not cover."""
 
+import functools
+import json
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import triton
@@ -78,56 +83,91 @@ class MoeDecodeConfig:
 
 
 ConfigKey = tuple[int, int, int, int, str]
+"""(num_experts, hidden, intermediate, top_k, dtype name)"""
 
-# (num_experts, hidden, intermediate, top_k, dtype) -> ((largest T, config), ...) in ascending T.
-# From `python benchmarks/fused_moe.py --tune` on the H100 (2026-11-23; for T >= 64 it picks the
-# fastest with offloaded weights among configs within 3% of the best device time); T above the
-# last entry, shapes not listed and entries whose block_m is below min_block_m use
-# default_config.
-TUNED_CONFIGS: dict[ConfigKey, tuple[tuple[int, MoeBlockConfig], ...]] = {
-    (8, 4096, 14336, 2, "bfloat16"): (
-        (1, MoeBlockConfig(block_m=16, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
-                           gate_up_stages=4, down_block_n=64, down_block_k=128, down_split_k=2,
-                           down_warps=4, down_stages=4)),
-        (4, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
-                           gate_up_stages=3, down_block_n=128, down_block_k=128, down_split_k=4,
-                           down_warps=4, down_stages=4)),
-        (16, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
-                            gate_up_stages=3, down_block_n=128, down_block_k=128, down_split_k=1,
-                            down_warps=4, down_stages=4)),
-        (64, MoeBlockConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
-                            gate_up_stages=4, down_block_n=128, down_block_k=128, down_split_k=2,
-                            down_warps=4, down_stages=4)),
-        (256, MoeBlockConfig(block_m=128, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=8,
-                             gate_up_stages=3, down_block_n=64, down_block_k=64, down_split_k=1,
-                             down_warps=8, down_stages=4)),
-    ),
-    (128, 2048, 768, 8, "bfloat16"): (
-        (1, MoeBlockConfig(block_m=16, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
-                           gate_up_stages=4, down_block_n=128, down_block_k=128, down_split_k=1,
-                           down_warps=4, down_stages=4)),
-        (4, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
-                           gate_up_stages=3, down_block_n=64, down_block_k=256, down_split_k=1,
-                           down_warps=4, down_stages=3)),
-        (16, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=128, gate_up_warps=4,
-                            gate_up_stages=4, down_block_n=64, down_block_k=128, down_split_k=1,
-                            down_warps=4, down_stages=4)),
-        (64, MoeBlockConfig(block_m=16, gate_up_block_n=32, gate_up_block_k=256, gate_up_warps=4,
-                            gate_up_stages=3, down_block_n=64, down_block_k=128, down_split_k=1,
-                            down_warps=4, down_stages=4)),
-        (256, MoeBlockConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=128, gate_up_warps=4,
-                             gate_up_stages=4, down_block_n=64, down_block_k=128, down_split_k=1,
-                             down_warps=4, down_stages=4)),
-    ),
-}
+CONFIG_DIR = Path(__file__).with_name("configs")
+_KEY_FIELDS = ("num_experts", "hidden", "intermediate", "top_k", "dtype")
 
-# Same key -> the one-token config, or None where the grouped path measured faster at T=1.
-# Shapes not listed use default_decode_config.
-TUNED_DECODE_CONFIGS: dict[ConfigKey, MoeDecodeConfig | None] = {
-    (8, 4096, 14336, 2, "bfloat16"): None,
-    (128, 2048, 768, 8, "bfloat16"): MoeDecodeConfig(gate_up_block_n=8, gate_up_block_k=256,
-        gate_up_warps=4, down_block_n=4, down_block_k=256, down_warps=4),
-}
+
+@dataclass(frozen=True)
+class TunedTables:
+    """Configs tuned on one GPU model, from its file in kernels/configs/ (written by
+    `python benchmarks/fused_moe.py --tune`). `grouped`: key -> ((largest T, config), ...) in
+    ascending T; T above the last entry, keys not listed and entries whose block_m is below
+    min_block_m use default_config. `decode`: key -> the one-token config, or None where the
+    grouped path measured faster at T=1; keys not listed use default_decode_config."""
+
+    device_name: str | None = None
+    grouped: Mapping[ConfigKey, tuple[tuple[int, MoeBlockConfig], ...]] = field(
+        default_factory=dict)
+    decode: Mapping[ConfigKey, MoeDecodeConfig | None] = field(default_factory=dict)
+
+
+NO_TABLES = TunedTables()
+"""GPUs without a file (and the Triton interpreter) use the rules alone."""
+
+
+def config_file(device_name: str) -> Path:
+    """kernels/configs/<device name, spaces and other punctuation as '_'>.json"""
+    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9.-]+", "_", device_name).strip("_") + ".json")
+
+
+def _key(entry: dict, path: Path) -> ConfigKey:
+    try:
+        *sizes, dtype = (entry[f] for f in _KEY_FIELDS)
+    except KeyError as exc:
+        raise ValueError(f"{path}: an entry lacks {exc.args[0]!r} (needs {_KEY_FIELDS})") from None
+    return (*(int(v) for v in sizes), str(dtype))  # type: ignore[return-value]
+
+
+def load_tables(path: Path) -> TunedTables:
+    """Read and validate a tables file; a bad file is refused naming the file and the field."""
+    try:
+        data = json.loads(path.read_text())
+        grouped = {
+            _key(entry, path): tuple((int(b["max_tokens"]), MoeBlockConfig(**b["config"]))
+                                     for b in entry["buckets"])
+            for entry in data["grouped"]
+        }
+        decode = {
+            _key(entry, path): None if entry["config"] is None
+            else MoeDecodeConfig(**entry["config"])
+            for entry in data["decode"]
+        }
+        device_name = str(data["device_name"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"kernel config file {path} is invalid: {exc!r}") from None
+    for key, buckets in grouped.items():
+        bounds = [t for t, _ in buckets]
+        if bounds != sorted(set(bounds)):
+            raise ValueError(f"{path}: buckets of {key} must have ascending max_tokens, "
+                             f"got {bounds}")
+    return TunedTables(device_name, grouped, decode)
+
+
+def save_tables(tables: TunedTables, path: Path, source: str) -> None:
+    """Write tables in the format load_tables reads; `source` says how they were measured."""
+    def key_fields(key: ConfigKey) -> dict:
+        return dict(zip(_KEY_FIELDS, key, strict=True))
+
+    data = {
+        "device_name": tables.device_name,
+        "source": source,
+        "grouped": [dict(**key_fields(key), buckets=[dict(max_tokens=t, config=asdict(c))
+                                                     for t, c in buckets])
+                    for key, buckets in tables.grouped.items()],
+        "decode": [dict(**key_fields(key), config=None if c is None else asdict(c))
+                   for key, c in tables.decode.items()],
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+@functools.cache
+def tuned_tables(device_name: str | None) -> TunedTables:
+    """The tables of this GPU model (None: the interpreter), or NO_TABLES without a file."""
+    if device_name is None or not config_file(device_name).exists():
+        return NO_TABLES
+    return load_tables(config_file(device_name))
 
 
 def config_key(num_experts: int, hidden: int, intermediate: int, top_k: int,
@@ -179,10 +219,12 @@ def default_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
 
 
 def select_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
-                  dtype: torch.dtype, num_tokens: int) -> MoeBlockConfig:
+                  dtype: torch.dtype, num_tokens: int,
+                  tables: TunedTables = NO_TABLES) -> MoeBlockConfig:
     """Grouped-path config: the tuned entry for the smallest bucket holding num_tokens unless
     its block_m is below min_block_m, else default_config."""
-    entries = TUNED_CONFIGS.get(config_key(num_experts, hidden, intermediate, top_k, dtype), ())
+    key = config_key(num_experts, hidden, intermediate, top_k, dtype)
+    entries = tables.grouped.get(key, ())
     for largest_t, config in entries:
         if num_tokens <= largest_t:
             if config.block_m >= min_block_m(num_experts, top_k, num_tokens):
@@ -218,9 +260,10 @@ def default_decode_config(num_experts: int, hidden: int, intermediate: int,
 
 
 def select_decode_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
-                         dtype: torch.dtype) -> MoeDecodeConfig | None:
+                         dtype: torch.dtype,
+                         tables: TunedTables = NO_TABLES) -> MoeDecodeConfig | None:
     """One-token config: the tuned entry (None: use the grouped path), else the rule."""
     key = config_key(num_experts, hidden, intermediate, top_k, dtype)
-    if key in TUNED_DECODE_CONFIGS:
-        return TUNED_DECODE_CONFIGS[key]
+    if key in tables.decode:
+        return tables.decode[key]
     return default_decode_config(num_experts, hidden, intermediate, top_k)

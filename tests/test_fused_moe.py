@@ -20,14 +20,18 @@ from moe_uvm.kernels.fused_moe import (
     select_config,
 )
 from moe_uvm.kernels.fused_moe_configs import (
-    TUNED_CONFIGS,
-    TUNED_DECODE_CONFIGS,
+    CONFIG_DIR,
     MoeDecodeConfig,
+    TunedTables,
+    config_file,
     config_key,
     default_config,
     default_decode_config,
+    load_tables,
     min_block_m,
+    save_tables,
     select_decode_config,
+    tuned_tables,
 )
 from moe_uvm.kernels.moe_align import align_by_expert
 
@@ -322,12 +326,51 @@ def test_selected_block_m_is_never_below_the_rule(shape, num_tokens):
     assert config.block_m >= min_block_m(num_experts, top_k, num_tokens)
 
 
-def test_tuned_entry_below_the_rule_is_skipped(monkeypatch):
+def test_tuned_entry_below_the_rule_is_skipped():
     key = config_key(8, 64, 32, 2, torch.float16)
-    monkeypatch.setitem(TUNED_CONFIGS, key, ((256, MoeBlockConfig(block_m=16)),))
-    assert select_config(8, 64, 32, 2, torch.float16, 8) == MoeBlockConfig(block_m=16)
-    assert select_config(8, 64, 32, 2, torch.float16, 256) == default_config(8, 64, 32, 2, 256)
+    tables = TunedTables("test GPU", {key: ((256, MoeBlockConfig(block_m=16)),)})
+    assert select_config(8, 64, 32, 2, torch.float16, 8, tables) == MoeBlockConfig(block_m=16)
+    assert (select_config(8, 64, 32, 2, torch.float16, 256, tables)
+            == default_config(8, 64, 32, 2, 256))
     assert default_config(8, 64, 32, 2, 256).block_m == 128
+
+
+def test_every_shipped_table_file_loads_and_is_named_for_its_device():
+    files = sorted(CONFIG_DIR.glob("*.json"))
+    assert files, "kernels/configs/ holds no tuned tables"
+    for path in files:
+        tables = load_tables(path)
+        assert config_file(tables.device_name) == path
+        assert tuned_tables(tables.device_name) == tables
+        assert tables.grouped and tables.decode
+
+
+def test_a_gpu_without_a_file_uses_the_rules():
+    assert tuned_tables("NVIDIA Imaginary GPU").grouped == {}
+    h100 = tuned_tables("NVIDIA H100 80GB HBM3")
+    tuned = select_config(128, 2048, 768, 8, torch.bfloat16, 16, h100)
+    assert tuned == h100.grouped[config_key(128, 2048, 768, 8, torch.bfloat16)][2][1]
+    assert select_config(128, 2048, 768, 8, torch.bfloat16, 16) == default_config(
+        128, 2048, 768, 8, 16)
+
+
+def test_tables_round_trip_and_bad_files_are_refused_naming_the_file(tmp_path):
+    key = config_key(8, 64, 32, 2, torch.bfloat16)
+    tables = TunedTables("Some GPU", {key: ((4, MoeBlockConfig()), (64, MoeBlockConfig(32)))},
+                         {key: MoeDecodeConfig()})
+    path = tmp_path / "Some_GPU.json"
+    save_tables(tables, path, "a test")
+    assert load_tables(path) == tables
+    text = path.read_text()
+    path.write_text(text.replace('"gate_up_block_n": 32', '"gate_up_block_n": 24', 1))
+    with pytest.raises(ValueError, match=r"Some_GPU.json is invalid.*gate_up_block_n=24"):
+        load_tables(path)
+    path.write_text(text.replace('"max_tokens": 64', '"max_tokens": 2'))
+    with pytest.raises(ValueError, match="ascending max_tokens"):
+        load_tables(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="Some_GPU.json is invalid"):
+        load_tables(path)
 
 
 # One-token path: small explicit tiles so K loops run several steps and K/N edges are masked.
@@ -397,8 +440,9 @@ def test_one_token_takes_the_two_launch_path(seed, monkeypatch):
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
     with pytest.raises(RuntimeError, match="alignment ran"):
         fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
-    monkeypatch.setitem(TUNED_DECODE_CONFIGS, config_key(8, 64, 32, 2, torch.float32), None)
-    assert select_decode_config(8, 64, 32, 2, torch.float32) is None
+    tables = TunedTables("test GPU", decode={config_key(8, 64, 32, 2, torch.float32): None})
+    assert select_decode_config(8, 64, 32, 2, torch.float32, tables) is None
+    monkeypatch.setattr(KERNEL_MODULE, "_tables", lambda device: tables)
     with pytest.raises(RuntimeError, match="alignment ran"):
         fused_moe_triton(x[:1], w13, w2, topk_weights[:1], topk_ids[:1])
 
@@ -453,18 +497,21 @@ def test_gpu_matches_reference(seed, shape, dtype, num_tokens):
 
 
 def table_cases():
-    """Every tuned entry (and each shape's one-token config), run on the tuned layer shape with
-    fewer experts so a test stays within a few GB."""
+    """Every tuned entry of every shipped GPU table (and each shape's one-token config), run on
+    the tuned layer shape with fewer experts so a test stays within a few GB."""
     cases = []
-    for key, entries in TUNED_CONFIGS.items():
-        num_experts, hidden, intermediate, top_k, _ = key
-        shape = dict(num_experts=min(num_experts, 16 if top_k > 2 else 4), top_k=top_k,
-                     hidden=hidden, intermediate=intermediate)
-        name = f"E{num_experts}-H{hidden}-I{intermediate}-k{top_k}"
-        cases += [pytest.param(shape, t, c, id=f"{name}-T{t}") for t, c in entries]
-        decode = select_decode_config(num_experts, hidden, intermediate, top_k, torch.bfloat16)
-        if decode is not None:
-            cases.append(pytest.param(shape, 1, decode, id=f"{name}-one-token"))
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        tables = load_tables(path)
+        for key, entries in tables.grouped.items():
+            num_experts, hidden, intermediate, top_k, _ = key
+            shape = dict(num_experts=min(num_experts, 16 if top_k > 2 else 4), top_k=top_k,
+                         hidden=hidden, intermediate=intermediate)
+            name = f"{path.stem}-E{num_experts}-H{hidden}-I{intermediate}-k{top_k}"
+            cases += [pytest.param(shape, t, c, id=f"{name}-T{t}") for t, c in entries]
+            decode = select_decode_config(num_experts, hidden, intermediate, top_k,
+                                          torch.bfloat16, tables)
+            if decode is not None:
+                cases.append(pytest.param(shape, 1, decode, id=f"{name}-one-token"))
     return cases
 
 
