@@ -330,20 +330,10 @@ def set_preferred_location(ptr: int, nbytes: int, location: int) -> None:
     _advise(ptr, nbytes, advice, location, "cudaMemAdvise(SetPreferredLocation)")
 
 
-def unset_preferred_location(ptr: int, nbytes: int) -> None:
-    advice = _runtime().cudaMemoryAdvise.cudaMemAdviseUnsetPreferredLocation
-    _advise(ptr, nbytes, advice, CPU, "cudaMemAdvise(UnsetPreferredLocation)")
-
-
 def set_accessed_by(ptr: int, nbytes: int, device: int) -> None:
     """Keep `device`'s page tables mapped to the range wherever it lives (no faults on access)."""
     advice = _runtime().cudaMemoryAdvise.cudaMemAdviseSetAccessedBy
     _advise(ptr, nbytes, advice, device, "cudaMemAdvise(SetAccessedBy)")
-
-
-def unset_accessed_by(ptr: int, nbytes: int, device: int) -> None:
-    advice = _runtime().cudaMemoryAdvise.cudaMemAdviseUnsetAccessedBy
-    _advise(ptr, nbytes, advice, device, "cudaMemAdvise(UnsetAccessedBy)")
 
 
 def prefetch(ptr: int, nbytes: int, location: int, stream: int | None = None) -> None:
@@ -388,7 +378,3 @@ def accessed_by(ptr: int, nbytes: int) -> list[int]:
     values = data if isinstance(data, (list, tuple)) else [data]
     return [int(v) for v in values if int(v) >= 0]
 
-
-def synchronize_device(device: int = 0) -> None:
-    with _on_device(device):
-        _check(_runtime().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
