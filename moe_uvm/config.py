@@ -4,10 +4,13 @@ is allocated."""
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from moe_uvm.policies.residency import ResidentBudget
 
 RESIDENT_SELECTIONS = ("first_n", "manual", "frequency", "profile")
 PREFETCH_MODES = ("none", "frequency", "speculative", "lookahead")
@@ -45,7 +48,24 @@ def parse_ids(value: Any, what: str = "resident_ids") -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _parse_num_resident(value: Any) -> int | tuple[int, ...]:
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.4g}"
+
+
+def parse_budget_gb(value: Any) -> float:
+    """A GPU budget in GB (1e9 bytes) from a number or a CLI string: finite and > 0."""
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if isinstance(value, bool) or not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"gpu_budget_gb must be a finite number of GB > 0, got {value!r}")
+    return budget
+
+
+def _parse_num_resident(value: Any) -> int | tuple[int, ...] | None:
+    if value is None:
+        return None
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",") if p.strip()]
         if not parts:
@@ -71,19 +91,23 @@ class ExpertOffloadConfig:
     """How a model's routed experts are placed.
 
     num_resident: experts kept resident per layer: one int for every layer (-1 = all), or one
-        int per layer. Ignored when `gpu_budget_gb` is set.
-    gpu_budget_gb: alternatively, a GPU byte budget (GB = 1e9 bytes) for resident experts over
-        all layers; split by routing counts when the selection has them, evenly otherwise.
+        int per layer. Unset: all of them, or as many as `gpu_budget_gb` holds.
+    gpu_budget_gb: a GPU budget (GB = 1e9 bytes, finite, > 0) for resident experts and prefetch
+        slots over all layers. Without num_resident or resident_ids it decides how many experts
+        stay resident (split by routing counts when the selection has them, evenly otherwise);
+        with them, they decide and must fit it (checked by `resolve`).
     resident_selection: first_n | manual (`resident_ids`) | frequency (first_n until the
         warmup has counted `warmup_tokens`, then the most-used experts) | profile (counts from
         `profile_path`).
     resident_ids: for `manual`: ids for every layer ("1, 2,,3," or a list), or one list per layer.
+        They set the resident count; a num_resident given as well must agree.
     prefetch_slots: GPU slots per layer caching offloaded experts across decode steps (0 = no
-        slot cache). Slots fill when the kernel reads an expert from host memory, and ahead of
-        use by `prefetch`: none (fill-on-read only) | frequency (the next layer's most-used
-        experts, needs a profile) | speculative (co-occurrence with the current layer's experts,
-        from the profile and learned online) | lookahead (the next layer's router applied to
-        the current hidden state; needs the routers, e.g. the Hugging Face integration).
+        slot cache), at most the experts a layer offloads. Slots fill when the kernel reads an
+        expert from host memory, and ahead of use by `prefetch`: none (fill-on-read only) |
+        frequency (the next layer's most-used experts, needs a profile) | speculative
+        (co-occurrence with the current layer's experts, from the profile and learned online) |
+        lookahead (the next layer's router applied to the current hidden state; needs the
+        routers, e.g. the Hugging Face integration).
     prefetch_experts: experts prefetched per layer and step (default: top_k), <= prefetch_slots.
     warmup_tokens / min_batch_tokens: the frequency warmup re-advises after this many recorded
         tokens and ignores batches smaller than `min_batch_tokens` (dummy/warm-up batches).
@@ -95,7 +119,7 @@ class ExpertOffloadConfig:
         oversubscribed managed memory can hang the GPU for every process on it.
     """
 
-    num_resident: int | tuple[int, ...] = -1
+    num_resident: int | tuple[int, ...] | None = None
     gpu_budget_gb: float | None = None
     resident_selection: str = "first_n"
     resident_ids: tuple[int, ...] | tuple[tuple[int, ...], ...] = ()
@@ -146,10 +170,10 @@ class ExpertOffloadConfig:
             )
         if self.resident_selection == "profile" and not self.profile_path:
             raise ValueError("resident_selection='profile' needs profile_path")
-        if self.gpu_budget_gb is not None and not self.gpu_budget_gb >= 0:
-            raise ValueError(f"gpu_budget_gb must be >= 0, got {self.gpu_budget_gb}")
-        if self.gpu_budget_gb is not None and self.resident_selection == "manual":
-            raise ValueError("gpu_budget_gb cannot be combined with manual resident_ids")
+        if self.gpu_budget_gb is not None:
+            set_("gpu_budget_gb", parse_budget_gb(self.gpu_budget_gb))
+        if self.resident_ids:
+            self._check_ids_agree_with_num_resident(num_experts=None)
         if self.warmup_tokens < 1:
             raise ValueError(f"warmup_tokens must be >= 1, got {self.warmup_tokens}")
         if self.min_batch_tokens < 1:
@@ -185,8 +209,8 @@ class ExpertOffloadConfig:
             raise ValueError(f"adaptive_readvise_mb must be > 0, got {self.adaptive_readvise_mb}")
 
     def resident_counts(self, num_layers: int, num_experts: int) -> list[int]:
-        """Per-layer resident counts from `num_resident` for a model of this shape."""
-        value = self.num_resident
+        """Per-layer resident counts from `num_resident` (unset: all) for a model of this shape."""
+        value = -1 if self.num_resident is None else self.num_resident
         counts = [value] * num_layers if isinstance(value, int) else list(value)
         if len(counts) != num_layers:
             raise ValueError(
@@ -211,6 +235,91 @@ class ExpertOffloadConfig:
         if bad:
             raise ValueError(f"resident_ids {bad} out of range [0, {num_experts})")
         return tuple(ids)
+
+    def _check_ids_agree_with_num_resident(self, num_experts: int | None) -> None:
+        """resident_ids set the resident count; a num_resident given too must say the same (its
+        -1 = all experts is checked once `num_experts` is known)."""
+        counts = self.num_resident
+        if counts is None:
+            return
+        per_layer_ids = isinstance(self.resident_ids[0], tuple)
+        sizes = [len(row) for row in self.resident_ids] if per_layer_ids else None
+        if isinstance(counts, tuple) and sizes is not None and len(counts) != len(sizes):
+            raise ValueError(
+                f"num_resident lists {len(counts)} layers but resident_ids {len(sizes)}; "
+                "resident_ids alone set the resident count"
+            )
+        if isinstance(counts, int):
+            counts = (counts,) * (len(sizes) if sizes is not None else 1)
+        sizes = sizes or [len(self.resident_ids)] * len(counts)
+        for count, size in zip(counts, sizes, strict=True):
+            expected = num_experts if count == -1 else count
+            if expected is not None and expected != size:
+                named = f"{size} experts per layer" if len(set(sizes)) == 1 else f"{sizes} experts"
+                all_of = f" (all {num_experts} experts)" if count == -1 else ""
+                raise ValueError(
+                    f"resident_ids name {named} but num_resident={self.num_resident!r}{all_of}: "
+                    "resident_ids alone set the resident count; leave num_resident unset or "
+                    "make it agree"
+                )
+
+    def resolve(
+        self, num_layers: int, num_experts: int, resident_nbytes: int, prefetch_nbytes: int
+    ) -> ResidentBudget:
+        """The resident budget for a model of this shape, with every rule that needs the shape
+        checked (call it before allocating anything): counts and ids in range; explicit
+        num_resident / resident_ids / prefetch_slots override the budget split and must fit
+        `gpu_budget_gb`; no more prefetch slots than experts a layer offloads.
+        `resident_nbytes`: GPU bytes of one resident expert; `prefetch_nbytes`: of one slot."""
+        L, E, S = num_layers, num_experts, self.prefetch_slots
+        per_layer: list[int] | None = None
+        if self.resident_selection == "manual":
+            self._check_ids_agree_with_num_resident(E)
+            per_layer = [len(self.manual_ids(layer, L, E)) for layer in range(L)]
+            sizes = per_layer[0] if len(set(per_layer)) == 1 else per_layer
+            named = f"resident_ids ({sizes} per layer)"
+        elif self.num_resident is not None:
+            per_layer = self.resident_counts(L, E)
+            named = f"num_resident={self.num_resident!r}"
+        slot_bytes = S * L * prefetch_nbytes
+        slots_need = (
+            f"prefetch_slots={S} needs {_gb(slot_bytes)} GB ({L} layers x {S} slots x "
+            f"{prefetch_nbytes} bytes)"
+        )
+        if self.gpu_budget_gb is None:
+            budget = ResidentBudget(L, E, per_layer=[E] * L if per_layer is None else per_layer)
+        elif per_layer is not None:
+            resident_bytes = sum(per_layer) * resident_nbytes
+            free_bytes = self.gpu_budget_gb * 1e9 - slot_bytes
+            if resident_bytes > free_bytes:
+                needs = (
+                    f"{named} needs {_gb(resident_bytes)} GB ({sum(per_layer)} resident experts "
+                    f"x {resident_nbytes} bytes)"
+                )
+                if S:
+                    needs += f" and {slots_need}: {_gb(resident_bytes + slot_bytes)} GB in all"
+                holds = max(int(free_bytes // resident_nbytes), 0)
+                raise ValueError(
+                    f"{needs}, more than gpu_budget_gb={self.gpu_budget_gb:g}, which holds "
+                    f"{holds} resident experts" + (" besides the slots" if S else "")
+                )
+            budget = ResidentBudget(L, E, per_layer=per_layer)
+        else:
+            if slot_bytes > self.gpu_budget_gb * 1e9:
+                raise ValueError(f"{slots_need}, more than gpu_budget_gb={self.gpu_budget_gb:g}")
+            budget = ResidentBudget.from_bytes(
+                L, E, self.gpu_budget_gb * 1e9 - slot_bytes, resident_nbytes
+            )
+        if budget.per_layer is not None:
+            most = E - min(budget.per_layer)
+        else:  # a total split by counts: the other layers may hold all of it
+            most = min(E, L * E - budget.total)
+        if S > most:
+            raise ValueError(
+                f"prefetch_slots={S}, but a layer offloads at most {most} of its {E} experts "
+                f"here and a slot only ever holds an offloaded expert: the maximum is {most}"
+            )
+        return budget
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ExpertOffloadConfig:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
@@ -13,6 +15,7 @@ from torch import nn
 from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.kernels import fused_moe
+from moe_uvm.kernels.expert_ids import screen_expert_ids
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.profile import load_profile
 
@@ -21,6 +24,28 @@ if TYPE_CHECKING:
 from moe_uvm.store import ManagedExpertStore
 
 SHARDS = ("w1", "w3", "w2")
+CHECK_IDS_ENV = "MOE_UVM_CHECK_IDS"
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+class RoutingError(ValueError):
+    """A router gave a layer an expert id outside [0, num_experts) other than -1 (padding)."""
+
+
+def _check_ids_from_env() -> bool:
+    value = os.environ.get(CHECK_IDS_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(
+            f"{CHECK_IDS_ENV} must be 1 (check expert ids in every forward) or 0/unset, "
+            f"got {value!r}"
+        )
+    return value == "1"
+
+
+def _capturing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class FusedMoE(nn.Module):
@@ -30,6 +55,13 @@ class FusedMoE(nn.Module):
     up rows I..2I-1) and `w2_weight` [E, H, I]; both carry a `weight_loader` attribute.
     `forward(hidden_states, router_logits)` routes and runs the experts; `experts(...)` runs
     them for routing computed elsewhere (grouped or biased routers).
+
+    Expert ids must be in [0, num_experts) or -1 (padding). Any other id is a router bug: it is
+    computed as padding, noted on the device (no host sync, so decode stays capturable) and
+    raised as RoutingError by `check_routing()` (the manager calls it where it syncs anyway).
+    `check_ids=True` (default: environment variable MOE_UVM_CHECK_IDS=1) checks in every
+    forward instead, at the price of a host sync per layer (skipped in CUDA graph capture and
+    torch.compile tracing).
     """
 
     def __init__(
@@ -42,6 +74,7 @@ class FusedMoE(nn.Module):
         renormalize: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        check_ids: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -64,7 +97,10 @@ class FusedMoE(nn.Module):
         self._attach_loaders()
         self.record_routing: Callable[[torch.Tensor], None] | None = None
         self.slot_cache: SlotCache | None = None  # set by offload_experts with prefetch_slots
-        self.layer_index = 0
+        self.layer_index: int | None = None  # set by offload_experts
+        self.check_ids = _check_ids_from_env() if check_ids is None else check_ids
+        # int64 [2]: the lowest and highest expert id since the last check, on the ids' device.
+        self._id_range: torch.Tensor | None = None
 
     def _attach_loaders(self) -> None:
         self.w13_weight.weight_loader = self.weight_loader
@@ -107,7 +143,25 @@ class FusedMoE(nn.Module):
     def experts(
         self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        """The routed experts' weighted sum for routing decided by the caller."""
+        """The routed experts' weighted sum for routing decided by the caller: hidden_states
+        [T, hidden_size], topk_weights and topk_ids [T, k] (ids int32/int64 in [0, num_experts),
+        -1 = padding; other ids are reported by `check_routing`)."""
+        self._check_hidden(hidden_states)
+        num_tokens = hidden_states.shape[0]
+        ids_shape = tuple(topk_ids.shape)
+        if len(ids_shape) != 2 or ids_shape[0] != num_tokens or topk_ids.dtype not in _ID_DTYPES:
+            raise ValueError(
+                f"topk_ids is {topk_ids.dtype} of shape {ids_shape}: expected int32 "
+                f"or int64 [{num_tokens}, k], one row per token of hidden_states"
+            )
+        if topk_weights.shape != topk_ids.shape:
+            raise ValueError(
+                f"topk_weights has shape {tuple(topk_weights.shape)}: must equal topk_ids' "
+                f"{ids_shape}"
+            )
+        topk_ids = self._screen_ids(topk_ids)
+        if self.check_ids and not _capturing():
+            self.check_routing()
         if self.record_routing is not None:
             self.record_routing(topk_ids)
         weights = topk_weights.float()
@@ -118,9 +172,48 @@ class FusedMoE(nn.Module):
         self.slot_cache.after_layer(self.layer_index, slots["fill_slot"])
         return out
 
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
+            shape = tuple(hidden_states.shape)
+            found = f", H={shape[-1]}" if shape else ""
+            raise ValueError(
+                f"hidden_states has shape {shape}{found}: this layer takes [T, H] with H = its "
+                f"hidden_size, {self.hidden_size}"
+            )
 
+    def _screen_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """HOT PATH (every layer of every step): one launch, no host sync, capturable. The ids
+        with every one outside [0, num_experts) as -1, so nothing downstream (kernels, routing
+        counts, slot-cache gathers) indexes out of bounds; `_id_range` notes the extremes."""
+        if self._id_range is None or self._id_range.device != topk_ids.device:
+            self._id_range = torch.full((2,), -1, dtype=torch.int64, device=topk_ids.device)
+        return screen_expert_ids(topk_ids, self.num_experts, self._id_range)
+
+    def check_routing(self) -> None:
+        """Raise RoutingError if an expert id outside [0, num_experts) other than -1 reached this
+        layer since the last check (which forgets it). A host sync: call it where one is fine."""
+        if self._id_range is None:
+            return
+        low, high = self._id_range.tolist()
+        if low >= -1 and high < self.num_experts:
+            return
+        self._id_range.fill_(-1)
+        bad = high if high >= self.num_experts else low
+        where = "FusedMoE" if self.layer_index is None else f"FusedMoE layer {self.layer_index}"
+        raise RoutingError(
+            f"{where}: the router gave expert id {bad}; ids must be in [0, {self.num_experts}) "
+            "or -1 (padding). Forwards since the last check computed it as padding."
+        )
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        self._check_hidden(hidden_states)
+        expected = (hidden_states.shape[0], self.num_experts)
+        if tuple(router_logits.shape) != expected:
+            raise ValueError(
+                f"router_logits has shape {tuple(router_logits.shape)}: expected {list(expected)},"
+                f" one row per token of hidden_states and one column per expert "
+                f"(num_experts={self.num_experts})"
+            )
         topk_weights, topk_ids = self.route(router_logits)
         return self.experts(hidden_states, topk_weights, topk_ids)
 
@@ -187,6 +280,12 @@ def offload_experts(
         }
         for m in layers
     ]
+    config.resolve(  # the config's shape rules and budget, before anything is allocated
+        len(layers),
+        layers[0].num_experts,
+        ManagedExpertStore.planned_nbytes(1, specs[0]),
+        sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs[0].values()),
+    )
     if device.type == "cuda" and not config.allow_oversubscription:
         total = sum(
             ManagedExpertStore.planned_nbytes(m.num_experts, spec)

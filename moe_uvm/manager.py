@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from moe_uvm.policies.residency import ResidentBudget, first_n, resident_lists, 
 from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup
 from moe_uvm.profile import Profile, load_profile
 from moe_uvm.store import ManagedExpertStore, coalesce
+
+if TYPE_CHECKING:
+    from moe_uvm.layer import FusedMoE
 
 log = logging.getLogger("moe_uvm")
 
@@ -92,24 +96,15 @@ class ExpertOffloadManager:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-uvm-readvise")
         self._pending: list[Future] = []
         self._failed: list[int] = []
-        self.layers: list[torch.nn.Module] = []  # the modules these stores serve (offload_experts)
+        self.layers: list[FusedMoE] = []  # the modules these stores serve (offload_experts)
 
     # --- decisions from the config ------------------------------------------------------------
 
     def _budget(self) -> ResidentBudget:
-        cfg, L, E = self.config, self.num_layers, self.num_experts
-        if cfg.gpu_budget_gb is not None:  # slot pools are paid from the same budget
-            slots = cfg.prefetch_slots * L * self.stores[0].expert_nbytes
-            budget = cfg.gpu_budget_gb * 1e9 - slots
-            if budget < 0:
-                raise ValueError(
-                    f"gpu_budget_gb={cfg.gpu_budget_gb} does not cover the "
-                    f"{slots / 1e9:.2f} GB of prefetch slots ({cfg.prefetch_slots} per layer)"
-                )
-            return ResidentBudget.from_bytes(L, E, budget, self.stores[0].slot_nbytes)
-        if cfg.resident_selection == "manual":
-            return ResidentBudget(L, E, per_layer=[len(cfg.manual_ids(i, L, E)) for i in range(L)])
-        return ResidentBudget(L, E, per_layer=cfg.resident_counts(L, E))
+        store = self.stores[0]  # slot pools are paid from the same budget as resident experts
+        return self.config.resolve(
+            self.num_layers, self.num_experts, store.slot_nbytes, store.expert_nbytes
+        )
 
     def _initial_sets(self, profile: Profile | None) -> list[tuple[int, ...]]:
         """The residency the config asks for before this run has seen any routing."""
@@ -171,6 +166,7 @@ class ExpertOffloadManager:
         for failed_layer in failed:
             self.warmup.set_resident(failed_layer, list(self.resident_ids(failed_layer)))
         if self.warmup.decision_due():
+            self.check_routing()  # the decision syncs anyway: report bad routing here
             changes = self.warmup.decide()
             if changes:
                 self._pending = [f for f in self._pending if not f.done()]
@@ -193,14 +189,24 @@ class ExpertOffloadManager:
                 )
 
     def wait_idle(self) -> None:
-        """Block until scheduled re-advice and its prefetches have finished."""
+        """Block until scheduled re-advice and its prefetches have finished; then report an
+        expert id outside [0, E) that reached a layer (`check_routing`)."""
         for future in self._pending:
             future.result()
         self._pending = []
         self.synchronize()
+        self.check_routing()
+
+    def check_routing(self) -> None:
+        """Raise moe_uvm.layer.RoutingError for the first layer that was given an expert id
+        outside [0, num_experts) other than -1 since the last check (a host sync)."""
+        for layer in self.layers:
+            layer.check_routing()
 
     def routing_counts(self) -> np.ndarray:
-        """Routing counts [layers, experts] recorded so far (a host sync)."""
+        """Routing counts [layers, experts] recorded so far (a host sync; bad expert ids, which
+        are not counted, raise as in `check_routing`)."""
+        self.check_routing()
         return self.warmup.host_counts()
 
     def save_profile(self, path: str, model_id: str | None = None) -> Profile:

@@ -4,6 +4,7 @@ global budget split (most-used (layer, expert) pairs overall). Decisions are boo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,10 +134,10 @@ class ResidentBudget:
         min_per_layer: int = 0,
     ) -> ResidentBudget:
         """As many experts as `budget_bytes` holds (all of them if it holds more)."""
-        if bytes_per_expert < 1 or not budget_bytes >= 0:
+        if bytes_per_expert < 1 or not (math.isfinite(budget_bytes) and budget_bytes >= 0):
             raise ValueError(
-                f"need bytes_per_expert >= 1 and budget_bytes >= 0, got {bytes_per_expert} and "
-                f"{budget_bytes}"
+                f"need bytes_per_expert >= 1 and finite budget_bytes >= 0, got "
+                f"{bytes_per_expert} and {budget_bytes}"
             )
         total = min(int(budget_bytes // bytes_per_expert), num_layers * num_experts)
         if total < num_layers * min_per_layer:

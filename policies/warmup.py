@@ -165,8 +165,9 @@ class FrequencyWarmup:
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Count one batch's routing at `layer`. HOT PATH (eager forward): no host sync, no loop
         over experts; a no-op during CUDA graph capture and for batches under
-        `min_batch_tokens` tokens. Ids < 0 (padding) are not counted. Counting goes on after the
-        last decision, so `host_counts` stays a live profile."""
+        `min_batch_tokens` tokens. Ids outside [0, num_experts) are not counted: -1 is padding,
+        the others FusedMoE reports (RoutingError). Counting goes on after the last decision,
+        so `host_counts` stays a live profile."""
         num_tokens = topk_ids.shape[0]
         if num_tokens < self.min_batch_tokens or _capturing():
             return
@@ -179,7 +180,9 @@ class FrequencyWarmup:
         ids = topk_ids.reshape(-1)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(torch.int64)
-        ids = torch.where(ids >= 0, ids, self.num_experts)
+        # Clamped, not trusted: an index past the counts is a device-side assert on CUDA, which
+        # ends the process's CUDA context.
+        ids = torch.where(ids >= 0, ids, self.num_experts).clamp_max_(self.num_experts)
         self._device_counts[layer].index_add_(0, ids, self._one.expand(ids.shape[0]))
         self._layer_tokens[layer] += num_tokens
 

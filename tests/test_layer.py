@@ -101,6 +101,55 @@ def test_forward_matches_reference(dtype, tol):
     assert rel_err(moe(x, logits), ref) < tol
 
 
+@pytest.mark.parametrize(
+    "x_shape, logits_shape, message",
+    [
+        ((3, 32), (3, 8), r"router_logits has shape \(3, 8\): expected \[3, 16\].*num_experts=16"),
+        ((3, 32), (4, 16), r"router_logits has shape \(4, 16\): expected \[3, 16\]"),
+        ((3, 24), (3, 16), r"hidden_states has shape \(3, 24\), H=24: .* hidden_size, 32"),
+        ((2, 3, 32), (6, 16), r"shape \(2, 3, 32\), H=32: this layer takes \[T, H\]"),
+    ],
+)
+def test_forward_refuses_mismatched_shapes_naming_them(x_shape, logits_shape, message):
+    moe = random_moe(E=16, k=2, H=32, I=16)
+    with pytest.raises(ValueError, match=message):
+        moe(torch.randn(x_shape), torch.randn(logits_shape))
+
+
+@pytest.mark.parametrize(
+    "ids, weights_shape, message",
+    [
+        (torch.zeros(3, 2, dtype=torch.float32), (3, 2), r"topk_ids is torch.float32 .* \[3, k\]"),
+        (torch.zeros(4, 2, dtype=torch.int32), (4, 2), r"topk_ids is .* shape \(4, 2\)"),
+        (torch.zeros(3, 2, dtype=torch.int64), (3, 1), r"topk_weights has shape \(3, 1\)"),
+    ],
+)
+def test_experts_refuses_mismatched_routing_naming_it(ids, weights_shape, message):
+    moe = random_moe(E=8, k=2, H=32, I=16)
+    with pytest.raises(ValueError, match=message):
+        moe.experts(torch.randn(3, 32), torch.rand(weights_shape), ids)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (ExpertOffloadConfig(gpu_budget_gb=0.01, num_resident=4), "num_resident=4 needs"),
+        (ExpertOffloadConfig(num_resident=4, prefetch_slots=100), "the maximum is 4"),
+    ],
+)
+def test_offload_refuses_conflicting_config_and_leaves_layers_untouched(config, message):
+    model = TinyMoEModel()  # 3 layers x 8 experts of one 2 MiB slot each
+    x = torch.randn(5, 32)
+    before = model(x)
+    params = [p for m in model.moes for p in (m.w13_weight, m.w2_weight)]
+    with pytest.raises(ValueError, match=message):
+        offload_experts(model, config, device="cpu")
+    after = [p for m in model.moes for p in (m.w13_weight, m.w2_weight)]
+    assert all(a is b for a, b in zip(after, params, strict=True))
+    assert all(m.record_routing is None and m.slot_cache is None for m in model.moes)
+    assert torch.equal(model(x), before)
+
+
 def test_offload_moves_params_into_stores_and_keeps_outputs():
     model = TinyMoEModel()
     x = torch.randn(5, 32)

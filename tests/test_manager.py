@@ -65,6 +65,21 @@ def test_gpu_budget_splits_evenly_without_counts():
     assert [len(m.resident_ids(i)) for i in range(3)] == [3, 2, 2]
 
 
+def test_explicit_num_resident_overrides_the_budget_split_and_must_fit_it():
+    s = stores(3)
+    budget_gb = 7 * s[0].slot_nbytes / 1e9
+    m = ExpertOffloadManager(s, ExpertOffloadConfig(gpu_budget_gb=budget_gb, num_resident=2))
+    assert [len(m.resident_ids(i)) for i in range(3)] == [2, 2, 2]
+    cfg = ExpertOffloadConfig(gpu_budget_gb=budget_gb, num_resident=3)
+    with pytest.raises(ValueError, match="num_resident=3 needs .* which holds 7 resident experts"):
+        ExpertOffloadManager(stores(3), cfg)
+
+
+def test_prefetch_slots_beyond_the_offloaded_experts_are_refused():
+    with pytest.raises(ValueError, match="prefetch_slots=6, .* the maximum is 5"):
+        ExpertOffloadManager(stores(2), ExpertOffloadConfig(num_resident=3, prefetch_slots=6))
+
+
 def test_readvise_advises_only_the_difference_coalesced(monkeypatch):
     s = stores(2)
     m = ExpertOffloadManager(s, ExpertOffloadConfig(num_resident=4))

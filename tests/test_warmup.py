@@ -35,6 +35,17 @@ def test_record_counts_match_reference_and_skip_padding(seed, dtype):
     assert warmup.tokens_recorded == 14  # layers 0 and 2 saw two batches of 7
 
 
+def test_record_never_counts_or_indexes_with_ids_outside_the_experts(seed):
+    g = torch.Generator().manual_seed(seed)
+    warmup = FrequencyWarmup(ResidentBudget(2, 10, per_layer=4), warmup_tokens=10**6)
+    bad = random_ids(9, 3, 10, g)
+    where = torch.randperm(bad.numel(), generator=g)[:4]
+    bad.view(-1)[where] = torch.tensor([10, 13, -2, 2**30], dtype=bad.dtype)
+    warmup.record(1, bad)
+    expected = count_reference([(1, torch.where((bad >= 0) & (bad < 10), bad, -1))], 2, 10)
+    np.testing.assert_array_equal(warmup.host_counts(), expected)
+
+
 def test_record_ignores_batches_below_min_batch_tokens(seed):
     g = torch.Generator().manual_seed(seed)
     warmup = FrequencyWarmup(
