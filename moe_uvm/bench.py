@@ -8,7 +8,7 @@ Methods (same weights, same routing, one process):
            through its mapped address (zero-copy, the `--cpu-offload-gb` way)
   lru      a GPU cache of that many experts per layer, filled on miss by copies from pinned
            memory (the mixtral-offloading way; it must read each layer's routing on the host)
-  first_n  moe-uvm, static first-n residency (the seed's default)
+  first_n  moe-uvm, experts 0..n-1 resident (ExpertOffloadConfig's default selection)
   profile  moe-uvm, per-layer most-used experts from a profile calibrated on other sequences
   global   moe-uvm, the same total resident count split across layers by the profile
   cacheS / speculativeS / frequencyS
@@ -75,18 +75,26 @@ class Workload:
                 weights.to(self.device))
 
 
+def check_workload(trace: RoutingTrace, num_layers: int, calibrate_sequences: int) -> None:
+    """Refuse more layers than the trace has, or a calibration split leaving no sequence on
+    one side."""
+    if not 0 < calibrate_sequences < trace.num_sequences:
+        raise ValueError(
+            f"calibrate sequences must leave sequences on both sides: allowed 1 to "
+            f"{trace.num_sequences - 1} of the trace's {trace.num_sequences}, got "
+            f"{calibrate_sequences}"
+        )
+    if not 1 <= num_layers <= trace.num_layers:
+        raise ValueError(f"layers must be in [1, {trace.num_layers}] (the trace's MoE layers), "
+                         f"got {num_layers}")
+
+
 def build_workload(
     trace: RoutingTrace, *, num_layers: int, hidden: int, intermediate: int,
     calibrate_sequences: int, dtype: torch.dtype, device: torch.device, seed: int = 0,
 ) -> Workload:
     """Random weights (never zeros) and the calibration/evaluation split of the trace."""
-    if not 0 < calibrate_sequences < trace.num_sequences:
-        raise ValueError(
-            f"calibrate_sequences must leave sequences on both sides, got {calibrate_sequences} "
-            f"of {trace.num_sequences}"
-        )
-    if num_layers > trace.num_layers:
-        raise ValueError(f"the trace has {trace.num_layers} layers, {num_layers} asked for")
+    check_workload(trace, num_layers, calibrate_sequences)
     layers = RoutingTrace(trace.topk_ids[:num_layers], trace.num_experts, trace.top_k,
                           trace.seq_starts, None)
     cal = layers.sequences(0, calibrate_sequences)

@@ -1,7 +1,7 @@
 """The resident-count sweep of `moe-uvm bench`: runs every method of moe_uvm.bench at every
 (batch, resident count), computes the roofline floor from bandwidths measured in the same run,
-and writes the markdown table, JSON and plot. Without a GPU, `moe-uvm bench` simulates the
-policies on the bundled trace instead (policy.simulate), and says so."""
+and writes the markdown table, JSON and plot. Without a GPU, `moe-uvm bench` runs `simulation`
+instead: the same configuration replayed through moe_uvm.simulate on the CPU."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from moe_uvm.bench import (
     LRUCache,
     Workload,
     build_workload,
+    check_workload,
     host_copies,
     managed_layers,
     managed_residency,
@@ -27,9 +28,11 @@ from moe_uvm.bench import (
     run_lru,
 )
 from moe_uvm.presets import ModelShape
-from moe_uvm.simulate import resident_sizes
+from moe_uvm.profile import Profile
+from moe_uvm.simulate import Bandwidths, resident_sizes, simulate
+from moe_uvm.simulate_slots import SlotSettings
 from moe_uvm.slots import SlotCache
-from moe_uvm.trace import SAMPLE_TRACE, load_trace
+from moe_uvm.trace import SAMPLE_NAME, RoutingTrace, load_trace, trace_path
 
 CPU_NOTE = ("CPU path: no GPU, so weights stay in CPU memory, nothing is captured and the "
             "timings below mean nothing; this run only checks the harness.")
@@ -37,13 +40,15 @@ CPU_NOTE = ("CPU path: no GPU, so weights stay in CPU memory, nothing is capture
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One decode-benchmark run. `resident` takes counts or percentages ("0,32" or "25%,50%")
-    per layer; `layers=None` takes the trace's layers, capped to fit the GPU with room.
-    `tiny` keeps the trace's experts and top-k but uses hidden 64 / intermediate 32 and at
-    most 2 layers, whatever the model shape (for checking the harness)."""
+    """One decode-benchmark run. `trace` is a path or "sample" (the bundled trace); `resident`
+    takes counts or percentages ("0,32" or "25%,50%") per layer; `layers=None` takes the
+    trace's layers, capped to fit the GPU with room. `tiny` keeps the trace's experts and top-k
+    but uses hidden 64 / intermediate 32 and at most 2 layers, whatever the model shape (for
+    checking the harness). `device`: cuda, cpu (the harness on CPU tensors) or simulate (the
+    policies replayed on the CPU by `simulation`, no weights)."""
 
     model_shape: str = "qwen3-30b-a3b"
-    trace: str | None = None
+    trace: str = SAMPLE_NAME
     layers: int | None = None
     resident: str = "0%,25%,50%,75%,100%"
     batches: tuple[int, ...] = (1, 16)
@@ -66,6 +71,14 @@ class BenchConfig:
                              f"needs a model's routers, not a trace); got {bad}")
         if any(s < 1 for s in self.slots):
             raise ValueError(f"slots must be >= 1, got {self.slots}")
+        if self.prefetch != ("none",) and not self.slots:
+            raise ValueError(f"prefetch {', '.join(self.prefetch)} needs slots: prefetched "
+                             "experts are copied into GPU slots")
+        if self.slots and not set(self.methods) & set(MANAGED):
+            raise ValueError(f"slots run on moe-uvm's managed residency: methods need one of "
+                             f"{', '.join(MANAGED)}")
+        if self.device not in ("cuda", "cpu", "simulate"):
+            raise ValueError(f"device must be cuda, cpu or simulate, got {self.device!r}")
         if not self.batches or min(self.batches) < 1 or self.steps < 1:
             raise ValueError(f"need batches >= 1 and steps >= 1, got {self.batches}, {self.steps}")
 
@@ -77,14 +90,31 @@ def _layer_budget(layer_bytes: int) -> int:
     return max(1, int((free - (8 << 30)) // (3 * layer_bytes)))
 
 
-def make_workload(cfg: BenchConfig) -> Workload:
-    trace = load_trace(cfg.trace or SAMPLE_TRACE)
+def load_inputs(cfg: BenchConfig) -> tuple[RoutingTrace, ModelShape, int]:
+    """The run's trace, model shape and calibration sequences, checked against each other and
+    cfg; cheap, so `moe-uvm bench` calls it before measuring or printing anything."""
+    trace = load_trace(cfg.trace)
     shape = ModelShape.from_name(cfg.model_shape)
-    if not cfg.tiny and (trace.num_experts, trace.top_k) != (shape.num_experts, shape.top_k):
+    E = trace.num_experts
+    if not cfg.tiny and (E, trace.top_k) != (shape.num_experts, shape.top_k):
         raise ValueError(
-            f"trace {cfg.trace} routes {trace.num_experts} experts top-{trace.top_k}, the "
-            f"{shape.name} shape has {shape.num_experts} top-{shape.top_k}"
+            f"trace {cfg.trace} routes {E} experts top-{trace.top_k}, the {shape.name} shape "
+            f"has {shape.num_experts} top-{shape.top_k}"
         )
+    cal = cfg.calibrate_sequences or trace.num_sequences // 2
+    check_workload(trace, cfg.layers or trace.num_layers, cal)
+    counts = resident_sizes(cfg.resident, E)
+    if cfg.slots and max(cfg.slots) > E:
+        raise ValueError(f"slots must be at most the trace's {E} experts per layer, got "
+                         f"{max(cfg.slots)}")
+    if cfg.slots and not any(0 < n < E for n in counts):
+        raise ValueError(f"slots run at resident counts between 0 and all {E} experts "
+                         f"(exclusive); resident {cfg.resident} has none")
+    return trace, shape, cal
+
+
+def make_workload(cfg: BenchConfig) -> Workload:
+    trace, shape, cal = load_inputs(cfg)
     hidden, inter = (64, 32) if cfg.tiny else (shape.hidden_size, shape.moe_intermediate_size)
     dtype = torch.float32 if cfg.device == "cpu" else torch.bfloat16
     layers = cfg.layers or trace.num_layers
@@ -92,7 +122,6 @@ def make_workload(cfg: BenchConfig) -> Workload:
         layers = min(layers, 2)
     elif cfg.device != "cpu":
         layers = min(layers, _layer_budget(shape.num_experts * shape.bytes_per_expert))
-    cal = cfg.calibrate_sequences or trace.num_sequences // 2
     return build_workload(trace, num_layers=layers, hidden=hidden, intermediate=inter,
                           calibrate_sequences=cal, dtype=dtype,
                           device=torch.device(cfg.device), seed=cfg.seed)
@@ -110,7 +139,7 @@ def _touched(ids: torch.Tensor, num_experts: int) -> np.ndarray:
 
 def _floor(touched: np.ndarray, resident: np.ndarray, eb: int, hbm: float, pcie: float):
     """Median over steps of sum over layers (B_res/BW_hbm + B_off/BW_pcie) in ms, and the mean
-    offloaded bytes per step (ARCHITECTURE.md's non-overlapped floor)."""
+    offloaded bytes per step (the floor with HBM and PCIe reads not overlapped)."""
     hits = (touched & resident[None]).sum(axis=2)
     misses = (touched & ~resident[None]).sum(axis=2)
     per_step = (hits * eb / (hbm * 1e9) + misses * eb / (pcie * 1e9)).sum(axis=1) * 1e3
@@ -292,11 +321,39 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out_dir: Path, name: str = "decode") -> list[Path]:
+    """The JSON, and the plot when matplotlib (the bench extra) is installed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib not installed: skipped {png_path.name} (pip install matplotlib)")
+        return [json_path]
     plot(result, png_path)
     return [json_path, png_path]
+
+
+def simulation(cfg: BenchConfig) -> dict:
+    """`moe-uvm bench` without a GPU: every residency policy of moe_uvm.simulate and, with
+    cfg.slots, profile residency plus slot caches (at resident counts strictly between none and
+    all, as on the GPU), replayed per batch over the sequences after cfg's calibration split,
+    with a profile counted on the ones before; hit rates and predicted floors, no timings."""
+    trace, shape, cal = load_inputs(cfg)
+    E = trace.num_experts
+    profile = Profile.from_trace(trace.sequences(0, cal), cooccurrence=True)
+    evaluated = trace.sequences(cal, None)
+    counts = resident_sizes(cfg.resident, E)
+    records = []
+    for batch in cfg.batches:
+        records += simulate(evaluated, counts, batch=batch, profile=profile, shape=shape)
+        if cfg.slots:
+            records += simulate(evaluated, [n for n in counts if 0 < n < E], batch=batch,
+                                policies=("frequency",), profile=profile, shape=shape,
+                                slots=SlotSettings(cfg.slots, cfg.prefetch))
+    return dict(config=asdict(cfg), trace=trace_path(cfg.trace).name, layers=trace.num_layers,
+                num_experts=E, top_k=trace.top_k, sequences=trace.num_sequences,
+                calibrate_sequences=cal, bandwidths=asdict(Bandwidths()), records=records)
 
 
 def summarize_goals(result: dict) -> list[str]:

@@ -181,9 +181,17 @@ def load_profile(path: str | Path) -> Profile:
         missing = sorted(_FIELDS - {"model_id", "cooccurrence"} - set(data))
         if unknown or missing:
             raise ProfileError(f"unknown fields {unknown}, missing fields {missing}")
-        return Profile(
+        profile = Profile(
             data["num_layers"], data["num_experts"], data["top_k"], data["num_tokens"],
             data["counts"], data.get("cooccurrence"), data.get("model_id"),
         )
+        # Such a profile would plan and rank experts on nothing; it comes from an empty
+        # calibration (no tokens, or tokens whose routing was all padding).
+        if profile.num_tokens == 0 or not profile.counts.any():
+            raise ProfileError(
+                f"records {profile.num_tokens} tokens and {int(profile.counts.sum())} routed "
+                "experts: nothing to rank experts by (calibrate on tokens with routing)"
+            )
+        return profile
     except ProfileError as exc:
         raise ProfileError(f"profile {path}: {exc}") from None

@@ -1,7 +1,8 @@
 """Replay a routing trace on the CPU against residency policies, optionally with a GPU slot cache
 per layer (moe_uvm.simulate_slots): GPU hit rate of expert reads, PCIe reads and copies per step
 and layer, prefetch precision and recall, re-advice per token, and (given a model shape) the
-step-time floor of the performance model in ARCHITECTURE.md."""
+step-time floor: per layer, bytes read from HBM over HBM bandwidth and bytes read over PCIe over
+PCIe bandwidth, overlapped (the larger) or serial (the sum)."""
 
 from __future__ import annotations
 
@@ -233,6 +234,9 @@ def simulate(
     elif any(p in PROFILE_POLICIES for p in policies) or "frequency" in slots.prefetch:
         raise ValueError(f"policies {', '.join(PROFILE_POLICIES)} and frequency prefetch need a "
                          "profile")
+    if max(slots.slots) > E:
+        raise ValueError(f"slot counts must be at most the trace's {E} experts per layer, got "
+                         f"{max(slots.slots)}")
     cached = [p for p in policies if p not in SLOT_POLICIES]
     if max(slots.slots) > 0 and cached:
         raise ValueError(f"slot caches are simulated over static residency "

@@ -1,5 +1,6 @@
-"""Routing traces (format: shared TRACES.md): load and validate `.npz` files, select sequences,
-save, and synthesise traces with skewed, topic-local, cross-layer-correlated routing."""
+"""Routing traces (format: the README's File formats section): load and validate `.npz` files,
+select sequences, save, and synthesise traces with skewed, topic-local, cross-layer-correlated
+routing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy as np
 
 SAMPLE_TRACE = Path(__file__).parent / "data" / "sample_trace.npz"
 """Bundled slice of a synthetic Qwen3-30B-A3B-shaped trace: 8 layers, 8 sequences x 128 tokens."""
+SAMPLE_NAME = "sample"
+"""What names SAMPLE_TRACE wherever a trace path is taken (`--trace sample`)."""
 
 
 class TraceError(ValueError):
@@ -43,10 +46,17 @@ class RoutingTrace:
                 f"top_k is {self.top_k} but topk_ids has {ids.shape[2]} ids per token "
                 f"(and top_k must be in [1, num_experts={self.num_experts}])"
             )
-        if ids.size and (ids.min() < -1 or ids.max() >= self.num_experts):
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise TraceError(
+                f"topk_ids has shape {ids.shape}: a trace needs at least one layer and one token"
+            )
+        if ids.min() < -1 or ids.max() >= self.num_experts:
             raise TraceError(
                 f"topk_ids must lie in [-1, {self.num_experts}), found [{ids.min()}, {ids.max()}]"
             )
+        if ids.max() < 0:
+            raise TraceError("every expert id is -1 (padding): the trace routes no token")
+        _refuse_repeated_experts(ids)
         starts = self.seq_starts
         num_tokens = ids.shape[1]
         if (
@@ -55,7 +65,7 @@ class RoutingTrace:
             or starts.size == 0
             or starts[0] != 0
             or np.any(np.diff(starts) <= 0)
-            or starts[-1] >= max(num_tokens, 1)
+            or starts[-1] >= num_tokens
         ):
             raise TraceError(
                 f"seq_starts must be strictly increasing token indices starting at 0 and below "
@@ -81,20 +91,28 @@ class RoutingTrace:
         return len(self.seq_starts)
 
     def sequences(self, first: int, stop: int | None) -> RoutingTrace:
-        """The sequences first..stop-1 (Python slice rules: negatives count from the end, None
-        is the end); selecting none is an error."""
-        picked = range(self.num_sequences)[first:stop]
-        if len(picked) == 0:
+        """The sequences first..stop-1 (negatives count from the end, None is the end); bounds
+        past the trace's sequences and selections of none are errors, not clamped."""
+        n = self.num_sequences
+        text = f"{first}:{'' if stop is None else stop}"
+        if not -n <= first < n or (stop is not None and not -n <= stop <= n):
             raise TraceError(
-                f"sequences {first}:{stop} select nothing; the trace has {self.num_sequences}"
+                f"sequences {text} go past the trace's {n} sequences (allowed: FIRST in "
+                f"[{-n}, {n}), STOP in [{-n}, {n}]; negatives count from the end)"
             )
+        picked = range(n)[first:stop]
+        if len(picked) == 0:
+            raise TraceError(f"sequences {text} select nothing; the trace has {n} sequences")
         ends = np.append(self.seq_starts[1:], self.num_tokens)
         lo, hi = int(self.seq_starts[picked[0]]), int(ends[picked[-1]])
         weights = None if self.topk_weights is None else self.topk_weights[:, lo:hi]
-        return RoutingTrace(
-            self.topk_ids[:, lo:hi], self.num_experts, self.top_k,
-            self.seq_starts[picked.start:picked.stop] - lo, weights,
-        )
+        try:
+            return RoutingTrace(
+                self.topk_ids[:, lo:hi], self.num_experts, self.top_k,
+                self.seq_starts[picked.start:picked.stop] - lo, weights,
+            )
+        except TraceError as exc:
+            raise TraceError(f"sequences {text}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         arrays = {
@@ -109,8 +127,30 @@ class RoutingTrace:
             np.savez_compressed(f, **arrays)
 
 
+def _refuse_repeated_experts(ids: np.ndarray) -> None:
+    """A router picks each expert at most once per token; a repeat would be counted twice."""
+    ordered = np.sort(ids, axis=2)
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    if repeated.any():
+        layer, token, j = (int(i) for i in np.argwhere(repeated)[0])
+        raise TraceError(
+            f"layer {layer}, token {token}: expert {ordered[layer, token, j]} appears more than "
+            f"once in the token's top-{ids.shape[2]} (each expert at most once per token)"
+        )
+
+
+def _array(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return data[key]
+    except ValueError:
+        # Object arrays land here too; numpy's own message would suggest allowing pickles.
+        raise TraceError(f"trace {path}: '{key}' is damaged or not a numeric array") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise TraceError(f"trace {path}: '{key}' is damaged ({exc})") from None
+
+
 def _scalar(data: np.lib.npyio.NpzFile, key: str, path: Path) -> int:
-    value = data[key]
+    value = _array(data, key, path)
     if value.shape != () or value.dtype.kind not in "iu":
         raise TraceError(
             f"trace {path}: '{key}' must be an integer scalar, got {value.dtype} {value.shape}"
@@ -118,33 +158,53 @@ def _scalar(data: np.lib.npyio.NpzFile, key: str, path: Path) -> int:
     return int(value)
 
 
-def load_trace(path: str | Path) -> RoutingTrace:
-    """Read and validate a trace; every problem raises TraceError naming the key."""
-    path = Path(path)
+def trace_path(name: str | Path) -> Path:
+    """The file a trace argument names: SAMPLE_NAME is the bundled SAMPLE_TRACE."""
+    return SAMPLE_TRACE if str(name) == SAMPLE_NAME else Path(name)
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """np.load of an .npz archive, after checking it is one: np.load takes anything else for a
+    pickle and answers with advice to allow pickles, which must never be taken for a trace."""
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(6)
     except FileNotFoundError:
-        raise TraceError(f"trace {path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise TraceError(f"trace {path}: not a readable .npz file ({exc})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise TraceError(f"trace {path}: a single array, not an .npz archive of named arrays")
-    with data:
+        raise TraceError(f"trace {path}: no such file (give an .npz file, or '{SAMPLE_NAME}' "
+                         "for the bundled trace)") from None
+    except IsADirectoryError:
+        raise TraceError(f"trace {path}: a folder, not an .npz file") from None
+    except OSError as exc:
+        raise TraceError(f"trace {path}: cannot read ({exc.strerror or exc})") from None
+    if head == b"\x93NUMPY":
+        raise TraceError(f"trace {path}: a single array (.npy), not an .npz archive of named "
+                         "arrays")
+    if not head.startswith(b"PK"):
+        empty = "empty file, " if not head else ""
+        raise TraceError(f"trace {path}: {empty}not a numpy .npz archive (traces are written by "
+                         "numpy.savez; format: the README's File formats section)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise TraceError(f"trace {path}: damaged .npz archive ({exc})") from None
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    """Read and validate a trace (a path, or SAMPLE_NAME for the bundled one); every problem
+    raises TraceError naming the file and the key."""
+    path = trace_path(path)
+    with _open_npz(path) as data:
         missing = [key for key in ("topk_ids", "num_experts", "top_k") if key not in data.files]
         if missing:
             raise TraceError(
                 f"trace {path}: missing key(s) {missing} (keys: {sorted(data.files)})"
             )
-        try:
-            num_experts = _scalar(data, "num_experts", path)
-            top_k = _scalar(data, "top_k", path)
-            ids = data["topk_ids"]
-            starts = data["seq_starts"] if "seq_starts" in data.files else np.zeros(1, np.int32)
-            weights = data["topk_weights"] if "topk_weights" in data.files else None
-        except TraceError:
-            raise
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
-            raise TraceError(f"trace {path}: damaged or unreadable array ({exc})") from None
+        num_experts = _scalar(data, "num_experts", path)
+        top_k = _scalar(data, "top_k", path)
+        ids = _array(data, "topk_ids", path)
+        has = data.files
+        starts = _array(data, "seq_starts", path) if "seq_starts" in has else np.zeros(1, np.int32)
+        weights = _array(data, "topk_weights", path) if "topk_weights" in has else None
     try:
         return RoutingTrace(ids, num_experts, top_k, starts, weights)
     except TraceError as exc:

@@ -2,6 +2,7 @@
 `moe-uvm bench` simulation fallback."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -80,14 +81,54 @@ def test_managed_policies_pick_the_profiles_experts(small_trace):
     assert managed_residency(work, "first_n", 2) == [[0, 1]] * work.num_layers
 
 
-def test_bench_without_gpu_simulates_and_says_so(capsys, monkeypatch):
+def test_bench_without_gpu_simulates_and_says_so(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli.uvm, "available", lambda: False)
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 0
     out = capsys.readouterr().out
     assert "No CUDA GPU here: running the CPU policy simulation" in out
     assert "| first_n |" in out and "| oracle |" in out
+    results = tmp_path / "moe-uvm-results"
+    assert f"results in {results}: simulation.json" in out
+    records = json.loads((results / "simulation.json").read_text())["records"]
+    # The defaults: every policy at 0..100% resident, batches 1 and 16.
+    assert {(r["resident"], r["batch"]) for r in records} == {
+        (n, b) for n in (0, 32, 64, 96, 128) for b in (1, 16)}
 
 
 def test_bench_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown methods"):
         bench_sweep.BenchConfig(methods=("device", "magic"))
+
+
+def test_outputs_without_matplotlib_write_the_json_and_say_the_plot_was_skipped(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    result = {"records": [], "device": {"device": "cpu"}}
+    paths = bench_sweep.write_outputs(result, tmp_path)
+    assert paths == [tmp_path / "decode.json"]
+    assert json.loads(paths[0].read_text()) == result
+    assert not (tmp_path / "decode.png").exists()
+    assert capsys.readouterr().out == ("matplotlib not installed: skipped decode.png "
+                                       "(pip install matplotlib)\n")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prefetch=("speculative",)), "needs slots"),
+    (dict(slots=(4,), methods=("device", "uva")), "slots run on moe-uvm's managed residency"),
+    (dict(device="tpu"), "device must be cuda, cpu or simulate"),
+])
+def test_bench_config_refuses_settings_it_would_ignore(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench_sweep.BenchConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(slots=(200,)), "slots must be at most the trace's 128 experts"),
+    (dict(slots=(8,), resident="0,100%"), "resident 0,100% has none"),
+    (dict(calibrate_sequences=8), "allowed 1 to 7 of the trace's 8"),
+    (dict(layers=9), r"layers must be in \[1, 8\]"),
+])
+def test_bench_inputs_are_checked_before_any_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench_sweep.load_inputs(bench_sweep.BenchConfig(**kwargs))

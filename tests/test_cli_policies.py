@@ -127,7 +127,7 @@ def bad_profile(tmp_path):
     [
         (["calibrate", "--trace", "{tmp}/missing.npz", "--out", "{tmp}/p.json"], "no such file"),
         (["calibrate", "--trace", SAMPLE_TRACE, "--sequences", "9:12", "--out", "{tmp}/p.json"],
-         "select nothing"),
+         "go past the trace's 8 sequences"),
         (["calibrate", "--trace", SAMPLE_TRACE, "--sequences", "3", "--out", "{tmp}/p.json"],
          "FIRST:STOP"),
         (["simulate", "--trace", SAMPLE_TRACE, "--resident", "200"], "outside [0, 128]"),
@@ -158,7 +158,7 @@ def bad_profile(tmp_path):
         (["plan", "--profile", "{dsv2}", "--model-shape", "qwen3-30b-a3b", "--gpu-budget-gb", "1"],
          "the model has 48 x 128"),
         (["plan", "--profile", "{dsv2}", "--model-shape", "deepseek-v2-lite",
-          "--gpu-budget-gb", "-1"], "budget_bytes >= 0"),
+          "--gpu-budget-gb", "-1"], "must be a finite number of GB > 0"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(argv, message, dsv2_trace, tmp_path, capsys):
@@ -176,7 +176,7 @@ def test_bad_input_gives_one_line_and_exit_2(argv, message, dsv2_trace, tmp_path
 
 def test_console_entry_point_reports_errors_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "moe_uvm.cli", "simulate", "--trace", str(tmp_path / "no.npz"),
+        [sys.executable, "-m", "moe_uvm", "simulate", "--trace", str(tmp_path / "no.npz"),
          "--resident", "8"],
         capture_output=True, text=True, timeout=120,
     )

@@ -169,3 +169,14 @@ def test_saved_file_names_its_format_and_version(tmp_path):
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT and data["version"] == VERSION
     assert not (tmp_path / "p.json.tmp").exists()
+
+
+@pytest.mark.parametrize("changes", [
+    {"num_tokens": 0, "counts": [[0] * 10] * 3, "cooccurrence": KeyError},
+    {"counts": [[0] * 10] * 3, "cooccurrence": KeyError},
+])
+def test_profiles_that_recorded_no_routing_are_refused_at_load(tmp_path, changes):
+    path = write_variant(tmp_path, **changes)
+    with pytest.raises(ProfileError, match="nothing to rank experts by") as info:
+        load_profile(path)
+    assert str(path) in str(info.value)

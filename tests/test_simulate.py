@@ -388,3 +388,8 @@ def test_slot_simulation_refuses_bad_requests(settings, kwargs, message):
     with pytest.raises(ValueError, match=message):
         simulate(small_trace(), [2], **{"policies": ["first_n"], **kwargs},
                  slots=SlotSettings(*settings))
+
+
+def test_more_slots_than_experts_are_refused_naming_the_maximum():
+    with pytest.raises(ValueError, match="at most the trace's 8 experts per layer, got 9"):
+        simulate(small_trace(), [2], policies=["first_n"], slots=SlotSettings(slots=(9,)))

@@ -10,6 +10,7 @@ from moe_uvm.trace import (
     load_trace,
     parse_range,
     synthetic_trace,
+    trace_path,
 )
 
 
@@ -91,7 +92,7 @@ def test_truncated_or_foreign_files_are_refused(tmp_path):
     with pytest.raises(TraceError, match="not an .npz archive"):
         load_trace(tmp_path / "a.npy")
     (tmp_path / "x.npz").write_text("hello")
-    with pytest.raises(TraceError, match="not a readable .npz"):
+    with pytest.raises(TraceError, match="not a numpy .npz archive"):
         load_trace(tmp_path / "x.npz")
     with pytest.raises(TraceError, match="no such file"):
         load_trace(tmp_path / "missing.npz")
@@ -103,7 +104,9 @@ def test_sequences_select_whole_sequences_and_rebase_starts():
     np.testing.assert_array_equal(part.topk_ids, trace.topk_ids[:, 3:9])
     assert part.seq_starts.tolist() == [0, 3]
     assert trace.sequences(-1, None).num_tokens == 3
-    with pytest.raises(TraceError, match="select nothing; the trace has 4"):
+    with pytest.raises(TraceError, match="select nothing; the trace has 4 sequences"):
+        trace.sequences(3, 2)
+    with pytest.raises(TraceError, match="4:8 go past the trace's 4 sequences"):
         trace.sequences(4, 8)
 
 
@@ -127,3 +130,66 @@ def test_synthetic_trace_draws_distinct_experts_with_skew():
     assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4).tolist())
     counts = np.sort(np.bincount(ids[0].ravel(), minlength=32))[::-1]
     assert counts[:8].sum() > 0.4 * counts.sum()  # top quarter of experts: well above 25%
+
+
+def test_the_sample_name_loads_the_bundled_trace():
+    assert trace_path("sample") == SAMPLE_TRACE
+    np.testing.assert_array_equal(load_trace("sample").topk_ids, load_trace(SAMPLE_TRACE).topk_ids)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file, not a numpy .npz archive"),
+    (b"num_experts,top_k\n128,8\n", "not a numpy .npz archive"),
+])
+def test_files_that_are_not_npz_archives_are_named_so_without_pickle_advice(
+        tmp_path, content, message):
+    path = tmp_path / "t.npz"
+    path.write_bytes(content)
+    with pytest.raises(TraceError, match=message) as info:
+        load_trace(path)
+    assert "pickle" not in str(info.value)
+
+
+def test_object_arrays_are_refused_without_pickle_advice(tmp_path):
+    arrays = valid_arrays()
+    arrays["topk_ids"] = arrays["topk_ids"].astype(object)
+    path = tmp_path / "t.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(TraceError, match="'topk_ids' is damaged or not a numeric array") as info:
+        load_trace(path)
+    assert "pickle" not in str(info.value)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.zeros((2, 0, 2), np.int16), r"shape \(2, 0, 2\): a trace needs at least one layer and "
+                                    "one token"),
+    (np.full((2, 4, 2), -1, np.int16), "every expert id is -1"),
+])
+def test_traces_without_routed_tokens_are_refused(ids, message):
+    with pytest.raises(TraceError, match=message):
+        RoutingTrace(ids, 6, 2, np.zeros(1, np.int32))
+
+
+def test_repeated_expert_in_a_tokens_top_k_is_refused_naming_layer_token_and_id():
+    ids = synthetic_trace(2, 6, 3, num_sequences=1, tokens_per_sequence=5).topk_ids.copy()
+    ids[1, 3] = [4, -1, 4]
+    with pytest.raises(TraceError, match="layer 1, token 3: expert 4 appears more than once"):
+        RoutingTrace(ids, 6, 3, np.zeros(1, np.int32))
+    ids[1, 3] = [4, -1, -1]  # repeated padding is fine
+    RoutingTrace(ids, 6, 3, np.zeros(1, np.int32))
+
+
+def test_selected_sequences_without_routing_are_refused():
+    ids = synthetic_trace(1, 6, 2, num_sequences=2, tokens_per_sequence=3).topk_ids.copy()
+    ids[:, 3:] = -1
+    trace = RoutingTrace(ids, 6, 2, np.array([0, 3], np.int32))
+    with pytest.raises(TraceError, match="sequences 1:: every expert id is -1"):
+        trace.sequences(1, None)
+
+
+@pytest.mark.parametrize("first, stop", [(0, 5), (4, None), (-5, None), (0, -5)])
+def test_sequence_bounds_past_the_trace_are_refused_not_clamped(first, stop):
+    trace = synthetic_trace(1, 6, 2, num_sequences=4, tokens_per_sequence=3)
+    with pytest.raises(TraceError, match="go past the trace's 4 sequences"):
+        trace.sequences(first, stop)

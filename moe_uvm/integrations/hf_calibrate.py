@@ -1,7 +1,7 @@
 """Calibration from a model: run a transformers MoE model over prompts, record the experts each
 block's own router picks for every token (and, through the profile, which experts of the next MoE
 layer the same token picks) into a routing profile for resident_selection="profile", and
-optionally the routing trace (shared TRACES.md format)."""
+optionally the routing trace (format: the README's File formats section)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a text file (one per non-empty line) or, for `.jsonl`, JSON objects with
     `"text"` or `"input_ids"`; a malformed line is an error naming the file and line."""
     path = Path(path)
+    if not path.is_file():
+        problem = "not a file" if path.exists() else "no such file"
+        raise ValueError(f"prompts file {path}: {problem}")
     jsonl = path.suffix in (".jsonl", ".ndjson")
     prompts: list[Prompt] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -64,6 +67,17 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise ValueError(f"{path}: no prompts (empty file)")
     return prompts
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse a path that is not a checkpoint folder before prompts or tokenizer are looked at,
+    so the error names the real problem."""
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path}: no such folder (a local Hugging Face checkpoint "
+                         "folder is needed)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"checkpoint {path}: no config.json, so not a Hugging Face checkpoint "
+                         "folder")
 
 
 def _tokenizer(path: Path | None, prompts_path: Path, line: int):
@@ -117,9 +131,11 @@ def calibrate_model(
     tokenizer (or `tokenizer`). `trace_out` also writes the routing trace (.npz)."""
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    path = Path(model_or_path) if isinstance(model_or_path, (str, Path)) else None
+    if path is not None:
+        _check_checkpoint(path)
     prompts_path = Path(prompts_path)
     prompts = read_prompts(prompts_path)
-    path = Path(model_or_path) if isinstance(model_or_path, (str, Path)) else None
     text_line = next((n for n, p in prompts if isinstance(p, str)), None)
     if text_line is not None and tokenizer is None:
         tokenizer = _tokenizer(path, prompts_path, text_line)

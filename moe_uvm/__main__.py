@@ -1,0 +1,7 @@
+"""`python -m moe_uvm`: the `moe-uvm` command."""
+
+import sys
+
+from moe_uvm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,294 @@
+"""What each `moe-uvm` subcommand does with its parsed arguments (the parser is moe_uvm.cli):
+check every input before any work or output, then call the library and print the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moe_uvm import uvm
+from moe_uvm.policies.warmup import AdaptiveSettings
+from moe_uvm.presets import ModelShape
+from moe_uvm.profile import Profile, load_profile
+from moe_uvm.simulate import (
+    POLICIES,
+    PROFILE_POLICIES,
+    SLOT_POLICIES,
+    Bandwidths,
+    format_table,
+    plan,
+    resident_sizes,
+    simulate,
+)
+from moe_uvm.simulate_slots import SlotSettings
+from moe_uvm.trace import RoutingTrace, load_trace, parse_range, trace_path
+
+if TYPE_CHECKING:
+    from moe_uvm.bench_sweep import BenchConfig
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def info_command(args: argparse.Namespace) -> int:
+    import torch
+
+    print(f"moe-uvm {__import__('moe_uvm').__version__}, torch {torch.__version__}")
+    if not uvm.available():
+        print(f"CUDA: not available ({uvm.unavailable_reason()}).")
+        print("moe-uvm runs its CPU path here: stores in CPU memory, advice recorded, no GPU.")
+        return 0
+    driver, runtime = uvm.driver_version(), uvm.runtime_version()
+    print(
+        f"CUDA driver {driver // 1000}.{driver % 1000 // 10}, runtime {runtime // 1000}."
+        f"{runtime % 1000 // 10}, {uvm.device_count()} device(s)"
+    )
+    for dev in range(uvm.device_count()):
+        free, total = uvm.mem_get_info(dev)
+        yes = lambda name, dev=dev: "yes" if uvm.device_attribute(name, dev) else "no"
+        print(
+            f"cuda:{dev} {uvm.device_name(dev)}: {free / 2**30:.1f} GiB free of "
+            f"{total / 2**30:.1f} GiB; managed memory {yes('ManagedMemory')}, concurrent "
+            f"managed access {yes('ConcurrentManagedAccess')}, pageable memory access "
+            f"{yes('PageableMemoryAccess')}"
+        )
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _output_file(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, before the work that produces it."""
+    if Path(path).is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name")
+    if not Path(path).parent.is_dir():
+        raise CLIError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+
+
+def _results_folder(path: Path) -> Path:
+    """Create the results folder and prove it writable before a run, so that a long GPU run
+    cannot fail at its end."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {path} is a file; give a folder for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise CLIError(f"--out {path}: cannot write results there ({reason})") from None
+    return path.resolve()
+
+
+def _trace_slice(path: str, sequences: str | None) -> RoutingTrace:
+    trace = load_trace(path)
+    return trace if sequences is None else trace.sequences(*parse_range(sequences))
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    _output_file(args.out, "--out")
+    if args.model is not None:
+        if args.prompts is None:
+            raise CLIError("--model needs --prompts FILE (text lines or JSONL)")
+        if args.sequences is not None:
+            raise CLIError("--sequences selects sequences of a trace: it goes with --trace")
+        if args.trace_out is not None:
+            _output_file(args.trace_out, "--trace-out")
+        try:
+            from moe_uvm.integrations.hf import calibrate_model
+        except ImportError as exc:
+            raise CLIError(f"--model needs the hf extra (pip install moe-uvm[hf]): {exc}") from None
+        profile = calibrate_model(args.model, args.prompts, max_tokens=args.max_tokens,
+                                  trace_out=args.trace_out, progress=sys.stderr.isatty())
+        if args.model_id is not None:
+            profile = replace(profile, model_id=args.model_id)
+        source = f"{profile.num_tokens} tokens of {args.prompts} through {args.model}"
+    else:
+        if (args.prompts, args.trace_out, args.max_tokens) != (None, None, None):
+            raise CLIError("--prompts, --trace-out and --max-tokens go with --model")
+        trace = _trace_slice(args.trace, args.sequences)
+        profile = Profile.from_trace(trace, model_id=args.model_id,
+                                     cooccurrence=args.cooccurrence)
+        source = f"{profile.num_tokens} tokens of {trace.num_sequences} sequences"
+    profile.save(args.out)
+    print(f"wrote {args.out}: {source}, {profile.num_layers} layers x {profile.num_experts} "
+          f"experts, top-{profile.top_k}")
+    return 0
+
+
+def _model_shape(
+    args: argparse.Namespace, num_layers: int, num_experts: int, top_k: int
+) -> ModelShape | None:
+    """The --model-shape preset, or a shape of explicit sizes with the given layers, experts
+    and top-k; None when neither is given."""
+    sizes = {"--hidden-size": args.hidden_size, "--moe-intermediate-size":
+             args.moe_intermediate_size, "--weight-bytes": args.weight_bytes,
+             "--shared-experts": args.shared_experts}
+    given = [flag for flag, value in sizes.items() if value is not None]
+    if args.model_shape is not None:
+        if given:
+            raise CLIError(f"--model-shape sets the expert size, so {', '.join(given)} cannot "
+                           "go with it: give a preset or explicit sizes")
+        return ModelShape.from_name(args.model_shape)
+    if not given:
+        return None
+    if args.hidden_size is None or args.moe_intermediate_size is None:
+        raise CLIError("explicit sizes need both --hidden-size and --moe-intermediate-size")
+    weight_bytes = args.weight_bytes or 2
+    name = (f"custom (hidden {args.hidden_size}, expert width {args.moe_intermediate_size}, "
+            f"{weight_bytes}-byte weights)")
+    return ModelShape(
+        name, num_layers, num_layers, num_experts, top_k, args.hidden_size,
+        args.moe_intermediate_size, args.shared_experts or 0, weight_bytes,
+    )
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    trace = _trace_slice(args.trace, args.sequences)
+    profile = load_profile(args.profile) if args.profile else None
+    slots = SlotSettings(
+        slots=tuple(_ints(args.slots, "--slots")), prefetch=_names(args.prefetch),
+        num_predicted=args.prefetch_experts, cooccurrence=args.cooccurrence_source,
+    )
+    if args.policies:
+        policies = list(_names(args.policies))
+    else:
+        known = SLOT_POLICIES if max(slots.slots) > 0 else POLICIES
+        policies = [p for p in known if profile is not None or p not in PROFILE_POLICIES]
+    batches = _ints(args.batch, "--batch")
+    adaptive = AdaptiveSettings(
+        interval_tokens=args.interval_tokens, half_life_tokens=args.half_life_tokens,
+        max_swaps=args.max_swaps,
+    )
+    resident = resident_sizes(args.resident, trace.num_experts)
+    shape = _model_shape(args, trace.num_layers, trace.num_experts, trace.top_k)
+    bandwidths = Bandwidths(args.hbm_gbps, args.pcie_gbps)
+    records = []
+    for batch in batches:
+        records += simulate(
+            trace, resident, batch=batch, policies=policies, profile=profile, shape=shape,
+            bandwidths=bandwidths, adaptive=adaptive, warmup_tokens=args.warmup_tokens,
+            slots=slots, progress=sys.stderr.isatty(),
+        )
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(
+            f"{args.trace}: {trace.num_tokens} tokens in {trace.num_sequences} sequences, "
+            f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}"
+        )
+        print(format_table(records))
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    L, E, k = profile.num_layers, profile.num_experts, profile.top_k
+    shape = _model_shape(args, L, E, k)
+    if shape is None:
+        raise CLIError("plan needs the expert size: --model-shape NAME, or --hidden-size and "
+                       "--moe-intermediate-size")
+    note = None
+    if shape.num_moe_layers != L and (shape.num_experts, shape.top_k) == (E, k):
+        note = (f"the profile covers {L} MoE layers and {shape.name} has "
+                f"{shape.num_moe_layers}: planned for the profile's {L} layers with "
+                f"{shape.name}'s expert size")
+        dense = shape.num_layers - shape.num_moe_layers
+        shape = replace(shape, num_layers=L + dense, num_moe_layers=L)
+    result = plan(profile, shape, args.gpu_budget_gb * 1e9, args.min_per_layer)
+    if args.json:
+        print(json.dumps({**result, "note": note}, indent=1))
+        return 0
+    if note:
+        print(note)
+    split, even = result["global"], result["even"]
+    print(
+        f"{shape.name}: {args.gpu_budget_gb:g} GB holds {result['resident_experts']} of "
+        f"{shape.num_moe_layers * shape.num_experts} experts "
+        f"({shape.bytes_per_expert / 2**20:.1f} MiB each)"
+    )
+    print("resident experts per MoE layer (global split):")
+    sizes = split["per_layer"]
+    for first in range(0, len(sizes), 16):
+        print(f"  layers {first:>3}-{min(first + 16, len(sizes)) - 1:>3}: "
+              + " ".join(f"{n:>3}" for n in sizes[first : first + 16]))
+    for name, row in (("global split", split), ("even split", even)):
+        print(
+            f"{name}: expected hit rate {row['hit_rate']:.3f}, PCIe "
+            f"{row['pcie_bytes_per_token'] / 1e6:.1f} MB per token (on the profile's tokens)"
+        )
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from moe_uvm import bench_sweep
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if uvm.available() else "simulate"
+    if device == "cuda" and not uvm.available():
+        raise CLIError(f"--device cuda, but CUDA is not available ({uvm.unavailable_reason()})")
+    gpu_only = {"layers": args.layers, "steps": args.steps, "tiny": args.tiny or None,
+                "methods": None if args.methods is None else _names(args.methods)}
+    given = {name: value for name, value in gpu_only.items() if value is not None}
+    reason = "no CUDA GPU here" if args.device == "auto" else "--device simulate"
+    if device == "simulate" and given:
+        raise CLIError(f"{', '.join('--' + name for name in given)}: GPU benchmark only; this "
+                       f"runs the CPU policy simulation ({reason}), so drop them")
+    cfg = bench_sweep.BenchConfig(
+        model_shape=args.model_shape, trace=args.trace, resident=args.resident,
+        batches=tuple(_ints(args.batch, "--batch")), slots=tuple(_ints(args.slots, "--slots")),
+        prefetch=_names(args.prefetch), calibrate_sequences=args.calibrate_sequences,
+        device=device, **given,
+    )
+    bench_sweep.load_inputs(cfg)
+    out = _results_folder(Path(args.out))
+    if device == "simulate":
+        return _bench_simulation(cfg, out, reason)
+    result = bench_sweep.sweep(cfg, progress=lambda line: print(line, file=sys.stderr))
+    paths = bench_sweep.write_outputs(result, out)
+    dev = result["device"]
+    print(f"\n{dev['device']}: {result['layers']} MoE layers of {cfg.model_shape} "
+          f"({result['num_experts']} experts, top-{result['top_k']}, {result['dtype']}), "
+          f"trace {trace_path(cfg.trace).name}; medians over {cfg.steps} steps")
+    if result["note"]:
+        print(result["note"])
+    print(", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()))
+    print("\n".join(bench_sweep.summarize_goals(result)))
+    print(f"results in {out}: {', '.join(p.name for p in paths)}\n")
+    print(bench_sweep.markdown_table(result))
+    return 0
+
+
+def _bench_simulation(cfg: BenchConfig, out: Path, reason: str) -> int:
+    from moe_uvm import bench_sweep
+
+    print(f"{reason[0].upper()}{reason[1:]}: running the CPU policy simulation instead of the "
+          "GPU decode benchmark (hit rates and predicted floors, no timings).")
+    result = bench_sweep.simulation(cfg)
+    path = out / "simulation.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    shape, bw = ModelShape.from_name(cfg.model_shape), Bandwidths()
+    n, cal = result["sequences"], result["calibrate_sequences"]
+    print(f"{result['trace']}: {result['layers']} layers x {result['num_experts']} experts, "
+          f"calibrated on sequences 0:{cal}, evaluated on {cal}:{n}; PCIe and floors for the "
+          f"whole {shape.name} ({shape.num_moe_layers} MoE layers, the trace's traffic per "
+          f"layer scaled up) at {bw.pcie_gbps:.0f} GB/s PCIe read-through and "
+          f"{bw.hbm_gbps:.0f} GB/s HBM")
+    print(format_table(result["records"]))
+    print(f"results in {out}: {path.name}")
+    return 0
