@@ -1,5 +1,5 @@
 """End-to-end decode benchmark over resident counts, against the other ways to offload.
-The same as `moe-uvm bench` (see moe_uvm/bench.py for the methods); arguments pass through.
+The same as `moe-uvm bench` (see moe_uvm/tools/bench.py for the methods); arguments pass through.
 
     python benchmarks/decode.py [--trace TRACE.npz] [--resident 0%,25%,50%,75%,100%] [--batch 1,16]
 """

@@ -1,9 +1,9 @@
 """Slot-cache planning per MoE layer and decode step inside a CUDA graph, Qwen3-30B-A3B routing
 (128 experts, top-8) with S = 8 / 32 slots and T = 1 / 16 tokens: the torch references of
-policies.prefetch (plan_fill, + count_prefetch; plan_prefetch, + predicted_mask) against the
-one-launch kernels of kernels/slot_plan.py. Each graph makes 48 calls (one per layer of a
-48-layer step, each on its own pool and routing); per call = median replay time / 48. The floor
-measured in the same run is a graph of 48 one-element kernels (one graph node each).
+kernels/slot_plan_reference.py (plan_fill, + count_prefetch; plan_prefetch, + predicted_mask)
+against the one-launch kernels of kernels/slot_plan.py. Each graph makes 48 calls (one per
+layer of a 48-layer step, each on its own pool and routing); per call = median replay time / 48.
+The floor measured in the same run is a graph of 48 one-element kernels (one graph node each).
 
     python benchmarks/slot_plan.py [--out benchmarks/results/slot_plan.json]
 """
@@ -22,7 +22,7 @@ import torch
 
 from moe_uvm import ceilings
 from moe_uvm.kernels import plan_fill_fused, plan_prefetch_fused
-from moe_uvm.policies import prefetch as plan
+from moe_uvm.kernels import slot_plan_reference as plan
 
 NUM_EXPERTS, TOP_K, LAYERS = 128, 8, 48
 SLOTS, TOKENS = (8, 32), (1, 16)

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .expert_address import expert_base, expert_bases, fill_targets
 from .fused_moe_configs import MoeDecodeConfig
-from .slot_copy import expert_base, expert_bases, fill_targets
 
 
 @triton.jit

@@ -1,6 +1,5 @@
-"""GPU expert slots: the copy kernel that fills slots ahead of use (prefetch), its plain-torch
-reference, and the address helpers with which the fused-MoE kernels read experts from slots and
-fill slots with the tiles they load (fill-on-read)."""
+"""GPU expert slots: the copy kernel that fills slots ahead of use (prefetch) and its plain-torch
+reference."""
 
 import torch
 import triton
@@ -12,41 +11,6 @@ import triton.language as tl
 # outstanding loads, bounds a copy from host memory. 8 Qwen3-30B-A3B experts (9.4 MB each) make
 # 2304 programs.
 CHUNK_BYTES = 32 << 10
-
-
-@triton.jit
-def expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert,
-                HAS_SLOTS: tl.constexpr):
-    """Base pointer of one expert's matrix: its slot copy when the run-time map says so."""
-    base = w_ptr + expert.to(tl.int64) * stride_we
-    if HAS_SLOTS:
-        slot = tl.load(expert_slot_ptr + expert)
-        if slot >= 0:
-            base = slot_w_ptr + slot.to(tl.int64) * stride_se
-    return base
-
-
-@triton.jit
-def expert_bases(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, experts, routed,
-                 HAS_SLOTS: tl.constexpr):
-    """expert_base for a vector of experts (those not routed are never read through)."""
-    bases = w_ptr + experts.to(tl.int64) * stride_we
-    if HAS_SLOTS:
-        slots = tl.load(expert_slot_ptr + experts, mask=routed, other=-1)
-        bases = tl.where(slots >= 0, slot_w_ptr + slots.to(tl.int64) * stride_se, bases)
-    return bases
-
-
-@triton.jit
-def fill_targets(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, experts, routed,
-                 HAS_SLOTS: tl.constexpr):
-    """(base pointer in the slot pool, whether to fill) for experts (a scalar or a vector):
-    an expert is filled when routed, read from the weights (no slot copy) and given a slot."""
-    fills = tl.load(fill_slot_ptr + experts, mask=routed, other=-1)
-    if HAS_SLOTS:
-        slots = tl.load(expert_slot_ptr + experts, mask=routed, other=-1)
-        fills = tl.where(slots >= 0, -1, fills)
-    return slot_w_ptr + tl.maximum(fills, 0).to(tl.int64) * stride_se, fills >= 0
 
 
 @triton.jit

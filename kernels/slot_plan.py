@@ -1,5 +1,5 @@
-"""The slot-cache planners of policies.prefetch (plan_fill, plan_prefetch) as one Triton program
-per call, with the prefetch counters in the same launch: the same plans and in-place state
+"""The slot-cache planners of slot_plan_reference.py (plan_fill, plan_prefetch) as one Triton
+program per call, with the prefetch counters in the same launch: the same plans and in-place state
 updates bitwise, as one CUDA-graph node instead of ~70-85 small torch ops per layer and step."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_uvm.policies import prefetch as reference
+from . import slot_plan_reference as reference
 
 # One program holds a layer's whole pool in registers (no spills on sm_90 up to E = 512,
 # S = 256). Its threads share intermediate marks through global scratch between
@@ -38,6 +38,8 @@ def _eviction_ranks(stamp_ptr, protected_ptr, stamps, protected, slots, num_slot
     return ranks
 
 
+# Long (~60 lines) on purpose: one program, whose in-place state updates must stay in this order
+# (it replaces ~70 torch ops with one graph node); helpers would hide that order.
 # Sizes are not specialized on (divisibility by 16, == 1): one compile per block shape.
 @triton.jit(do_not_specialize=["num_ids", "num_experts", "num_slots"])
 def _plan_fill_kernel(ids_ptr, num_ids, resident_ptr, expert_slot_ptr, slot_expert_ptr,
@@ -104,6 +106,7 @@ def _plan_fill_kernel(ids_ptr, num_ids, resident_ptr, expert_slot_ptr, slot_expe
         tl.store(counters_ptr + columns, counters + counts.to(tl.int64))
 
 
+# Long (~70 lines) for the same reason as _plan_fill_kernel.
 @triton.jit(do_not_specialize=["num_experts", "num_slots", "num_chosen"])
 def _plan_prefetch_kernel(scores_ptr, resident_ptr, expert_slot_ptr, slot_expert_ptr, stamp_ptr,
                           step_ptr, work_ptr, predicted_ptr, num_experts, num_slots, num_chosen,
@@ -224,7 +227,7 @@ def plan_fill_fused(
     counters: torch.Tensor | None = None,
     predicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`policies.prefetch.plan_fill` of one layer's pool in one launch: fill_slot int32 [E] and
+    """`slot_plan_reference.plan_fill` of one layer's pool in one launch: fill_slot int32 [E] and
     the same in-place updates of expert_slot int32 [E], slot_expert int32 [S] and slot_stamp
     int64 [S]. topk_ids [T, k] (int32/int64, ids < E; negative ids are padding), resident bool
     [E], step int64 scalar, all on one device.
@@ -274,7 +277,7 @@ def plan_prefetch_fused(
     num_experts: int,
     counters_predicted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`policies.prefetch.plan_prefetch` of one layer's pool in one launch: (copy_experts,
+    """`slot_plan_reference.plan_prefetch` of one layer's pool in one launch: (copy_experts,
     copy_slots) int32 [m], m = num_experts <= S, and the same in-place updates of expert_slot,
     slot_expert and slot_stamp. scores [E] float (compared as float32, like the reference).
 

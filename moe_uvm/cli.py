@@ -1,5 +1,5 @@
 """The `moe-uvm` command line (also `python -m moe_uvm`): the argument parser and `main`; what
-each subcommand does is in moe_uvm.commands. Every error, a usage error included, prints one
+each subcommand does is in moe_uvm.tools.commands. Every error, a usage error included, prints one
 line on stderr and exits 2, without a traceback."""
 
 from __future__ import annotations
@@ -9,7 +9,12 @@ import os
 import sys
 
 from moe_uvm import __version__, uvm
-from moe_uvm.commands import (
+from moe_uvm.config import parse_budget_gb
+from moe_uvm.policies.warmup import AdaptiveSettings
+from moe_uvm.presets import PRESETS
+from moe_uvm.simulate import POLICIES, SLOT_POLICIES, Bandwidths
+from moe_uvm.simulate_slots import COOCCURRENCE_SOURCES, TRACE_PREFETCH_MODES
+from moe_uvm.tools.commands import (
     CLIError,
     bench_command,
     calibrate_command,
@@ -17,11 +22,6 @@ from moe_uvm.commands import (
     plan_command,
     simulate_command,
 )
-from moe_uvm.config import parse_budget_gb
-from moe_uvm.policies.warmup import AdaptiveSettings
-from moe_uvm.presets import PRESETS
-from moe_uvm.simulate import POLICIES, SLOT_POLICIES, Bandwidths
-from moe_uvm.simulate_slots import COOCCURRENCE_SOURCES, PREFETCH_MODES
 from moe_uvm.trace import SAMPLE_NAME
 
 RESULTS = "moe-uvm-results"
@@ -124,12 +124,13 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     cache.add_argument("--slots", default="0", help="GPU slots per layer, at most the trace's "
                        "experts, e.g. 0,16,32 (default 0: no slot cache)")
     cache.add_argument("--prefetch", default="none",
-                       help=f"comma list of {', '.join(PREFETCH_MODES)} (default none: "
+                       help=f"comma list of {', '.join(TRACE_PREFETCH_MODES)} (default none: "
                        "fill-on-read only; frequency needs --profile). lookahead (the next "
                        "router on the hidden state) needs hidden states, which a trace does not "
                        "hold: measure it on the GPU")
     cache.add_argument("--prefetch-experts", type=int,
-                       help="experts prefetched per layer and step (default: half the slots)")
+                       help="experts prefetched per layer and step (default: top-k, at most "
+                       "the slots)")
     cache.add_argument("--cooccurrence-source", choices=COOCCURRENCE_SOURCES, default="auto",
                        help="speculative co-occurrence: the profile's (calibrate "
                        "--cooccurrence), learned online from the replayed steps, or both; auto: "
@@ -168,7 +169,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    from moe_uvm.bench import METHODS
+    from moe_uvm.tools.bench import METHODS
 
     bench = sub.add_parser(
         "bench", help="decode benchmark over resident counts (GPU; simulation without one)",

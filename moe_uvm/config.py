@@ -11,26 +11,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_uvm.policies.residency import ResidentBudget
+from moe_uvm.policies.warmup import AdaptiveSettings
 
 RESIDENT_SELECTIONS = ("first_n", "manual", "frequency", "profile")
 PREFETCH_MODES = ("none", "frequency", "speculative", "lookahead")
 
 
+def split_list(value: Any, what: str, kind: str) -> list[Any]:
+    """The items of a "a, b,,c," style string (stripped, empty ones skipped) or of a sequence (as
+    given); None has none. Anything else is an error naming `what` and the `kind` of items."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, Sequence):
+        return list(value)
+    raise ValueError(f"{what} must be a comma-separated string or a list of {kind}, got {value!r}")
+
+
 def parse_ids(value: Any, what: str = "resident_ids") -> tuple[int, ...]:
     """Expert ids from "1, 2,,3," style strings or int sequences; empty items are skipped,
     anything else that is not a non-negative integer, and any duplicate, is an error."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
-    elif isinstance(value, Sequence):
-        items = list(value)
-    else:
-        raise ValueError(
-            f"{what} must be a comma-separated string or a list of ints, got {value!r}"
-        )
     ids: list[int] = []
-    for item in items:
+    for item in split_list(value, what, "ints"):
         try:
             ident = int(item) if isinstance(item, str) else operator.index(item)
         except (TypeError, ValueError):
@@ -67,7 +70,7 @@ def _parse_num_resident(value: Any) -> int | tuple[int, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
+        parts = split_list(value, "num_resident", "ints")
         if not parts:
             raise ValueError("num_resident is empty; give an int (-1 = all) or one per layer")
         value = int(parts[0]) if len(parts) == 1 else [int(p) for p in parts]
@@ -130,13 +133,14 @@ class ExpertOffloadConfig:
     warmup_tokens: int = 4096
     min_batch_tokens: int = 64
     adaptive: bool = False
-    adaptive_interval_tokens: int = 16
-    adaptive_half_life_tokens: float = 32.0
-    adaptive_margin: float = 0.25
+    adaptive_interval_tokens: int = AdaptiveSettings.interval_tokens
+    adaptive_half_life_tokens: float = AdaptiveSettings.half_life_tokens
+    adaptive_margin: float = AdaptiveSettings.margin
     adaptive_readvise_mb: float | None = None
     allow_oversubscription: bool = False
 
     def __post_init__(self) -> None:
+        # Long (~70 lines): every field is validated here, once, one short check each.
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("num_resident", _parse_num_resident(self.num_resident))
         if self.resident_selection not in RESIDENT_SELECTIONS:

@@ -8,24 +8,16 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from moe_uvm.config import split_list
+
 _SEGMENT = re.compile(r"[A-Za-z0-9_]+")
 
 
 def parse_param_patterns(value: Any) -> tuple[str, ...]:
     """Patterns from "mlp.experts, self_attn.o_proj" style strings or a list of strings; empty
     items are skipped, duplicates dropped (first kept). `None` or empty means all parameters."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        items: list[Any] = value.split(",")
-    elif isinstance(value, Sequence):
-        items = list(value)
-    else:
-        raise ValueError(
-            f"offload_params must be a comma-separated string or a list of strings, got {value!r}"
-        )
     patterns: list[str] = []
-    for item in items:
+    for item in split_list(value, "offload_params", "strings"):
         if not isinstance(item, str):
             raise ValueError(f"offload_params: {item!r} is not a string")
         pattern = item.strip()

@@ -1,27 +1,18 @@
-"""FusedMoE, the MoE layer users put in their models (vLLM/sglang parameter convention), and
-`offload_experts`, which moves the experts of such layers into managed memory."""
+"""FusedMoE, the MoE layer users put in their models (vLLM/sglang parameter convention): routing
+and the fused Triton kernel. `moe_uvm.offload` moves the experts of such layers into managed
+memory."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from moe_uvm import uvm
-from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.kernels import fused_moe
 from moe_uvm.kernels.expert_ids import screen_expert_ids
-from moe_uvm.manager import ExpertOffloadManager
-from moe_uvm.profile import load_profile
-
-if TYPE_CHECKING:
-    from moe_uvm.slots import SlotCache
-from moe_uvm.store import ManagedExpertStore
 
 SHARDS = ("w1", "w3", "w2")
 CHECK_IDS_ENV = "MOE_UVM_CHECK_IDS"
@@ -30,6 +21,15 @@ _ID_DTYPES = (torch.int32, torch.int64)
 
 class RoutingError(ValueError):
     """A router gave a layer an expert id outside [0, num_experts) other than -1 (padding)."""
+
+
+class LayerSlots(Protocol):
+    """What a layer asks of a GPU slot cache (moe_uvm.slots.SlotCache): where this step's
+    offloaded experts are, and, after the kernel, which slots it filled."""
+
+    def before_layer(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> dict: ...
+
+    def after_layer(self, layer: int, fill_slot: torch.Tensor) -> None: ...
 
 
 def _check_ids_from_env() -> bool:
@@ -96,7 +96,7 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(E, H, I, **kw), requires_grad=False)
         self._attach_loaders()
         self.record_routing: Callable[[torch.Tensor], None] | None = None
-        self.slot_cache: SlotCache | None = None  # set by offload_experts with prefetch_slots
+        self.slot_cache: LayerSlots | None = None  # set by offload_experts with prefetch_slots
         self.layer_index: int | None = None  # set by offload_experts
         self.check_ids = _check_ids_from_env() if check_ids is None else check_ids
         # int64 [2]: the lowest and highest expert id since the last check, on the ids' device.
@@ -222,95 +222,3 @@ class FusedMoE(nn.Module):
             f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
             f"intermediate={self.intermediate_size}, renormalize={self.renormalize}"
         )
-
-
-def find_moe_layers(module_or_modules: nn.Module | Iterable[nn.Module]) -> list[FusedMoE]:
-    """FusedMoE layers in order: the modules given, or every FusedMoE inside a model."""
-    if isinstance(module_or_modules, nn.Module):
-        module_or_modules = [module_or_modules]
-    layers: list[FusedMoE] = []
-    for module in module_or_modules:
-        if isinstance(module, FusedMoE):
-            layers.append(module)
-        else:
-            layers.extend(m for m in module.modules() if isinstance(m, FusedMoE))
-    if not layers:
-        raise ValueError("no FusedMoE layer found in what was passed to offload_experts")
-    return layers
-
-
-def offload_experts(
-    module_or_modules: nn.Module | Iterable[nn.Module],
-    config: ExpertOffloadConfig | None = None,
-    *,
-    device: torch.device | str | None = None,
-    next_gates: Sequence[torch.Tensor] | None = None,
-) -> ExpertOffloadManager:
-    """Move the experts of FusedMoE layers into managed memory and apply the config's residency.
-
-    Each layer's `w13_weight`/`w2_weight` become views over a ManagedExpertStore; forward is
-    unchanged and feeds each layer's `topk_ids` to the manager's recording hook. The total
-    size is checked against the GPU's free memory before anything is allocated (unless the
-    config opts in to oversubscription). Without CUDA the stores are CPU memory. Layers built
-    on the meta device get empty stores, filled afterwards through `weight_loader` (streaming
-    checkpoint loads). With `prefetch_slots` in the config each layer also gets a GPU slot
-    cache (moe_uvm.slots); `next_gates[l]`, layer l+1's router weight, enables lookahead.
-    """
-    config = config or ExpertOffloadConfig()
-    layers = find_moe_layers(module_or_modules)
-    shapes = {
-        (m.num_experts, m.hidden_size, m.intermediate_size, m.w13_weight.dtype) for m in layers
-    }
-    if len({s[0] for s in shapes}) != 1:
-        raise ValueError(f"all layers must have the same number of experts, got {shapes}")
-    top_k = layers[0].top_k
-    profile = None
-    if config.profile_path:  # refuse a mismatching profile before allocating
-        profile = load_profile(config.profile_path)
-        profile.check_matches(len(layers), layers[0].num_experts, top_k)
-    if device is None:
-        device = "cuda" if uvm.available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    specs = [
-        {
-            "w13": ((2 * m.intermediate_size, m.hidden_size), m.w13_weight.dtype),
-            "w2": ((m.hidden_size, m.intermediate_size), m.w2_weight.dtype),
-        }
-        for m in layers
-    ]
-    config.resolve(  # the config's shape rules and budget, before anything is allocated
-        len(layers),
-        layers[0].num_experts,
-        ManagedExpertStore.planned_nbytes(1, specs[0]),
-        sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs[0].values()),
-    )
-    if device.type == "cuda" and not config.allow_oversubscription:
-        total = sum(
-            ManagedExpertStore.planned_nbytes(m.num_experts, spec)
-            for m, spec in zip(layers, specs, strict=True)
-        )
-        uvm.check_fits(total, device.index)
-    stores = [
-        ManagedExpertStore(
-            m.num_experts, spec, device, allow_oversubscription=config.allow_oversubscription
-        )
-        for m, spec in zip(layers, specs, strict=True)
-    ]
-    # Advice before the weights are written: pages then land where their advice says, so
-    # offloaded experts never pass through GPU memory on the way in.
-    manager = ExpertOffloadManager(stores, config, top_k=top_k, profile=profile)
-    for index, (module, store) in enumerate(zip(layers, stores, strict=True)):
-        if module.w13_weight.device.type != "meta":  # meta: weights arrive via weight_loader
-            store["w13"].copy_(module.w13_weight.data)
-            store["w2"].copy_(module.w2_weight.data)
-        module.w13_weight = nn.Parameter(store["w13"], requires_grad=False)
-        module.w2_weight = nn.Parameter(store["w2"], requires_grad=False)
-        module._attach_loaders()
-        module.record_routing = partial(manager.record, index)
-    manager.layers = layers
-    cache = manager.enable_slot_cache(next_gates)
-    for index, module in enumerate(layers):
-        module.slot_cache, module.layer_index = cache, index
-    return manager

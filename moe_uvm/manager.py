@@ -1,6 +1,7 @@
-"""ExpertOffloadManager: owns each layer's resident set and carries out residency decisions as
-advice on the layer's ManagedExpertStore (promote/demote only the difference, one call per run of
-consecutive experts, all-or-nothing per layer), plus accounting for logs and benchmarks."""
+"""ExpertOffloadManager: owns each layer's resident set and carries out a residency plan
+(moe_uvm.policies.plan) and the decisions that follow as advice on the layer's ManagedExpertStore
+(promote/demote only the difference, one call per run of consecutive experts, all-or-nothing per
+layer), plus accounting for logs and benchmarks."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import torch
 
 from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.policies.residency import ResidentBudget, first_n, resident_lists, select_resident
-from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup
+from moe_uvm.policies.plan import ResidencyPlan, plan_residency
 from moe_uvm.profile import Profile, load_profile
 from moe_uvm.store import ManagedExpertStore, coalesce
 
@@ -42,11 +42,12 @@ class ReadviseResult:
 class ExpertOffloadManager:
     """Residency of every offloaded MoE layer.
 
-    `stores[l]` holds layer l's experts. On construction the config's initial residency is
-    applied: resident experts PreferredLocation=GPU and prefetched there, offloaded experts
-    PreferredLocation=CPU + AccessedBy=GPU with their pages on the host. `record` (called by
-    each layer's forward) counts routing; with resident_selection "frequency" (and/or
-    `adaptive`) the counts turn into new resident sets, carried out by a worker thread so the
+    `stores[l]` holds layer l's experts. On construction the plan's initial residency (by
+    default the config's plan for these stores) is applied: resident experts
+    PreferredLocation=GPU and prefetched there, offloaded experts PreferredLocation=CPU +
+    AccessedBy=GPU with their pages on the host. `record` (called by each layer's forward)
+    counts routing; when the plan decides (resident_selection "frequency" and/or `adaptive`)
+    the counts turn into new resident sets, carried out by a worker thread so the
     host-blocking advice calls stay off the decode path. On the CPU path (stores in CPU memory)
     the same bookkeeping runs and no CUDA call is made.
     """
@@ -58,7 +59,7 @@ class ExpertOffloadManager:
         *,
         top_k: int | None = None,
         profile: Profile | None = None,
-        initial_resident: Sequence[Iterable[int]] | None = None,
+        plan: ResidencyPlan | None = None,
     ) -> None:
         if not stores:
             raise ValueError("the manager needs at least one layer store")
@@ -77,74 +78,32 @@ class ExpertOffloadManager:
         if profile is not None:
             profile.check_matches(self.num_layers, self.num_experts, top_k or profile.top_k)
         self.profile = profile
+        self.plan = plan or self._plan()
+        if self.plan.resident.shape != (self.num_layers, self.num_experts):
+            raise ValueError(
+                f"the plan is for {self.plan.resident.shape} (layers, experts), the stores hold "
+                f"{(self.num_layers, self.num_experts)}"
+            )
         self.slot_cache = None  # a moe_uvm.slots.SlotCache once enable_slot_cache() made one
-        self.budget = self._budget()
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.device) if self.is_managed else None
-        if initial_resident is None:
-            initial_resident = self._initial_sets(profile)
-        sets = [self._validated(layer, ids) for layer, ids in enumerate(initial_resident)]
-        if len(sets) != self.num_layers:
-            raise ValueError(
-                f"initial residency names {len(sets)} layers, model has {self.num_layers}"
-            )
         self._resident: list[tuple[int, ...]] = [() for _ in range(self.num_layers)]
-        for layer, ids in enumerate(sets):
-            self._apply_all(layer, ids)
-        self.warmup = self._warmup(profile)
-        self._decides = config.resident_selection == "frequency" or config.adaptive
+        for layer in range(self.num_layers):
+            self._apply_all(layer, self.plan.resident_ids(layer))
+        self.warmup = self.plan.counter()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-uvm-readvise")
         self._pending: list[Future] = []
         self._failed: list[int] = []
         self.layers: list[FusedMoE] = []  # the modules these stores serve (offload_experts)
 
-    # --- decisions from the config ------------------------------------------------------------
-
-    def _budget(self) -> ResidentBudget:
-        store = self.stores[0]  # slot pools are paid from the same budget as resident experts
-        return self.config.resolve(
-            self.num_layers, self.num_experts, store.slot_nbytes, store.expert_nbytes
-        )
-
-    def _initial_sets(self, profile: Profile | None) -> list[tuple[int, ...]]:
-        """The residency the config asks for before this run has seen any routing."""
-        cfg, L, E = self.config, self.num_layers, self.num_experts
-        if cfg.resident_selection == "manual":
-            return [cfg.manual_ids(layer, L, E) for layer in range(L)]
-        if cfg.resident_selection == "profile":
-            mask = select_resident(profile.counts, self.budget)
-        else:
-            mask = first_n(E, self.budget.layer_counts())
-        return [tuple(ids) for ids in resident_lists(mask)]
-
-    def _warmup(self, profile: Profile | None) -> FrequencyWarmup:
-        """The routing counter; it also decides when the selection is dynamic."""
-        cfg = self.config
-        adaptive = None
-        if cfg.adaptive:
-            settings = dict(
-                interval_tokens=cfg.adaptive_interval_tokens,
-                half_life_tokens=cfg.adaptive_half_life_tokens,
-                margin=cfg.adaptive_margin,
-            )
-            if cfg.adaptive_readvise_mb is not None:
-                adaptive = AdaptiveSettings.from_bytes(
-                    int(cfg.adaptive_readvise_mb * 1e6), self.stores[0].slot_nbytes, **settings
-                )
-            else:
-                adaptive = AdaptiveSettings(**settings)
-        mask = np.zeros((self.num_layers, self.num_experts), bool)
-        for layer, ids in enumerate(self._resident):
-            mask[layer, list(ids)] = True
-        from_profile = cfg.resident_selection == "profile" and adaptive is not None
-        return FrequencyWarmup(
-            self.budget,
-            warmup_tokens=0 if from_profile else cfg.warmup_tokens,
-            min_batch_tokens=cfg.min_batch_tokens,
-            adaptive=adaptive,
-            resident=mask,
-            prior=profile.counts if from_profile else None,
-            prior_tokens=profile.num_tokens if from_profile else 0,
+    def _plan(self) -> ResidencyPlan:
+        """The config's plan for these stores (`offload_experts` makes it before allocating)."""
+        store, profile = self.stores[0], self.profile
+        return plan_residency(
+            self.config, self.num_layers, self.num_experts, store.slot_nbytes,
+            store.expert_nbytes,
+            counts=None if profile is None else profile.counts,
+            counts_tokens=0 if profile is None else profile.num_tokens,
         )
 
     # --- routing counts and dynamic residency ------------------------------------------------
@@ -159,7 +118,7 @@ class ExpertOffloadManager:
         if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return
         self.warmup.record(layer, topk_ids)
-        if not self._decides or layer != self.num_layers - 1:
+        if not self.plan.decides or layer != self.num_layers - 1:
             return
         with self._lock:
             failed, self._failed = self._failed, []
@@ -320,7 +279,7 @@ class ExpertOffloadManager:
             [(store["w13"], store["w2"]) for store in self.stores],
             [self.resident_ids(layer) for layer in range(self.num_layers)],
             cfg.prefetch_slots, mode=cfg.prefetch,
-            num_predicted=cfg.prefetch_experts or self.top_k,
+            num_predicted=cfg.prefetch_experts, top_k=self.top_k,
             counts=counts, cooccurrence=cooc, next_gates=next_gates,
         )
         log.info("moe-uvm: %s", self.slot_cache.summary())

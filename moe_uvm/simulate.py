@@ -28,17 +28,18 @@ SLOT_POLICIES = ("first_n", "frequency", "global", "oracle")
 
 @dataclass(frozen=True)
 class Bandwidths:
-    """Read bandwidths in GB/s (1e9 bytes). Defaults: measured on an H100 80GB (PCIe Gen5): HBM
-    reads, and managed read-through of host-resident pages by a kernel."""
+    """Bandwidths in GB/s (1e9 bytes). Defaults: measured on an H100 80GB (PCIe Gen5): HBM
+    reads, managed read-through of host-resident pages by a kernel, and pinned host-to-device
+    copies (what the benchmark's host-copy methods move)."""
 
     hbm_gbps: float = 3000.0
     pcie_gbps: float = 50.0
+    h2d_gbps: float = 55.0
 
     def __post_init__(self) -> None:
-        if not (self.hbm_gbps > 0 and self.pcie_gbps > 0):
-            raise ValueError(
-                f"bandwidths must be > 0 GB/s, got HBM {self.hbm_gbps}, PCIe {self.pcie_gbps}"
-            )
+        if not (self.hbm_gbps > 0 and self.pcie_gbps > 0 and self.h2d_gbps > 0):
+            raise ValueError(f"bandwidths must be > 0 GB/s, got HBM {self.hbm_gbps}, PCIe "
+                             f"{self.pcie_gbps}, H2D {self.h2d_gbps}")
 
 
 def step_reads(trace: RoutingTrace, batch: int) -> np.ndarray:
@@ -63,7 +64,7 @@ class _Run:
     slot), of those from a slot, slots filled on read and experts prefetched; experts re-advised
     (in + out) and the experts those re-advices moved in over PCIe; prefetch totals over all
     layers, as the executor's PrefetchStats counts them (predicted, correct, needed offloaded
-    as in policies.prefetch.METRICS, and copies the kernel then read)."""
+    as in kernels.slot_plan_reference.METRICS, and copies the kernel then read)."""
 
     hits: np.ndarray
     readvised: int = 0
@@ -205,6 +206,8 @@ def resident_sizes(spec: str, num_experts: int) -> list[int]:
     return sizes
 
 
+# Long (~90 lines): one loop over batches x policies x sizes whose records share every counter;
+# split, the counters would travel through several signatures.
 def simulate(
     trace: RoutingTrace,
     resident: Sequence[int],
@@ -286,7 +289,7 @@ def simulate(
             cooc, learn, source = None, False, None
             if mode == "speculative":
                 cooc, learn, source = cooccurrence_start(slots, profile, L, E)
-            m = slots.predicted(num_slots) if mode != "none" else 0
+            m = slots.predicted(num_slots, k) if mode != "none" else 0
             job.update(prefetch_experts=m, cooccurrence=source)
             r = replay(ids, run.hits, mask, num_slots, mode, m,
                        None if profile is None else profile.counts, cooc, learn)

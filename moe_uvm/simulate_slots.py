@@ -1,6 +1,7 @@
 """The GPU slot cache replayed on the CPU: per layer a pool of slots over a static resident set,
-filled on read and ahead of use by a prefetch mode, through the same policies.prefetch planning
-functions as the GPU executor (moe_uvm.slots). Used by moe_uvm.simulate."""
+filled on read and ahead of use by a prefetch mode, through the planning reference
+(kernels.slot_plan_reference) and predictors (policies.prefetch) of the GPU executor
+(moe_uvm.slots). Used by moe_uvm.simulate."""
 
 from __future__ import annotations
 
@@ -9,22 +10,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moe_uvm.policies.prefetch import (
+from moe_uvm.config import PREFETCH_MODES
+from moe_uvm.kernels.slot_plan_reference import (
     commit_fill,
     count_prefetch,
     empty_slot_state,
-    frequency_scores,
     plan_fill,
     plan_prefetch,
     predicted_mask,
+)
+from moe_uvm.policies.prefetch import (
+    default_prefetch_experts,
+    frequency_scores,
     speculative_scores,
     update_cooccurrence,
 )
 from moe_uvm.profile import Profile
 from moe_uvm.trace import RoutingTrace
 
-PREFETCH_MODES = ("none", "frequency", "speculative")
-"""lookahead needs hidden states, which a trace does not hold."""
+TRACE_PREFETCH_MODES = tuple(m for m in PREFETCH_MODES if m != "lookahead")
+"""The modes a trace replays: lookahead needs hidden states, which a trace does not hold."""
 COOCCURRENCE_SOURCES = ("auto", "profile", "online", "both")
 
 
@@ -32,10 +37,10 @@ COOCCURRENCE_SOURCES = ("auto", "profile", "online", "both")
 class SlotSettings:
     """The GPU slot caches to simulate: every slot count in `slots` (per layer; 0 = no cache)
     with every prefetch mode in `prefetch` (a mode other than none needs slots). Each step
-    prefetches `num_predicted` experts per layer (default: half the slots, the rest keep
-    fill-on-read's recent experts), at most the slot count. Speculative co-occurrence comes
-    from `cooccurrence`: profile (the profile's counts), online (learned from the replayed
-    steps), both (profile counts plus online), auto (profile when it has them, else online)."""
+    prefetches `num_predicted` experts per layer (default: `default_prefetch_experts`), at most
+    the slot count. Speculative co-occurrence comes from `cooccurrence`: profile (the profile's
+    counts), online (learned from the replayed steps), both (profile counts plus online), auto
+    (profile when it has them, else online)."""
 
     slots: tuple[int, ...] = (0,)
     prefetch: tuple[str, ...] = ("none",)
@@ -47,9 +52,10 @@ class SlotSettings:
         object.__setattr__(self, "prefetch", tuple(self.prefetch))
         if not self.slots or min(self.slots) < 0:
             raise ValueError(f"slot counts must be >= 0, got {list(self.slots)}")
-        bad = [m for m in self.prefetch if m not in PREFETCH_MODES]
+        bad = [m for m in self.prefetch if m not in TRACE_PREFETCH_MODES]
         if bad or not self.prefetch:
-            raise ValueError(f"unknown prefetch modes {bad}; known: {', '.join(PREFETCH_MODES)} "
+            raise ValueError(f"unknown prefetch modes {bad}; known: "
+                             f"{', '.join(TRACE_PREFETCH_MODES)} "
                              "(lookahead needs hidden states, which a trace does not hold)")
         if max(self.slots) == 0 and self.prefetch != ("none",):
             raise ValueError(f"prefetch {', '.join(self.prefetch)} needs slots > 0")
@@ -59,8 +65,10 @@ class SlotSettings:
             raise ValueError(f"cooccurrence source must be one of "
                              f"{', '.join(COOCCURRENCE_SOURCES)}, got {self.cooccurrence!r}")
 
-    def predicted(self, num_slots: int) -> int:
-        return min(self.num_predicted or max(num_slots // 2, 1), num_slots)
+    def predicted(self, num_slots: int, top_k: int) -> int:
+        if self.num_predicted is None:
+            return default_prefetch_experts(top_k, num_slots)
+        return min(self.num_predicted, num_slots)
 
     def jobs(self) -> list[tuple[int, str]]:
         return [(n, m) for n in self.slots for m in self.prefetch if n > 0 or m == "none"]
@@ -70,8 +78,8 @@ class SlotSettings:
 class SlotReplay:
     """Per step and layer: experts read from HBM (resident or slot), of those from a slot, slots
     filled on read and experts prefetched; prefetch totals over all layers (predicted, correct,
-    needed offloaded as in policies.prefetch.METRICS, and copies the kernel then read), None
-    without prefetch."""
+    needed offloaded as in kernels.slot_plan_reference.METRICS, and copies the kernel then
+    read), None without prefetch."""
 
     hits: np.ndarray
     slot_hits: np.ndarray

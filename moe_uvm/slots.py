@@ -1,8 +1,9 @@
 """SlotCache: per-layer pools of GPU slots holding copies of offloaded experts, filled ahead of
 use by a side stream (prefetch of the next layer's predicted experts) and by the fused kernel
-itself (fill-on-read), kept across decode steps. Carries out policies.prefetch's plans (through
-kernels.slot_plan: one launch per plan, bitwise the same as the torch reference); every
-piece is a device op, so a decode step with the cache captures in a CUDA graph.
+itself (fill-on-read), kept across decode steps. Scores experts with policies.prefetch's
+predictors and plans through kernels.slot_plan (one launch per plan, bitwise the same as
+kernels.slot_plan_reference); every piece is a device op, so a decode step with the cache
+captures in a CUDA graph.
 
 Ordering per layer l of a step (compute stream C, side stream P):
   C waits copied[l]                     prefetch of layer l done before its kernel reads slots
@@ -18,18 +19,51 @@ exact copy, otherwise the kernel reads managed memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from moe_uvm.config import PREFETCH_MODES
 from moe_uvm.kernels import copy_experts_to_slots
 from moe_uvm.kernels.slot_plan import plan_fill_fused, plan_prefetch_fused
-from moe_uvm.policies import prefetch as plan
+from moe_uvm.kernels.slot_plan_reference import (
+    EMPTY_STAMP,
+    METRICS,
+    commit_fill,
+    count_prefetch,
+)
+from moe_uvm.policies import prefetch as predict
 
-PREFETCH_MODES = ("none", "frequency", "speculative", "lookahead")
-DEFAULT_PREDICTED = 2
-"""Experts prefetched per layer and step by default: on the sample traces every extra copy
-evicted an expert about as likely to be needed, so few confident copies hurt least."""
+
+class PrefetchStats:
+    """Per-layer prefetch counters on the device (columns METRICS). `record` is hot-path safe;
+    `summary` reads them back (a host sync)."""
+
+    def __init__(self, num_layers: int, device: torch.device | str | None = None) -> None:
+        self.counters = torch.zeros(num_layers, len(METRICS), dtype=torch.int64, device=device)
+
+    def record(
+        self,
+        layer: int,
+        topk_ids: torch.Tensor,
+        resident: torch.Tensor,
+        expert_slot: torch.Tensor,
+        predicted: torch.Tensor | None = None,
+    ) -> None:
+        count_prefetch(self.counters[layer], topk_ids, resident, expert_slot, predicted)
+
+    def reset(self) -> None:
+        self.counters.zero_()
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Totals over layers with precision = correct / predicted, recall = correct /
+        needed_offloaded and slot_hit_rate = slot_hits / needed_offloaded (None over zero)."""
+        total = dict(zip(METRICS, self.counters.sum(0).tolist(), strict=True))
+        ratio = lambda num, den: total[num] / total[den] if total[den] else None
+        return {**total, "precision": ratio("correct", "predicted"),
+                "recall": ratio("correct", "needed_offloaded"),
+                "slot_hit_rate": ratio("slot_hits", "needed_offloaded")}
 
 
 @dataclass
@@ -53,8 +87,9 @@ class SlotCache:
     predictor of the next layer's experts: none (fill-on-read only: an LRU cache inside the
     graph), frequency (`counts` [L, E]), speculative (`cooccurrence` [L-1, E, E], learned
     online on top of any profile counts) or lookahead (`next_gates[l]`: layer l+1's router
-    weight [E, H], applied to layer l's input). `num_predicted` experts (default 2, at most
-    `num_slots`) are prefetched per layer and step; `copies` counts the copies issued.
+    weight [E, H], applied to layer l's input). `num_predicted` experts (at most `num_slots`;
+    default `default_prefetch_experts(top_k, num_slots)`) are prefetched per layer and step;
+    `copies` counts the copies issued.
     """
 
     def __init__(
@@ -65,6 +100,7 @@ class SlotCache:
         *,
         mode: str = "speculative",
         num_predicted: int | None = None,
+        top_k: int | None = None,
         counts: torch.Tensor | None = None,
         cooccurrence: torch.Tensor | None = None,
         next_gates: Sequence[torch.Tensor] | None = None,
@@ -76,11 +112,14 @@ class SlotCache:
             )
         if num_slots < 1:
             raise ValueError(f"a slot cache needs num_slots >= 1, got {num_slots}")
+        if num_predicted is None and top_k is None:
+            raise ValueError("a slot cache needs num_predicted or top_k (its default's source)")
         w13, _ = weights[0]
         self.num_layers, self.num_experts = len(weights), w13.shape[0]
         self.device = w13.device
         self.mode, self.num_slots = mode, num_slots
-        self.num_predicted = min(num_predicted or DEFAULT_PREDICTED, num_slots)
+        self.num_predicted = (predict.default_prefetch_experts(top_k, num_slots)
+                              if num_predicted is None else min(num_predicted, num_slots))
         if mode == "frequency" and counts is None:
             raise ValueError("frequency prefetch needs routing counts [layers, experts]")
         if mode == "lookahead" and (next_gates is None or len(next_gates) != self.num_layers - 1):
@@ -96,7 +135,7 @@ class SlotCache:
         self.learn_online = learn_online and mode == "speculative"
         self.next_gates = list(next_gates) if next_gates is not None else None
         self.step = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.stats = plan.PrefetchStats(L, device=self.device)
+        self.stats = PrefetchStats(L, device=self.device)
         self.copies = torch.zeros(L, dtype=torch.int64, device=self.device)
         self._last_ids: list[torch.Tensor | None] = [None] * L
         cuda = self.device.type == "cuda"
@@ -112,7 +151,7 @@ class SlotCache:
             torch.empty((S, *w2.shape[1:]), dtype=w2.dtype, device=dev),
             torch.full((E,), -1, dtype=torch.int32, device=dev),
             torch.full((S,), -1, dtype=torch.int32, device=dev),
-            torch.full((S,), plan.EMPTY_STAMP, dtype=torch.int64, device=dev),
+            torch.full((S,), EMPTY_STAMP, dtype=torch.int64, device=dev),
             torch.zeros(E, dtype=torch.bool, device=dev),
             torch.zeros(E, dtype=torch.bool, device=dev),
         )
@@ -139,7 +178,7 @@ class SlotCache:
         for pool in self.layers:
             pool.expert_slot.fill_(-1)
             pool.slot_expert.fill_(-1)
-            pool.slot_stamp.fill_(plan.EMPTY_STAMP)
+            pool.slot_stamp.fill_(EMPTY_STAMP)
         self.stats.reset()
         self.copies.zero_()
 
@@ -159,7 +198,7 @@ class SlotCache:
                                     pool.slot_stamp, self.step, counters=self.stats.counters[layer],
                                     predicted=pool.predicted if self._issued[layer] else None)
         if self.learn_online and layer > 0 and self._last_ids[layer - 1] is not None:
-            plan.update_cooccurrence(self.cooccurrence[layer - 1], self._last_ids[layer - 1],
+            predict.update_cooccurrence(self.cooccurrence[layer - 1], self._last_ids[layer - 1],
                                      topk_ids)
         self._last_ids[layer] = topk_ids
         self._issued[layer] = False
@@ -169,14 +208,14 @@ class SlotCache:
                     w2_slots=pool.w2_slots, fill_slot=fill_slot)
 
     def after_layer(self, layer: int, fill_slot: torch.Tensor) -> None:
-        plan.commit_fill(fill_slot, self.layers[layer].expert_slot)
+        commit_fill(fill_slot, self.layers[layer].expert_slot)
 
     def _scores(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         if self.mode == "frequency":
-            return plan.frequency_scores(self.counts[layer + 1])
+            return predict.frequency_scores(self.counts[layer + 1])
         if self.mode == "lookahead":
-            return plan.lookahead_scores(hidden, self.next_gates[layer])
-        return plan.speculative_scores(self.cooccurrence[layer], topk_ids)
+            return predict.lookahead_scores(hidden, self.next_gates[layer])
+        return predict.speculative_scores(self.cooccurrence[layer], topk_ids)
 
     def _prefetch_next(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         nxt = self.layers[layer + 1]
@@ -186,7 +225,7 @@ class SlotCache:
             self.side.wait_event(self.ready[layer])
             context = torch.cuda.stream(self.side)
         else:
-            context = _NullContext()
+            context = nullcontext()
         if self.side is not None:  # the side stream reads these: keep their memory alive
             topk_ids.record_stream(self.side)
             hidden.record_stream(self.side)
@@ -207,10 +246,3 @@ class SlotCache:
                 f"({self.nbytes / 2**30:.2f} GiB), prefetch={self.mode}, "
                 f"{self.num_predicted} predicted per layer and step")
 
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -13,7 +13,6 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 def _interpreter_breaks_on_this_numpy() -> str | None:
     """triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses
     ("only 0-dimensional arrays can be converted to Python scalars"); 3.8 and 3.9 are fine."""
@@ -30,20 +29,6 @@ def _interpreter_breaks_on_this_numpy() -> str | None:
 
 if (_problem := _interpreter_breaks_on_this_numpy()) is not None:
     raise pytest.UsageError(_problem)
-
-# kernels/ and policies/ become moe_uvm.kernels / moe_uvm.policies only through the install's
-# package-dir mapping. `python -m pytest` puts the checkout first on sys.path, so with a
-# non-editable install the checkout's moe_uvm/ (which has neither) shadows the installed one.
-try:
-    import moe_uvm.kernels  # noqa: F401
-    import moe_uvm.policies  # noqa: F401
-except ModuleNotFoundError as exc:
-    if not exc.name or not exc.name.startswith("moe_uvm"):
-        raise
-    raise pytest.UsageError(
-        f"{exc.name} is not importable: the tests need the package installed in editable mode "
-        "from this checkout: pip install -e '.[test]'"
-    ) from exc
 
 
 def pytest_collection_modifyitems(config, items):

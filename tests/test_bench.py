@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from moe_uvm import bench_sweep, cli
-from moe_uvm.bench import METHODS, managed_residency
+from moe_uvm import cli
+from moe_uvm.tools import bench_sweep
+from moe_uvm.tools.bench import METHODS, managed_residency
 from moe_uvm.trace import synthetic_trace
 
 

@@ -35,51 +35,21 @@ from moe_uvm.kernels.fused_moe_configs import (
 )
 from moe_uvm.kernels.moe_align import align_by_expert
 
+from helpers import (
+    DEVICE,
+    SMALL_DECODE,
+    TOLERANCE,
+    make_inputs,
+    make_routing,
+    rel_err,
+    store_layout,
+)
+
 # `moe_uvm.kernels.fused_moe` as an attribute is the function; the module is in sys.modules.
 KERNEL_MODULE = importlib.import_module("moe_uvm.kernels.fused_moe")
 
-# fp32: only summation order differs. fp16: inputs and the SiLU-and-mul activation are rounded
-# to fp16 (the reference keeps fp32); bf16 has 3 fewer mantissa bits.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QWEN3 = dict(num_experts=128, top_k=8, hidden=2048, intermediate=768)
 MIXTRAL_FEW_EXPERTS = dict(num_experts=4, top_k=2, hidden=4096, intermediate=14336)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def store_layout(w13: torch.Tensor, w2: torch.Tensor, device=None, pin=False):
-    """Copies of w13/w2 laid out as the expert store does: w13[e] then w2[e] back to back in one
-    slot per expert, slots padded (here to 512 elements plus a gap), so stride(0) > dense size."""
-    num_experts, two_i, hidden = w13.shape
-    intermediate = w2.shape[2]
-    dense = two_i * hidden + hidden * intermediate
-    slot = (dense + 64 + 511) // 512 * 512
-    flat = torch.empty(num_experts * slot, dtype=w13.dtype, device=device or w13.device,
-                       pin_memory=pin)
-    strided13 = flat.as_strided(w13.shape, (slot, hidden, 1))
-    strided2 = flat.as_strided(w2.shape, (slot, intermediate, 1), two_i * hidden)
-    strided13.copy_(w13)
-    strided2.copy_(w2)
-    return strided13, strided2
-
-
-def make_routing(num_tokens, num_experts, top_k, hidden, dtype, device=DEVICE):
-    """Activations ~ N(0, 1) and softmax-top-k routing (distinct experts per token, int64)."""
-    x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
-    logits = torch.randn(num_tokens, num_experts, device=device)
-    topk_weights, topk_ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
-    return x, topk_weights, topk_ids
-
-
-def make_inputs(num_tokens, num_experts, top_k, hidden, intermediate, dtype, device=DEVICE):
-    """Routing plus weights scaled so every stage stays O(1), drawn in `dtype` (no fp32 copy)."""
-    x, topk_weights, topk_ids = make_routing(num_tokens, num_experts, top_k, hidden, dtype, device)
-    w13 = torch.randn(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype)
-    w2 = torch.randn(num_experts, hidden, intermediate, device=device, dtype=dtype)
-    return x, w13.mul_(hidden**-0.5), w2.mul_(intermediate**-0.5), topk_weights, topk_ids
 
 
 def slot_pool(w13, w2, experts, num_slots):
@@ -373,9 +343,6 @@ def test_tables_round_trip_and_bad_files_are_refused_naming_the_file(tmp_path):
         load_tables(path)
 
 
-# One-token path: small explicit tiles so K loops run several steps and K/N edges are masked.
-SMALL_DECODE = MoeDecodeConfig(gate_up_block_n=4, gate_up_block_k=32, down_block_n=8,
-                               down_block_k=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

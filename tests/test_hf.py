@@ -19,56 +19,11 @@ from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.dense import DenseOffloadConfig  # noqa: E402
 from moe_uvm.integrations import hf  # noqa: E402
 
-COMMON = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, bos_token_id=1,
-    eos_token_id=2,
-)
-# One tiny config per family, each with two MoE layers; the DeepSeek ones put a dense MLP first
-# (first_k_dense_replace) and use grouped routing, V3 with its sigmoid + correction-bias router.
-DEEPSEEK = dict(
-    num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-    qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, n_group=4, topk_group=2,
-)
-FAMILY_CONFIGS = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-        shared_expert_intermediate_size=64, norm_topk_prob=True,
-    ),
-    "qwen3_moe": dict(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=8,
-        tie_word_embeddings=True,
-    ),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-    "deepseek_v2": dict(DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
-    "deepseek_v3": dict(DEEPSEEK, q_lora_rank=16, routed_scaling_factor=2.5),
-}
+from helpers import COMMON, FAMILY_CONFIGS, rel_err, tiny_model  # noqa: E402
+
 REL_TOL = 1e-5
 """fp32 on CPU: ||out - ref|| / ||ref|| of the logits (the kernel and transformers sum the same
 products in different orders)."""
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def tiny_model(model_type: str, seed: int, **overrides) -> torch.nn.Module:
-    """A random-weight model: norms near 1, every other weight N(0, 0.2^2) (large enough that
-    the routed experts move the logits), DeepSeek-V3's correction bias random too."""
-    fields = {**COMMON, **FAMILY_CONFIGS[model_type], **overrides}
-    config = AutoConfig.for_model(model_type, **fields)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
@@ -90,7 +45,7 @@ def test_wrapped_logits_equal_original_and_come_from_the_stores(family, seed):
     ids = token_ids()
     with torch.no_grad():
         ref = model(ids).logits
-    manager = hf.offload_experts(model, ExpertOffloadConfig(num_resident=1))
+    manager = hf.offload_model_experts(model, ExpertOffloadConfig(num_resident=1))
     with torch.no_grad():
         out = model(ids).logits
     assert rel_err(out, ref) < REL_TOL, f"seed {seed}"
@@ -109,7 +64,7 @@ def test_generate_unchanged(family, seed):
     ids = token_ids(batch=1)
     kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, **kwargs)
-    hf.offload_experts(model)
+    hf.offload_model_experts(model)
     assert torch.equal(model.generate(ids, **kwargs), ref), f"seed {seed}"
 
 
@@ -226,7 +181,7 @@ def test_model_without_moe_blocks_refused_naming_the_families(tmp_path):
     families = r"\(mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3\)"
     with pytest.raises(ValueError, match=f"LlamaForCausalLM has no sparse-MoE block of a "
                        f"supported family {families}"):
-        hf.offload_experts(model)
+        hf.offload_model_experts(model)
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'llama' has no MoE block moe-uvm supports; supported "
                        "families: mixtral, qwen2_moe"):
@@ -235,11 +190,11 @@ def test_model_without_moe_blocks_refused_naming_the_families(tmp_path):
 
 def test_unsupported_activation_and_double_offload_refused(seed):
     with pytest.raises(ValueError, match="activation 'gelu'; FusedMoE runs SiLU-gated experts"):
-        hf.offload_experts(tiny_model("mixtral", seed, hidden_act="gelu"))
+        hf.offload_model_experts(tiny_model("mixtral", seed, hidden_act="gelu"))
     model = tiny_model("olmoe", seed)
-    hf.offload_experts(model)
+    hf.offload_model_experts(model)
     with pytest.raises(ValueError, match="already offloaded"):
-        hf.offload_experts(model)
+        hf.offload_model_experts(model)
 
 
 def test_meta_model_is_sent_to_load_offloaded():
@@ -247,5 +202,5 @@ def test_meta_model_is_sent_to_load_offloaded():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="meta device; use load_offloaded"):
-        hf.offload_experts(model)
+        hf.offload_model_experts(model)
 

@@ -16,7 +16,7 @@ from moe_uvm.integrations import hf  # noqa: E402
 from moe_uvm.profile import Profile, load_profile  # noqa: E402
 from moe_uvm.trace import load_trace  # noqa: E402
 
-from test_hf import COMMON, tiny_model  # noqa: E402
+from helpers import COMMON, tiny_model  # noqa: E402
 
 PROMPTS = [[5, 9, 17, 3, 40], [7, 7, 8, 60, 61, 62, 90], [11, 12, 13, 14]]
 

@@ -103,7 +103,7 @@ def test_wrapped_gpu_model_matches_transformers_in_fp32():
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 16), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
-    manager = hf.offload_experts(model, ExpertOffloadConfig(num_resident=8))
+    manager = hf.offload_model_experts(model, ExpertOffloadConfig(num_resident=8))
     assert manager.is_managed
     with torch.no_grad():
         out = model(ids).logits
@@ -119,7 +119,7 @@ def test_cpu_model_offloaded_to_the_gpu_moves_the_rest_along():
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 16))
     with torch.no_grad():
         ref = model(ids).logits
-    manager = hf.offload_experts(model, ExpertOffloadConfig(num_resident=8), device="cuda")
+    manager = hf.offload_model_experts(model, ExpertOffloadConfig(num_resident=8), device="cuda")
     assert manager.is_managed
     assert all(p.is_cuda for p in model.parameters())
     with torch.no_grad():

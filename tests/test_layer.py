@@ -8,36 +8,11 @@ from torch import nn
 from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.kernels import fused_moe_reference
-from moe_uvm.layer import FusedMoE, find_moe_layers, offload_experts
+from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
+from moe_uvm.offload import find_moe_layers, offload_experts
 
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def random_moe(E=8, k=2, H=32, I=16, dtype=torch.float32, device="cpu", renormalize=True):
-    moe = FusedMoE(E, k, H, I, renormalize=renormalize, dtype=dtype, device=device)
-    with torch.no_grad():
-        moe.w13_weight.normal_(0, H**-0.5)
-        moe.w2_weight.normal_(0, I**-0.5)
-    return moe
-
-
-class TinyMoEModel(nn.Module):
-    """Residual stack of router + FusedMoE blocks: the shape of a decode step's MoE part."""
-
-    def __init__(self, layers=3, E=8, k=2, H=32, I=16, dtype=torch.float32, device="cpu"):
-        super().__init__()
-        self.gates = nn.ModuleList(
-            nn.Linear(H, E, bias=False, dtype=dtype, device=device) for _ in range(layers)
-        )
-        self.moes = nn.ModuleList(random_moe(E, k, H, I, dtype, device) for _ in range(layers))
-
-    def forward(self, h):
-        for gate, moe in zip(self.gates, self.moes, strict=True):
-            h = h + moe(h, gate(h))
-        return h
+from helpers import TinyMoEModel, random_moe, rel_err
 
 
 def test_route_is_softmax_topk_renormalized():

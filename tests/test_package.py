@@ -24,3 +24,26 @@ def test_kernels_and_policies_install_under_the_package():
 
     assert callable(fused_moe) and callable(fused_moe_reference)
     assert hasattr(residency, "first_n")
+
+
+def test_kernels_and_policies_import_from_the_checkout_without_the_install_mapping():
+    """`python -m pytest` from the checkout imports moe_uvm/ from there, ahead of any install;
+    with a non-editable install (or none) the mapping must still hold."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(moe_uvm.__file__).resolve().parent.parent
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "sys.path_hooks[:] = [h for h in sys.path_hooks if 'editable' not in repr(h).lower()]\n"
+        "sys.path_importer_cache.clear()\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "import moe_uvm.kernels, moe_uvm.policies\n"
+        "print(moe_uvm.kernels.__file__, moe_uvm.policies.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kernels, policies = out.stdout.split()
+    assert pathlib.Path(kernels).parent.parent == root
+    assert pathlib.Path(policies).parent.parent == root

@@ -5,22 +5,24 @@ import numpy as np
 import pytest
 import torch
 
-from moe_uvm.policies.prefetch import (
+from moe_uvm.kernels.slot_plan_reference import (
     EMPTY_STAMP,
-    PrefetchStats,
     commit_fill,
     count_prefetch,
     empty_slot_state,
-    frequency_scores,
-    lookahead_scores,
     plan_fill,
     plan_prefetch,
     predicted_mask,
-    speculative_scores,
     top_offloaded,
+)
+from moe_uvm.policies.prefetch import (
+    frequency_scores,
+    lookahead_scores,
+    speculative_scores,
     update_cooccurrence,
 )
 from moe_uvm.profile import Profile
+from moe_uvm.slots import PrefetchStats
 from moe_uvm.trace import synthetic_trace
 
 # --- plain-Python reference of one pool ------------------------------------------------------

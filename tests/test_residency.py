@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.policies.plan import ResidencyPlan, plan_residency
 from moe_uvm.policies.residency import (
     ResidentBudget,
     first_n,
@@ -146,3 +148,37 @@ def test_select_resident_with_a_total_takes_the_most_used_pairs():
     assert mask.sum() == 10
     chosen = np.sort(counts[mask])
     assert chosen.min() >= np.sort(counts[~mask]).max()
+
+
+def test_plan_from_config_without_a_manager():
+    manual_cfg = ExpertOffloadConfig(resident_selection="manual", resident_ids=[[7, 1], "3"])
+    plan = plan_residency(manual_cfg, 2, 8, slot_nbytes=100, expert_nbytes=90)
+    assert plan.resident_ids(0) == (1, 7) and plan.resident_ids(1) == (3,)
+    assert plan.adaptive is None and not plan.decides
+    budget_cfg = ExpertOffloadConfig(gpu_budget_gb=5 * 100 / 1e9, resident_selection="frequency")
+    plan = plan_residency(budget_cfg, 2, 8, slot_nbytes=100, expert_nbytes=90)
+    assert resident_lists(plan.resident) == [[0, 1, 2], [0, 1]] and plan.decides
+
+
+def test_adaptive_plan_from_a_profile_starts_adaptive_with_the_counts_as_prior():
+    counts = np.zeros((2, 8))
+    counts[0, [5, 6]] = counts[1, [2, 3]] = 10
+    cfg = ExpertOffloadConfig(
+        num_resident=2, resident_selection="profile", profile_path="p.json", adaptive=True,
+        adaptive_readvise_mb=1e-3,
+    )
+    plan = plan_residency(cfg, 2, 8, 100, 90, counts=counts, counts_tokens=10)
+    assert resident_lists(plan.resident) == [[5, 6], [2, 3]]
+    assert plan.warmup_tokens == 0 and plan.prior is counts and plan.prior_tokens == 10
+    assert plan.adaptive.max_swaps == 5  # 1000 bytes of re-advice, 2 x 100 per swap
+    assert plan.counter().phase == "adaptive"
+    with pytest.raises(ValueError, match="needs routing counts"):
+        plan_residency(cfg, 2, 8, 100, 90)
+
+
+def test_plan_refuses_a_resident_mask_of_another_shape():
+    with pytest.raises(ValueError, match=r"bool mask of shape \(2, 8\)"):
+        ResidencyPlan(
+            ResidentBudget(2, 8, per_layer=(1, 1)), np.ones((2, 7), bool), warmup_tokens=1,
+            min_batch_tokens=1, adaptive=None, decides=False,
+        )

@@ -9,9 +9,10 @@ import torch
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.kernels import fused_moe_reference
 from moe_uvm.kernels.expert_ids import screen_expert_ids, screen_expert_ids_reference
-from moe_uvm.layer import CHECK_IDS_ENV, FusedMoE, RoutingError, offload_experts
+from moe_uvm.layer import CHECK_IDS_ENV, FusedMoE, RoutingError
+from moe_uvm.offload import offload_experts
 
-from test_layer import TinyMoEModel, random_moe, rel_err
+from helpers import TinyMoEModel, random_moe, rel_err
 
 E, K, H, I = 8, 2, 32, 16
 BAD_IDS = [E, E + 5, 2**31 - 1, -2, -1000]

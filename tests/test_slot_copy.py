@@ -19,7 +19,7 @@ from moe_uvm.kernels import (
 from moe_uvm.kernels.fused_moe import MoeBlockConfig, fused_moe_triton
 from moe_uvm.kernels.slot_copy import CHUNK_BYTES
 
-from test_fused_moe import (
+from helpers import (
     DEVICE,
     SMALL_DECODE,
     TOLERANCE,

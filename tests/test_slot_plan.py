@@ -1,7 +1,7 @@
 """The one-launch slot planners (plan_fill_fused, plan_prefetch_fused) against the torch
-references in policies.prefetch: the same plans, pool state and counters bitwise, on random
-pools (stamp ties, empty slots, resident experts, padding and repeated ids, score ties, zero,
-negative and non-finite scores), over random call sequences, and (GPU) inside CUDA-graph
+references in kernels/slot_plan_reference.py: the same plans, pool state and counters bitwise,
+on random pools (stamp ties, empty slots, resident experts, padding and repeated ids, score
+ties, zero, negative and non-finite scores), over random call sequences, and (GPU) inside CUDA-graph
 replay at Qwen3-like sizes and at the largest supported sizes."""
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_uvm.kernels.slot_plan import plan_fill_fused, plan_prefetch_fused
-from moe_uvm.policies.prefetch import (
+from moe_uvm.kernels.slot_plan_reference import (
     EMPTY_STAMP,
     METRICS,
     commit_fill,

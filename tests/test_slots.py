@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.layer import offload_experts
+from moe_uvm.offload import offload_experts
 from moe_uvm.slots import SlotCache
 
-from test_layer import TinyMoEModel
+from helpers import TinyMoEModel
 
 
 def routed_model(device, dtype, layers=3, **shape):

@@ -1,5 +1,5 @@
 """Hugging Face transformers integration: run the routed experts of a transformers MoE model
-through FusedMoE with weights in managed memory (`offload_experts`), stream a safetensors
+through FusedMoE with weights in managed memory (`offload_model_experts`), stream a safetensors
 checkpoint straight into that layout (`load_offloaded`), and calibrate a routing profile from a
 model (`calibrate_model`). Needs the `hf` extra (transformers, safetensors).
 
@@ -31,13 +31,13 @@ __all__ = [
     "calibrate_model",
     "find_moe_blocks",
     "load_offloaded",
-    "offload_experts",
+    "offload_model_experts",
     "read_prompts",
     "supported_families",
 ]
 
 
-def offload_experts(
+def offload_model_experts(
     model: nn.Module,
     config: ExpertOffloadConfig | None = None,
     *,

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.layer import FusedMoE, offload_experts
+from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
+from moe_uvm.offload import offload_experts
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ def _joined(traces: Sequence[RoutingTrace]) -> RoutingTrace:
     )
 
 
+# Long (~80 lines): checks, model load, the hooked forward loop and the profile/trace writes
+# read best in the order they happen; each part is a few lines.
 def calibrate_model(
     model_or_path: nn.Module | str | Path,
     prompts_path: str | Path,

@@ -267,6 +267,8 @@ def _dense_offload_ids(
     return layers, {id(named[n]) for n in selected}
 
 
+# Long (~60 lines): the streaming load is one ordered sequence (shapes, budget check, stores,
+# shards, non-expert weights) whose steps share the open model and stores.
 def load_offloaded(
     path: str | Path,
     config: ExpertOffloadConfig | None = None,

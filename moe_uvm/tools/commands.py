@@ -29,7 +29,7 @@ from moe_uvm.simulate_slots import SlotSettings
 from moe_uvm.trace import RoutingTrace, load_trace, parse_range, trace_path
 
 if TYPE_CHECKING:
-    from moe_uvm.bench_sweep import BenchConfig
+    from moe_uvm.tools.bench_sweep import BenchConfig
 
 
 class CLIError(Exception):
@@ -235,7 +235,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from moe_uvm import bench_sweep
+    from moe_uvm.tools import bench_sweep
 
     device = args.device
     if device == "auto":
@@ -275,7 +275,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def _bench_simulation(cfg: BenchConfig, out: Path, reason: str) -> int:
-    from moe_uvm import bench_sweep
+    from moe_uvm.tools import bench_sweep
 
     print(f"{reason[0].upper()}{reason[1:]}: running the CPU policy simulation instead of the "
           "GPU decode benchmark (hit rates and predicted floors, no timings).")

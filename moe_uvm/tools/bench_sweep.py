@@ -1,5 +1,5 @@
-"""The resident-count sweep of `moe-uvm bench`: runs every method of moe_uvm.bench at every
-(batch, resident count), computes the roofline floor from bandwidths measured in the same run,
+"""The resident-count sweep of `moe-uvm bench`: runs every method of moe_uvm.tools.bench at
+every (batch, resident count), computes the roofline floor from bandwidths measured in the same run,
 and writes the markdown table, JSON and plot. Without a GPU, `moe-uvm bench` runs `simulation`
 instead: the same configuration replayed through moe_uvm.simulate on the CPU."""
 
@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from moe_uvm import ceilings, uvm
-from moe_uvm.bench import (
+from moe_uvm.presets import ModelShape
+from moe_uvm.profile import Profile
+from moe_uvm.simulate import Bandwidths, resident_sizes, simulate
+from moe_uvm.simulate_slots import SlotSettings
+from moe_uvm.slots import SlotCache
+from moe_uvm.tools.bench import (
     MANAGED,
     METHODS,
     LayerWeights,
@@ -27,11 +32,6 @@ from moe_uvm.bench import (
     run_captured,
     run_lru,
 )
-from moe_uvm.presets import ModelShape
-from moe_uvm.profile import Profile
-from moe_uvm.simulate import Bandwidths, resident_sizes, simulate
-from moe_uvm.simulate_slots import SlotSettings
-from moe_uvm.slots import SlotCache
 from moe_uvm.trace import SAMPLE_NAME, RoutingTrace, load_trace, trace_path
 
 CPU_NOTE = ("CPU path: no GPU, so weights stay in CPU memory, nothing is captured and the "
@@ -156,8 +156,9 @@ def _mask(sets: list[list[int]], num_experts: int) -> np.ndarray:
 def sweep(cfg: BenchConfig, progress=print) -> dict:
     """Run every method at every (batch, resident count); returns the JSON-ready result."""
     cuda = cfg.device == "cuda"
-    bw = {"hbm_read_gbps": 3000.0, "read_through_gbps": 50.0, "pinned_read_gbps": 50.0,
-          "h2d_gbps": 55.0}
+    h100 = Bandwidths()
+    bw = {"hbm_read_gbps": h100.hbm_gbps, "read_through_gbps": h100.pcie_gbps,
+          "pinned_read_gbps": h100.pcie_gbps, "h2d_gbps": h100.h2d_gbps}
     if cuda:
         bw = {"hbm_read_gbps": ceilings.hbm_read_gbps(), "read_through_gbps":
               ceilings.read_through_gbps(), "pinned_read_gbps": ceilings.pinned_read_gbps(),
@@ -231,7 +232,7 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                 for mode in cfg.prefetch:
                     cache = SlotCache(
                         [(w.w13, w.w2) for w in managed], sets, num_slots, mode=mode,
-                        counts=torch.from_numpy(work.profile.counts),
+                        top_k=work.top_k, counts=torch.from_numpy(work.profile.counts),
                         cooccurrence=torch.from_numpy(work.profile.cooccurrence),
                     )
                     ms, out = run_captured(work, managed, ids, weights, h0, cache)

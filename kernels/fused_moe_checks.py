@@ -1,0 +1,62 @@
+"""Argument checks of the fused-MoE launcher: shapes, dtypes, strides and slot arguments, each
+refused with what was wrong and what is allowed, before any launch."""
+
+import torch
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_expert_matrix(name: str, w: torch.Tensor, shape: tuple[int, int],
+                         dtype: torch.dtype) -> None:
+    if w.dim() != 3 or tuple(w.shape[1:]) != shape:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}: expected [*, {shape[0]}, {shape[1]}]")
+    if w.dtype != dtype:
+        raise ValueError(f"{name} has dtype {w.dtype}: must match hidden_states ({dtype})")
+    if w.stride(2) != 1 or w.stride(1) != shape[1]:
+        raise ValueError(f"{name} has strides {w.stride()}: dims 1 and 2 must be contiguous "
+                         f"(stride(1)={shape[1]}, stride(2)=1); dim 0 may be any stride")
+
+
+def _check_slot_args(num_experts, intermediate, hidden, dtype, expert_slot, w13_slots, w2_slots,
+                     fill_slot) -> None:
+    maps = {"expert_slot": expert_slot, "fill_slot": fill_slot}
+    pools = {"w13_slots": w13_slots, "w2_slots": w2_slots}
+    given = [name for name, t in {**maps, **pools}.items() if t is not None]
+    if any(t is not None for t in maps.values()) != all(t is not None for t in pools.values()):
+        raise ValueError("expert_slot and fill_slot each need both w13_slots and w2_slots, and "
+                         f"the pools need one of them: got {', '.join(given) or 'none'}")
+    for name, t in maps.items():
+        if t is not None and (t.dtype != torch.int32 or tuple(t.shape) != (num_experts,)
+                              or not t.is_contiguous()):
+            raise ValueError(f"{name} is {t.dtype} of shape {tuple(t.shape)}: expected a "
+                             f"contiguous int32 [{num_experts}]")
+    if w13_slots is not None:
+        _check_expert_matrix("w13_slots", w13_slots, (2 * intermediate, hidden), dtype)
+        _check_expert_matrix("w2_slots", w2_slots, (hidden, intermediate), dtype)
+        if w2_slots.shape[0] != w13_slots.shape[0]:
+            raise ValueError(f"w2_slots has {w2_slots.shape[0]} slots, w13_slots has "
+                             f"{w13_slots.shape[0]}: must match")
+
+
+def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
+                  w2_slots, fill_slot) -> None:
+    if hidden_states.dim() != 2 or hidden_states.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden_states is {hidden_states.dtype} of shape "
+                         f"{tuple(hidden_states.shape)}: expected [T, H] in bf16, fp16 or fp32")
+    num_tokens, hidden = hidden_states.shape
+    if w13.dim() != 3 or w13.shape[1] % 2:
+        raise ValueError(f"w13 has shape {tuple(w13.shape)}: expected [E, 2I, H]")
+    intermediate = w13.shape[1] // 2
+    _check_expert_matrix("w13", w13, (2 * intermediate, hidden), hidden_states.dtype)
+    _check_expert_matrix("w2", w2, (hidden, intermediate), hidden_states.dtype)
+    if w2.shape[0] != w13.shape[0]:
+        raise ValueError(f"w2 has {w2.shape[0]} experts, w13 has {w13.shape[0]}: must match")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.dtype not in _ID_DTYPES:
+        raise ValueError(f"topk_ids is {topk_ids.dtype} of shape {tuple(topk_ids.shape)}: "
+                         f"expected int32 or int64 [{num_tokens}, k]")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}: must equal "
+                         f"topk_ids' {tuple(topk_ids.shape)}")
+    _check_slot_args(w13.shape[0], intermediate, hidden, hidden_states.dtype, expert_slot,
+                     w13_slots, w2_slots, fill_slot)
