@@ -162,6 +162,11 @@ class FusedMoE(nn.Module):
         topk_ids = self._screen_ids(topk_ids)
         if self.check_ids and not _capturing():
             self.check_routing()
+        return self._routed(hidden_states, topk_weights, topk_ids)
+
+    def _routed(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        """HOT PATH: counts, slot plan, kernel, for ids already in [0, num_experts) or -1."""
         if self.record_routing is not None:
             self.record_routing(topk_ids)
         weights = topk_weights.float()
@@ -215,7 +220,8 @@ class FusedMoE(nn.Module):
                 f"(num_experts={self.num_experts})"
             )
         topk_weights, topk_ids = self.route(router_logits)
-        return self.experts(hidden_states, topk_weights, topk_ids)
+        # top-k over num_experts columns gives ids in [0, num_experts): nothing to screen.
+        return self._routed(hidden_states, topk_weights, topk_ids)
 
     def extra_repr(self) -> str:
         return (
