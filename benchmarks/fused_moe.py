@@ -214,14 +214,17 @@ def tune_decode(shape: dict, weights, inputs) -> tuple[MoeDecodeConfig, float]:
 
 
 def device_tables() -> TunedTables:
-    return tuned_tables(torch.cuda.get_device_name())
+    return tuned_tables(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 
 
 def write_tables(tuned: dict, decode: dict) -> None:
     """Merge into this GPU model's tables file; the kernels (and this process) use it from now."""
     name = torch.cuda.get_device_name()
     old = device_tables()
-    tables = TunedTables(name, {**old.grouped, **tuned}, {**old.decode, **decode})
+    if old.device_name != name:  # another model's tables, borrowed: start this model's own
+        old = TunedTables()
+    tables = TunedTables(name, torch.cuda.get_device_capability(), {**old.grouped, **tuned},
+                         {**old.decode, **decode})
     save_tables(tables, config_file(name), f"python benchmarks/fused_moe.py --tune on {name}, "
                 f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, triton "
                 f"{triton.__version__} (for T >= 64 the fastest with offloaded weights among "

@@ -249,7 +249,8 @@ def _tables(device: torch.device) -> TunedTables:
     """The tuned tables of the device's GPU model (rules alone in the interpreter)."""
     if device.type != "cuda":
         return NO_TABLES
-    return tuned_tables(torch.cuda.get_device_name(device))
+    return tuned_tables(torch.cuda.get_device_name(device),
+                        torch.cuda.get_device_capability(device))
 
 
 def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

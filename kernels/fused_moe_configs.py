@@ -98,13 +98,15 @@ class TunedTables:
     grouped path measured faster at T=1; keys not listed use default_decode_config."""
 
     device_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
     grouped: Mapping[ConfigKey, tuple[tuple[int, MoeBlockConfig], ...]] = field(
         default_factory=dict)
     decode: Mapping[ConfigKey, MoeDecodeConfig | None] = field(default_factory=dict)
 
 
 NO_TABLES = TunedTables()
-"""GPUs without a file (and the Triton interpreter) use the rules alone."""
+"""The Triton interpreter, and GPUs with no file of their own or of their architecture, use the
+rules alone."""
 
 
 def config_file(device_name: str) -> Path:
@@ -135,6 +137,7 @@ def load_tables(path: Path) -> TunedTables:
             for entry in data["decode"]
         }
         device_name = str(data["device_name"])
+        major, minor = (int(v) for v in data["compute_capability"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"kernel config file {path} is invalid: {exc!r}") from None
     for key, buckets in grouped.items():
@@ -142,7 +145,7 @@ def load_tables(path: Path) -> TunedTables:
         if bounds != sorted(set(bounds)):
             raise ValueError(f"{path}: buckets of {key} must have ascending max_tokens, "
                              f"got {bounds}")
-    return TunedTables(device_name, grouped, decode)
+    return TunedTables(device_name, (major, minor), grouped, decode)
 
 
 def save_tables(tables: TunedTables, path: Path, source: str) -> None:
@@ -152,6 +155,7 @@ def save_tables(tables: TunedTables, path: Path, source: str) -> None:
 
     data = {
         "device_name": tables.device_name,
+        "compute_capability": list(tables.compute_capability),
         "source": source,
         "grouped": [dict(**key_fields(key), buckets=[dict(max_tokens=t, config=asdict(c))
                                                      for t, c in buckets])
@@ -163,11 +167,21 @@ def save_tables(tables: TunedTables, path: Path, source: str) -> None:
 
 
 @functools.cache
-def tuned_tables(device_name: str | None) -> TunedTables:
-    """The tables of this GPU model (None: the interpreter), or NO_TABLES without a file."""
-    if device_name is None or not config_file(device_name).exists():
+def tuned_tables(device_name: str | None,
+                 compute_capability: tuple[int, int] | None = None) -> TunedTables:
+    """The tables of this GPU model; else, with its compute capability, those of another model
+    of the same architecture (an H200 uses the H100's: same SMs, same tiles fit), the file
+    names sorted; else NO_TABLES (None: the interpreter)."""
+    if device_name is None:
         return NO_TABLES
-    return load_tables(config_file(device_name))
+    if config_file(device_name).exists():
+        return load_tables(config_file(device_name))
+    if compute_capability is not None:
+        for path in sorted(CONFIG_DIR.glob("*.json")):
+            tables = load_tables(path)
+            if tables.compute_capability == tuple(compute_capability):
+                return tables
+    return NO_TABLES
 
 
 def config_key(num_experts: int, hidden: int, intermediate: int, top_k: int,

@@ -298,7 +298,7 @@ def test_selected_block_m_is_never_below_the_rule(shape, num_tokens):
 
 def test_tuned_entry_below_the_rule_is_skipped():
     key = config_key(8, 64, 32, 2, torch.float16)
-    tables = TunedTables("test GPU", {key: ((256, MoeBlockConfig(block_m=16)),)})
+    tables = TunedTables("test GPU", grouped={key: ((256, MoeBlockConfig(block_m=16)),)})
     assert select_config(8, 64, 32, 2, torch.float16, 8, tables) == MoeBlockConfig(block_m=16)
     assert (select_config(8, 64, 32, 2, torch.float16, 256, tables)
             == default_config(8, 64, 32, 2, 256))
@@ -315,9 +315,12 @@ def test_every_shipped_table_file_loads_and_is_named_for_its_device():
         assert tables.grouped and tables.decode
 
 
-def test_a_gpu_without_a_file_uses_the_rules():
+def test_a_gpu_without_a_file_borrows_its_architectures_tables_else_uses_the_rules():
     assert tuned_tables("NVIDIA Imaginary GPU").grouped == {}
+    assert tuned_tables("NVIDIA Imaginary GPU", (7, 5)).grouped == {}
     h100 = tuned_tables("NVIDIA H100 80GB HBM3")
+    assert h100.compute_capability == (9, 0)
+    assert tuned_tables("NVIDIA H200", (9, 0)) == h100
     tuned = select_config(128, 2048, 768, 8, torch.bfloat16, 16, h100)
     assert tuned == h100.grouped[config_key(128, 2048, 768, 8, torch.bfloat16)][2][1]
     assert select_config(128, 2048, 768, 8, torch.bfloat16, 16) == default_config(
@@ -326,7 +329,8 @@ def test_a_gpu_without_a_file_uses_the_rules():
 
 def test_tables_round_trip_and_bad_files_are_refused_naming_the_file(tmp_path):
     key = config_key(8, 64, 32, 2, torch.bfloat16)
-    tables = TunedTables("Some GPU", {key: ((4, MoeBlockConfig()), (64, MoeBlockConfig(32)))},
+    tables = TunedTables("Some GPU", (8, 9),
+                         {key: ((4, MoeBlockConfig()), (64, MoeBlockConfig(32)))},
                          {key: MoeDecodeConfig()})
     path = tmp_path / "Some_GPU.json"
     save_tables(tables, path, "a test")
