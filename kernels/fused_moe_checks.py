@@ -1,5 +1,5 @@
-"""Argument checks of the fused-MoE launcher: shapes, dtypes, strides and slot arguments, each
-refused with what was wrong and what is allowed, before any launch."""
+"""Argument checks of the fused-MoE launcher: shapes, dtypes, strides, devices and slot arguments,
+each refused with what was wrong and what is allowed, before any launch."""
 
 import torch
 
@@ -39,6 +39,15 @@ def _check_slot_args(num_experts, intermediate, hidden, dtype, expert_slot, w13_
                              f"{w13_slots.shape[0]}: must match")
 
 
+def _check_same_device(hidden_states: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    # The kernels take raw pointers: a tensor on another device would be read at an address
+    # that means nothing there (garbage, or an illegal access that ends the CUDA context).
+    for name, t in tensors.items():
+        if t is not None and t.device != hidden_states.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on "
+                             f"{hidden_states.device}: they must be on the same device")
+
+
 def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
                   w2_slots, fill_slot) -> None:
     if hidden_states.dim() != 2 or hidden_states.dtype not in _FLOAT_DTYPES:
@@ -58,5 +67,7 @@ def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w1
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}: must equal "
                          f"topk_ids' {tuple(topk_ids.shape)}")
+    _check_same_device(hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
+                       expert_slot=expert_slot, fill_slot=fill_slot)
     _check_slot_args(w13.shape[0], intermediate, hidden, hidden_states.dtype, expert_slot,
                      w13_slots, w2_slots, fill_slot)

@@ -249,6 +249,34 @@ def test_rejects_bad_inputs(change, message):
         fused_moe_triton(**args)
 
 
+@pytest.mark.parametrize(
+    "name,pools",
+    [("topk_ids", False), ("topk_weights", False), ("expert_slot", True), ("fill_slot", True)],
+)
+def test_rejects_routing_and_slot_maps_on_another_device(name, pools):
+    x, w13, w2, topk_weights, topk_ids = make_inputs(3, 8, 2, 32, 16, torch.float32)
+    args = dict(hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+                expert_slot=None, w13_slots=None, w2_slots=None, fill_slot=None)
+    if pools:
+        args.update(w13_slots=w13[:2], w2_slots=w2[:2])
+        args[name] = torch.full((8,), -1, dtype=torch.int32, device=x.device)
+    args[name] = args[name].to("meta")
+    message = rf"{name} is on meta but hidden_states is on {x.device}: they must be on the same"
+    with pytest.raises(ValueError, match=message):
+        fused_moe_triton(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["topk_ids", "topk_weights"])
+def test_gpu_rejects_routing_on_the_host_through_the_op(name):
+    # Through the custom op (not the meta device: a meta argument dispatches to the fake kernel).
+    x, w13, w2, topk_weights, topk_ids = make_inputs(3, 8, 2, 32, 16, torch.float32, "cuda")
+    args = dict(topk_weights=topk_weights, topk_ids=topk_ids)
+    args[name] = args[name].cpu()
+    with pytest.raises(ValueError, match=f"{name} is on cpu but hidden_states is on cuda:"):
+        fused_moe(x, w13, w2, **args)
+
+
 def test_config_rule_uses_thin_tiles_for_decode_and_wide_for_prefill():
     mixtral_decode = select_config(8, 4096, 14336, 2, torch.bfloat16, 1)
     assert mixtral_decode.block_m == 16 and mixtral_decode.down_split_k > 1
