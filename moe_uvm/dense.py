@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,30 @@ def _round_up(nbytes: int) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
+def _packed(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Offsets of tensors of these sizes packed in order, each at an ALIGN_BYTES boundary, and
+    the packed size."""
+    offsets, end = [], 0
+    for nbytes in sizes:
+        offsets.append(_round_up(end))
+        end = offsets[-1] + nbytes
+    return offsets, end
+
+
+def _pool_shape(slots: Sequence[int], layer_nbytes: Sequence[int]) -> tuple[int, int]:
+    """(buffers, bytes per buffer) of the pool: one row per buffer, as large as the largest
+    offloaded layer."""
+    return max(slots) + 1, _round_up(max(layer_nbytes))
+
+
+def pool_nbytes(layer_param_nbytes: Sequence[Sequence[int]], prefetch_step: int) -> int:
+    """Device bytes of the buffer pool for offloaded layers whose selected parameters have these
+    sizes (in the order they are packed), known before anything is allocated."""
+    slots = buffer_slots(len(layer_param_nbytes), prefetch_step)
+    buffers, row = _pool_shape(slots, [_packed(sizes)[1] for sizes in layer_param_nbytes])
+    return buffers * row
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if abs(nbytes) >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
@@ -217,6 +241,11 @@ class DenseOffloader:
         layers = list(layers)
         self.config = config
         selected = self._select(layers, config)
+        on_meta = [i for i, params in selected.items() if any(p.is_meta for p in params)]
+        if on_meta:
+            raise ValueError(
+                f"layers {on_meta} have selected parameters on the meta device; load weights first"
+            )
         self.offloaded_layers = tuple(selected)
         self.slots = buffer_slots(len(selected), config.prefetch_step)
         first = next(iter(selected.values()))[0]
@@ -230,7 +259,7 @@ class DenseOffloader:
         self.offloaded_bytes = sum(p.nbytes for params in selected.values() for p in params)
         self.host_bytes = sum(h.numel() for h in self._host)
         self.pool = torch.empty(
-            (max(self.slots) + 1, _round_up(max(h.numel() for h in self._host))),
+            _pool_shape(self.slots, [h.numel() for h in self._host]),
             dtype=torch.uint8,
             device=self.device,
         )
@@ -263,11 +292,8 @@ class DenseOffloader:
     def _layout(params: list[nn.Parameter]) -> list[tuple[nn.Parameter, int]]:
         """Byte offset of each parameter in its layer's flat buffer: one contiguous copy moves a
         whole layer (a single large transfer runs at full PCIe bandwidth)."""
-        layout, end = [], 0
-        for param in params:
-            layout.append((param, _round_up(end)))
-            end = _round_up(end) + param.nbytes
-        return layout
+        offsets, _ = _packed([p.nbytes for p in params])
+        return list(zip(params, offsets, strict=True))
 
     def _pack_host(self, layout: list[tuple[nn.Parameter, int]]) -> torch.Tensor:
         """The layer's host copy; each parameter points at it until the pool exists, so the
@@ -305,8 +331,6 @@ class DenseOffloader:
                     f"parameter {name} is shared by layers {owners[id(param)]}; shared "
                     "parameters cannot be offloaded (exclude it with offload_params)"
                 )
-            if param.device.type == "meta":
-                raise ValueError(f"parameter {name} is on the meta device; load weights first")
             selected.setdefault(i, []).append(param)
         if not selected:
             raise ValueError(
@@ -314,6 +338,21 @@ class DenseOffloader:
                 "parameters to offload"
             )
         return selected
+
+    @classmethod
+    def planned_pool_bytes(
+        cls,
+        layers: Sequence[nn.Module],
+        config: DenseOffloadConfig,
+        nbytes: Callable[[nn.Parameter], int] | None = None,
+    ) -> int:
+        """`pool_bytes` of an offloader of these layers, computed without allocating (layers may
+        be on the meta device); `nbytes(param)` gives each parameter's size where it will differ
+        from its size now (e.g. a load that changes its dtype)."""
+        selected = cls._select(list(layers), config)
+        size = nbytes or (lambda param: param.nbytes)
+        sizes = [[size(p) for p in params] for params in selected.values()]
+        return pool_nbytes(sizes, config.prefetch_step)
 
     @property
     def num_buffers(self) -> int:

@@ -10,10 +10,18 @@ from functools import partial
 import torch
 from torch import nn
 
-from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
+from moe_uvm.memory import (
+    EXPERT_STORES,
+    ROUTING_COUNTERS,
+    SLOT_CACHES,
+    MemoryPlan,
+    routing_counters_nbytes,
+    slot_cache_nbytes,
+    target_device,
+)
 from moe_uvm.policies.plan import ResidencyPlan, plan_residency
 from moe_uvm.profile import Profile, load_profile
 from moe_uvm.store import ManagedExpertStore
@@ -43,15 +51,6 @@ def _expert_specs(layer: FusedMoE) -> ExpertSpecs:
     }
 
 
-def _target_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        device = "cuda" if uvm.available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _plan(
     layers: list[FusedMoE], specs: list[ExpertSpecs], config: ExpertOffloadConfig
 ) -> tuple[ResidencyPlan, Profile | None]:
@@ -79,6 +78,53 @@ def _plan(
     return plan, profile
 
 
+def _check_prefetch(
+    config: ExpertOffloadConfig, profile: Profile | None,
+    next_gates: Sequence[torch.Tensor] | None, num_layers: int,
+) -> None:
+    """The slot cache's inputs, checked before anything is allocated."""
+    if config.prefetch_slots == 0:
+        return
+    if config.prefetch == "frequency" and profile is None:
+        raise ValueError("prefetch='frequency' needs routing counts: set profile_path")
+    if config.prefetch == "lookahead" and (
+        next_gates is None or len(next_gates) != num_layers - 1
+    ):
+        got = "none" if next_gates is None else len(next_gates)
+        raise ValueError(
+            f"prefetch='lookahead' needs next_gates: layer l+1's router weight for each of the "
+            f"first {num_layers - 1} of {num_layers} layers, got {got}"
+        )
+
+
+def plan_memory(
+    layers: Sequence[FusedMoE], config: ExpertOffloadConfig | None = None,
+    device: torch.device | str | None = None,
+) -> MemoryPlan:
+    """The device memory `offload_experts(layers, config, device=device)` allocates, by part
+    (nothing is allocated). Layers share one shape, as the residency plan assumes."""
+    config = config or ExpertOffloadConfig()
+    specs = [_expert_specs(m) for m in layers]
+    memory = MemoryPlan(target_device(device))
+    memory.add(EXPERT_STORES, sum(
+        ManagedExpertStore.planned_nbytes(m.num_experts, spec)
+        for m, spec in zip(layers, specs, strict=True)
+    ))
+    num_layers, num_experts = len(layers), layers[0].num_experts
+    if config.prefetch_slots:
+        (w13_shape, dtype), (w2_shape, _) = specs[0]["w13"], specs[0]["w2"]
+        memory.add(SLOT_CACHES, slot_cache_nbytes(
+            num_layers, num_experts, config.prefetch_slots, w13_shape, w2_shape, dtype,
+            with_counts=bool(config.profile_path),
+        ))
+    memory.add(ROUTING_COUNTERS, routing_counters_nbytes(num_layers, num_experts))
+    return memory
+
+
+_STATE = ("w13_weight", "w2_weight", "record_routing", "slot_cache", "layer_index")
+"""What offload_experts changes on a layer (the original parameters keep their weight_loader)."""
+
+
 def _attach(
     layers: list[FusedMoE], stores: list[ManagedExpertStore], manager: ExpertOffloadManager
 ) -> None:
@@ -95,6 +141,45 @@ def _attach(
         module.record_routing = partial(manager.record, index)
 
 
+def _build(
+    layers: list[FusedMoE], specs: list[ExpertSpecs], config: ExpertOffloadConfig,
+    plan: ResidencyPlan, profile: Profile | None, device: torch.device,
+    next_gates: Sequence[torch.Tensor] | None,
+) -> ExpertOffloadManager:
+    """Stores, manager, slot cache and wiring, all or nothing: if a step raises, every layer
+    gets its original state back and what was allocated is freed before the error goes on."""
+    saved = [{name: getattr(m, name) for name in _STATE} for m in layers]
+    stores: list[ManagedExpertStore] = []
+    manager = None
+    try:
+        for m, spec in zip(layers, specs, strict=True):
+            stores.append(ManagedExpertStore(
+                m.num_experts, spec, device, allow_oversubscription=config.allow_oversubscription
+            ))
+        # Advice before the weights are written: pages then land where their advice says, so
+        # offloaded experts never pass through GPU memory on the way in.
+        manager = ExpertOffloadManager(
+            stores, config, top_k=layers[0].top_k, profile=profile, plan=plan
+        )
+        _attach(layers, stores, manager)
+        cache = manager.enable_slot_cache(next_gates)
+    except BaseException:
+        # The manager does not own the layers yet, so closing it frees its stores and slot
+        # caches without touching them.
+        for module, state in zip(layers, saved, strict=True):
+            for name, value in state.items():
+                setattr(module, name, value)
+        if manager is not None:
+            manager.close()
+        for store in stores:
+            store.free()
+        raise
+    manager.layers = layers
+    for index, module in enumerate(layers):
+        module.slot_cache, module.layer_index = cache, index
+    return manager
+
+
 def offload_experts(
     module_or_modules: nn.Module | Iterable[nn.Module],
     config: ExpertOffloadConfig | None = None,
@@ -105,38 +190,21 @@ def offload_experts(
     """Move the experts of FusedMoE layers into managed memory and apply the config's residency.
 
     Each layer's `w13_weight`/`w2_weight` become views over a ManagedExpertStore; forward is
-    unchanged and feeds each layer's `topk_ids` to the manager's recording hook. The total
-    size is checked against the GPU's free memory before anything is allocated (unless the
-    config opts in to oversubscription). Without CUDA the stores are CPU memory. Layers built
-    on the meta device get empty stores, filled afterwards through `weight_loader` (streaming
-    checkpoint loads). With `prefetch_slots` in the config each layer also gets a GPU slot
-    cache (moe_uvm.slots); `next_gates[l]`, layer l+1's router weight, enables lookahead.
+    unchanged and feeds each layer's `topk_ids` to the manager's recording hook. Everything is
+    validated, and the device memory of every part (`plan_memory`: stores, slot caches, routing
+    counters) checked against the GPU's free memory and reserved, before anything is allocated
+    (unless the config opts in to oversubscription). All or nothing: on an error the layers are
+    left as they were. Without CUDA the stores are CPU memory. Layers built on the meta device
+    get empty stores, filled afterwards through `weight_loader` (streaming checkpoint loads).
+    With `prefetch_slots` in the config each layer also gets a GPU slot cache (moe_uvm.slots);
+    `next_gates[l]`, layer l+1's router weight, enables lookahead.
     """
     config = config or ExpertOffloadConfig()
     layers = find_moe_layers(module_or_modules)
     specs = [_expert_specs(m) for m in layers]
     plan, profile = _plan(layers, specs, config)
-    device = _target_device(device)
-    if device.type == "cuda" and not config.allow_oversubscription:
-        total = sum(
-            ManagedExpertStore.planned_nbytes(m.num_experts, spec)
-            for m, spec in zip(layers, specs, strict=True)
-        )
-        uvm.check_fits(total, device.index)
-    stores = [
-        ManagedExpertStore(
-            m.num_experts, spec, device, allow_oversubscription=config.allow_oversubscription
-        )
-        for m, spec in zip(layers, specs, strict=True)
-    ]
-    # Advice before the weights are written: pages then land where their advice says, so
-    # offloaded experts never pass through GPU memory on the way in.
-    manager = ExpertOffloadManager(
-        stores, config, top_k=layers[0].top_k, profile=profile, plan=plan
-    )
-    _attach(layers, stores, manager)
-    manager.layers = layers
-    cache = manager.enable_slot_cache(next_gates)
-    for index, module in enumerate(layers):
-        module.slot_cache, module.layer_index = cache, index
-    return manager
+    _check_prefetch(config, profile, next_gates, len(layers))
+    device = target_device(device)
+    memory = plan_memory(layers, config, device)
+    with memory.reserve(allow_oversubscription=config.allow_oversubscription):
+        return _build(layers, specs, config, plan, profile, device, next_gates)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -105,6 +105,26 @@ def _on_device(device: int) -> Iterator[None]:
             _check(rt.cudaSetDevice(previous), f"cudaSetDevice({previous})")
 
 
+def relax_capture_mode() -> None:
+    """Let the calling thread make CUDA calls while another thread captures a CUDA graph.
+
+    In the default (global) capture mode, a call the driver considers unsafe during capture
+    (cudaMemAdvise, cudaMemPrefetchAsync, ...) made by *any* thread fails with
+    cudaErrorStreamCaptureUnsupported and invalidates every capture in progress. The re-advise
+    worker calls this once: its advice and prefetches go to its own stream, never to a captured
+    one, so they are safe to run next to a capture. Driver API, because the mode is a property
+    of the thread in the driver, shared by every runtime in the process (torch's included)."""
+    _runtime()
+    from cuda.bindings import driver
+
+    mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+    err, _previous = driver.cuThreadExchangeStreamCaptureMode(mode)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        raise UVMError(f"cuThreadExchangeStreamCaptureMode(RELAXED) failed: {name}")
+
+
 def mem_get_info(device: int = 0) -> tuple[int, int]:
     """(free, total) bytes of `device` as the driver reports them."""
     with _on_device(device):
@@ -136,6 +156,9 @@ def device_name(device: int = 0) -> str:
 
 _ledger_lock = threading.Lock()
 _live_managed_bytes: dict[int, int] = defaultdict(int)
+_reserved_bytes: dict[int, int] = defaultdict(int)
+_thread = threading.local()
+_concurrent_access_ok: set[int] = set()
 
 
 def live_managed_bytes(device: int = 0) -> int:
@@ -144,33 +167,199 @@ def live_managed_bytes(device: int = 0) -> int:
         return _live_managed_bytes[device]
 
 
+def reserved_bytes(device: int = 0) -> int:
+    """Bytes of `device` reserved by loads in progress (`reserve`) and not yet allocated as
+    managed memory."""
+    with _ledger_lock:
+        return _reserved_bytes[device]
+
+
+def format_bytes(nbytes: int) -> str:
+    """A size for messages: GiB, MiB or KiB with two decimals, or bytes."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _budget_locked(device: int, headroom_bytes: int | None) -> tuple[int, int, int, int, int]:
+    """(free, headroom, live, reserved, budget) of `device`; the caller holds `_ledger_lock`, so
+    that a check and the bookkeeping that follows it are one atomic step."""
+    free, total = mem_get_info(device)
+    headroom = (
+        headroom_bytes if headroom_bytes is not None else max(DEFAULT_HEADROOM_BYTES, total // 20)
+    )
+    live, reserved = _live_managed_bytes[device], _reserved_bytes[device]
+    return free, headroom, live, reserved, free - headroom - live - reserved
+
+
+def _refusal(request: str, device: int, free: int, headroom: int, live: int, reserved: int,
+             budget: int) -> OversubscriptionError:
+    return OversubscriptionError(
+        f"refusing to allocate {request} on cuda:{device}: the GPU has {format_bytes(free)} "
+        f"free, {format_bytes(headroom)} are kept as headroom and this process already holds "
+        f"{format_bytes(live)} of managed memory and {format_bytes(reserved)} reserved by loads "
+        f"in progress, leaving {format_bytes(max(budget, 0))}. Use fewer/smaller layers or "
+        "fewer prefetch slots, or pass allow_oversubscription=True if you really mean to "
+        "oversubscribe GPU memory."
+    )
+
+
 def check_fits(
     nbytes: int, device: int = 0, *, headroom_bytes: int | None = None
 ) -> tuple[int, int]:
     """Raise `OversubscriptionError` unless `nbytes` more managed memory fits on the GPU.
 
     Counts every live managed byte of this process as if it could end up on the GPU (pages of a
-    range can migrate there whatever its advice), so the sum of all managed allocations stays
-    under free memory minus the headroom. This may refuse a request that would just fit when
-    resident pages of earlier allocations are already counted as used: erring that way is the
-    point, since oversubscribing managed memory can hang the GPU for every process on it.
+    range can migrate there whatever its advice), and every byte reserved by a load in progress,
+    so the sum of all allocations stays under free memory minus the headroom. This may refuse a
+    request that would just fit when resident pages of earlier allocations are already counted
+    as used: erring that way is the point, since oversubscribing managed memory can hang the GPU
+    for every process on it. Only checks: `reserve` checks and sets the bytes aside atomically.
     Returns (free, budget) for messages.
     """
-    free, total = mem_get_info(device)
-    headroom = (
-        headroom_bytes if headroom_bytes is not None else max(DEFAULT_HEADROOM_BYTES, total // 20)
-    )
-    live = live_managed_bytes(device)
-    budget = free - headroom - live
+    with _ledger_lock:
+        free, headroom, live, reserved, budget = _budget_locked(device, headroom_bytes)
     if nbytes > budget:
-        raise OversubscriptionError(
-            f"refusing to allocate {nbytes / 2**30:.2f} GiB of managed memory on cuda:{device}: "
-            f"the GPU has {free / 2**30:.2f} GiB free, {headroom / 2**30:.2f} GiB are kept as "
-            f"headroom and this process already holds {live / 2**30:.2f} GiB of managed memory, "
-            f"leaving {max(budget, 0) / 2**30:.2f} GiB. Use fewer/smaller layers, or pass "
-            "allow_oversubscription=True if you really mean to oversubscribe GPU memory."
-        )
+        raise _refusal(f"{format_bytes(nbytes)} of managed memory", device, free, headroom, live,
+                       reserved, budget)
     return free, budget
+
+
+class Reservation:
+    """GPU memory of one device set aside for a load in progress, by named part.
+
+    `remaining` bytes are held back from every other check until the reservation ends; managed
+    allocations this thread makes meanwhile draw from them instead of being checked again.
+    Memory of the other parts (torch allocations) is counted both as reserved and, once
+    allocated, by the driver's free memory until the reservation ends: on the safe side."""
+
+    def __init__(self, device: int, headroom_bytes: int | None) -> None:
+        self.device = device
+        self.headroom_bytes = headroom_bytes
+        self.parts: dict[str, int] = {}
+        self.remaining = 0
+
+    def _grow(self, parts: Mapping[str, int]) -> None:
+        """Reserve `parts` more, atomically checked against the device's free memory."""
+        bad = {name: n for name, n in parts.items() if not isinstance(n, int) or n < 0}
+        if bad:
+            raise ValueError(f"reserved sizes must be integers >= 0 bytes, got {bad}")
+        need = sum(parts.values())
+        if need == 0:
+            return
+        with _ledger_lock:
+            free, headroom, live, reserved, budget = _budget_locked(
+                self.device, self.headroom_bytes
+            )
+            if need > budget:
+                listed = ", ".join(f"{name} {format_bytes(n)}" for name, n in parts.items())
+                raise _refusal(f"{format_bytes(need)} ({listed})", self.device, free, headroom,
+                               live, reserved, budget)
+            _reserved_bytes[self.device] += need
+            self.remaining += need
+        for name, n in parts.items():
+            self.parts[name] = self.parts.get(name, 0) + n
+
+    def _release(self) -> None:
+        with _ledger_lock:
+            _reserved_bytes[self.device] -= self.remaining
+            self.remaining = 0
+
+    def __repr__(self) -> str:
+        listed = ", ".join(f"{name} {format_bytes(n)}" for name, n in self.parts.items())
+        return (f"Reservation(cuda:{self.device}: {listed}; {format_bytes(self.remaining)} "
+                "not yet allocated)")
+
+
+def _reservations() -> dict[int, Reservation]:
+    """This thread's active reservation per device."""
+    if not hasattr(_thread, "reservations"):
+        _thread.reservations = {}
+    return _thread.reservations
+
+
+@contextmanager
+def reserve(
+    parts: Mapping[str, int], device: int = 0, *, headroom_bytes: int | None = None
+) -> Iterator[Reservation]:
+    """Check that all `parts` (name -> bytes) fit on `device` together and hold them until the
+    block ends, so two loads cannot both pass a check that only one of them fits. Refusals
+    (`OversubscriptionError`) name each part. Managed allocations made by this thread inside the
+    block draw from the reservation. Nested use on the same thread and device (a loader that
+    reserves everything, then calls a builder that reserves its share) does not count twice: the
+    inner call reserves only bytes of a part beyond what the outer one holds for that name."""
+    held = _reservations()
+    outer = held.get(device)
+    if outer is not None:
+        outer._grow({
+            name: n - outer.parts.get(name, 0)
+            for name, n in parts.items() if n > outer.parts.get(name, 0)
+        })
+        yield outer
+        return
+    reservation = Reservation(device, headroom_bytes)
+    reservation._grow(dict(parts))
+    held[device] = reservation
+    try:
+        yield reservation
+    finally:
+        del held[device]
+        reservation._release()
+
+
+def _admit(nbytes: int, device: int, allow_oversubscription: bool,
+           headroom_bytes: int | None) -> tuple[Reservation | None, int]:
+    """Count `nbytes` as live managed memory of `device` before it is allocated: drawn from this
+    thread's reservation where there is one, the rest checked under the same lock (unless the
+    caller opted in to oversubscription). Returns the reservation and the bytes drawn from it."""
+    reservation = None if allow_oversubscription else _reservations().get(device)
+    with _ledger_lock:
+        drawn = 0
+        if reservation is not None:
+            drawn = min(reservation.remaining, nbytes)
+            reservation.remaining -= drawn
+            _reserved_bytes[device] -= drawn
+        excess = nbytes - drawn
+        if excess and not allow_oversubscription:
+            headroom = reservation.headroom_bytes if reservation is not None else headroom_bytes
+            free, headroom, live, reserved, budget = _budget_locked(device, headroom)
+            if excess > budget:
+                if reservation is not None:
+                    reservation.remaining += drawn
+                    _reserved_bytes[device] += drawn
+                request = f"{format_bytes(excess)} of managed memory"
+                if drawn:
+                    request += f" beyond the {format_bytes(drawn)} left in its reservation"
+                raise _refusal(request, device, free, headroom, live, reserved, budget)
+        _live_managed_bytes[device] += nbytes
+    return reservation, drawn
+
+
+def _retract(nbytes: int, device: int, reservation: Reservation | None, drawn: int) -> None:
+    """Undo `_admit` for an allocation that did not happen."""
+    with _ledger_lock:
+        _live_managed_bytes[device] -= nbytes
+        if reservation is not None and _reservations().get(device) is reservation:
+            reservation.remaining += drawn
+            _reserved_bytes[device] += drawn
+
+
+def require_concurrent_managed_access(device: int) -> None:
+    """Raise `UVMError` unless `device` reports ConcurrentManagedAccess (checked once per
+    device). Without it (WSL2, Windows, some Jetsons) managed memory is not coherent while the
+    GPU runs: the GPU cannot read host-preferred pages in place and the CPU must not touch
+    managed memory while kernels run, which is how offloaded experts are read and written."""
+    if device in _concurrent_access_ok:
+        return
+    if device_attribute("ConcurrentManagedAccess", device) == 0:
+        raise UVMError(
+            f"cuda:{device} reports cudaDevAttrConcurrentManagedAccess = 0 (as on WSL2, "
+            "Windows and some Jetsons): the GPU cannot read host-preferred managed pages in "
+            "place while the CPU runs, which offloaded experts rely on; moe-uvm needs a GPU "
+            "with concurrent managed access (a discrete GPU under native Linux)"
+        )
+    _concurrent_access_ok.add(device)
 
 
 class ManagedBuffer:
@@ -178,7 +367,9 @@ class ManagedBuffer:
 
     Tensor views made by `view()` keep the buffer alive (torch holds a reference through
     `__cuda_array_interface__`), so the memory is freed when the buffer and all its views are
-    gone, or earlier by an explicit `free()` (after which the views must not be used).
+    gone, or earlier by an explicit `free()` (after which the views must not be used). Inside
+    `reserve` on this thread the size is drawn from the reservation, else it is checked
+    (`check_fits` rules) unless `allow_oversubscription`.
     """
 
     def __init__(
@@ -194,18 +385,22 @@ class ManagedBuffer:
         self.nbytes = int(nbytes)
         self.device = int(device)
         self.ptr = 0
-        if not allow_oversubscription:
-            check_fits(self.nbytes, self.device, headroom_bytes=headroom_bytes)
-        rt = _runtime()
-        with _on_device(self.device):
-            self.ptr = int(
-                _check(
-                    rt.cudaMallocManaged(self.nbytes, rt.cudaMemAttachGlobal),
-                    f"cudaMallocManaged({self.nbytes})",
+        reservation, drawn = _admit(
+            self.nbytes, self.device, allow_oversubscription, headroom_bytes
+        )
+        try:
+            require_concurrent_managed_access(self.device)
+            rt = _runtime()
+            with _on_device(self.device):
+                self.ptr = int(
+                    _check(
+                        rt.cudaMallocManaged(self.nbytes, rt.cudaMemAttachGlobal),
+                        f"cudaMallocManaged({self.nbytes})",
+                    )
                 )
-            )
-        with _ledger_lock:
-            _live_managed_bytes[self.device] += self.nbytes
+        except BaseException:
+            _retract(self.nbytes, self.device, reservation, drawn)
+            raise
 
     @property
     def freed(self) -> bool:
@@ -224,8 +419,10 @@ class ManagedBuffer:
         if getattr(self, "ptr", 0) and _rt is not None:
             try:
                 self.free()
-            except UVMError:
-                pass  # interpreter shutdown: the driver reclaims the range with the context
+            except Exception:
+                # Never raise from __del__ (at interpreter shutdown anything can fail); the
+                # driver reclaims the range with the context.
+                pass
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -336,13 +533,18 @@ def set_accessed_by(ptr: int, nbytes: int, device: int) -> None:
     _advise(ptr, nbytes, advice, device, "cudaMemAdvise(SetAccessedBy)")
 
 
-def prefetch(ptr: int, nbytes: int, location: int, stream: int | None = None) -> None:
+def prefetch(
+    ptr: int, nbytes: int, location: int, stream: int | None = None, device: int | None = None
+) -> None:
     """Enqueue a migration of the range to a device or `CPU` on `stream` (a raw handle; None =
-    the current torch stream). Not capturable: a prefetch inside a CUDA graph capture
+    torch's current stream of `device`, by default the device the range was allocated on, not
+    whichever device is current). Not capturable: a prefetch inside a CUDA graph capture
     invalidates the capture."""
     rt = _runtime()
     if stream is None:
-        stream = torch.cuda.current_stream().cuda_stream
+        if device is None:
+            device = range_device(ptr)
+        stream = torch.cuda.current_stream(device).cuda_stream
     handle = rt.cudaStream_t(stream)
     if hasattr(rt, "cudaMemPrefetchAsync_v2"):
         result = rt.cudaMemPrefetchAsync_v2(ptr, nbytes, _location(location), 0, handle)
@@ -351,6 +553,18 @@ def prefetch(ptr: int, nbytes: int, location: int, stream: int | None = None) ->
     else:
         result = rt.cudaMemPrefetchAsync(ptr, nbytes, int(location), handle)
     _check(result, f"cudaMemPrefetchAsync(ptr=0x{ptr:x}, bytes={nbytes}, location={location})")
+
+
+def stream_synchronize(stream: int) -> None:
+    """Wait until the work queued on `stream` (a raw handle) has finished."""
+    rt = _runtime()
+    _check(rt.cudaStreamSynchronize(rt.cudaStream_t(stream)), "cudaStreamSynchronize")
+
+
+def range_device(ptr: int) -> int:
+    """The device a managed range was allocated for (cudaPointerGetAttributes)."""
+    attributes = _check(_runtime().cudaPointerGetAttributes(ptr), "cudaPointerGetAttributes")
+    return int(attributes.device)
 
 
 def _range_attribute(ptr: int, nbytes: int, attribute: str, data_size: int = 4):

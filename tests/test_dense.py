@@ -400,6 +400,36 @@ def test_pattern_that_matches_nothing_is_an_error_listing_what_exists():
     assert text.count("layers.*.self_attn.o_proj.weight") == 1
 
 
+@pytest.mark.parametrize("group, num, step", GNP)
+def test_planned_pool_bytes_equal_the_pool_allocated(group, num, step):
+    """Counted on the meta device, before any weight exists, and after mixed dtypes."""
+    config = DenseOffloadConfig(group, num, step, params="self_attn,shared_experts")
+    with torch.device("meta"):
+        planned = DenseOffloader.planned_pool_bytes(MoEModel(12).layers, config)
+    model = MoEModel(12)
+    for layer in model.layers[::3]:
+        layer.self_attn.to(torch.float64)  # layers of different sizes: the largest sets the row
+    doubled = {id(p) for layer in model.layers[::3] for p in layer.self_attn.parameters()}
+    as_loaded = DenseOffloader.planned_pool_bytes(model.layers, config)
+    with torch.device("meta"):
+        meta = MoEModel(12)
+    meta_doubled = {id(p) for layer in meta.layers[::3] for p in layer.self_attn.parameters()}
+    assert DenseOffloader.planned_pool_bytes(
+        meta.layers, config, lambda p: p.nbytes * (2 if id(p) in meta_doubled else 1)
+    ) == as_loaded
+    assert doubled and as_loaded > planned
+    offloader = DenseOffloader(model.layers, config)
+    assert offloader.pool_bytes == as_loaded
+    assert DenseOffloader(MoEModel(12).layers, config).pool_bytes == planned
+
+
+def test_meta_parameters_are_refused_by_the_offloader():
+    with torch.device("meta"):
+        model = Stack(4)
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] have selected parameters on the meta"):
+        DenseOffloader(model.layers, DenseOffloadConfig(2, 1, 0))
+
+
 def test_moe_attention_and_shared_experts_offloaded_routed_experts_left_alone(seed):
     """How the dense path sits beside the expert offload: attention and shared-expert weights
     stream through the pool, routed experts (and the router) keep their own storage."""

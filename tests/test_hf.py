@@ -15,9 +15,12 @@ pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from moe_uvm import memory, uvm  # noqa: E402
 from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.dense import DenseOffloadConfig  # noqa: E402
 from moe_uvm.integrations import hf  # noqa: E402
+from moe_uvm.memory import MemoryPlan  # noqa: E402
+from moe_uvm.store import ManagedExpertStore  # noqa: E402
 
 from helpers import COMMON, FAMILY_CONFIGS, rel_err, tiny_model  # noqa: E402
 
@@ -204,3 +207,117 @@ def test_meta_model_is_sent_to_load_offloaded():
     with pytest.raises(ValueError, match="meta device; use load_offloaded"):
         hf.offload_model_experts(model)
 
+
+
+# --- memory guard and all-or-nothing conversion ------------------------------------------------
+
+
+def device_tensors(model):
+    """Distinct parameters and buffers of `model` outside its FusedExperts (the expert stores)."""
+    experts = {id(t) for m in model.modules() if isinstance(m, hf.FusedExperts)
+               for t in (*m.parameters(), *m.buffers())}
+    found = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in experts}
+    return list(found.values())
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """The MemoryPlans reserved (on the CPU: computed, not checked) during a test."""
+    plans = []
+    reserve = MemoryPlan.reserve
+
+    def recording(self, **kwargs):
+        plans.append(self)
+        return reserve(self, **kwargs)
+
+    monkeypatch.setattr(MemoryPlan, "reserve", recording)
+    return plans
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_streaming_load_counts_the_bytes_it_puts_on_the_device(tmp_path, seed, monkeypatch,
+                                                               planned, dense):
+    """bf16 load with norms kept in fp32 (a keep-in-fp32 rule, as some families have): the
+    non-expert bytes counted before loading are what the loaded model holds, and the dense pool
+    counted is the offloader's."""
+    model = tiny_model("qwen3_moe", seed)
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(type(model), "_keep_in_fp32_modules_strict", ["norm"], raising=False)
+    dense_config = (DenseOffloadConfig(group_size=1, num_in_group=1, prefetch_step=0,
+                                       params="self_attn") if dense else None)
+    loaded = hf.load_offloaded(tmp_path, dtype=torch.bfloat16, dense_config=dense_config)
+    plan = planned[0]
+    tensors = device_tensors(loaded.model)
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.bfloat16, torch.float32}
+    if dense:
+        assert plan.parts[memory.DENSE_POOL] == loaded.dense.pool_bytes
+        # the offloaded parameters are views into the pool (counted as such): set them aside
+        pool = loaded.dense.pool.untyped_storage().data_ptr()
+        kept = [t for t in tensors if t.untyped_storage().data_ptr() != pool]
+        assert len(kept) < len(tensors)
+        tensors = kept
+    assert plan.parts[memory.NON_EXPERT_WEIGHTS] == sum(t.nbytes for t in tensors)
+    stores = loaded.manager.stores
+    assert plan.parts[memory.EXPERT_STORES] == sum(s.nbytes for s in stores)
+
+
+def fake_gpu(monkeypatch, free):
+    monkeypatch.setattr(uvm, "mem_get_info", lambda device=0: (free, 40 * 2**30))
+
+    def no_runtime():
+        raise AssertionError("nothing may be allocated on a refused plan")
+
+    monkeypatch.setattr(uvm, "_runtime", no_runtime)
+
+
+def test_model_whose_experts_fit_but_not_with_the_rest_is_refused_up_front(monkeypatch, seed):
+    model = tiny_model("qwen3_moe", seed)
+    blocks = hf.find_moe_blocks(model)
+    experts = [b.module.experts for b in blocks]
+    cuda = torch.device("cuda", 0)
+    plan = hf.plan_expert_memory(blocks, None, cuda)
+    rest = sum(t.nbytes for t in device_tensors(model)
+               if not any(t is p for e in experts for p in e.parameters()))
+    fake_gpu(monkeypatch, free=2 * 2**30 + plan.total + rest // 2)
+    with pytest.raises(uvm.OversubscriptionError,
+                       match=rf"managed expert stores .*non-expert weights "
+                             rf"{uvm.format_bytes(rest)}"):
+        hf.offload_model_experts(model, device=cuda)
+    assert [b.module.experts for b in blocks] == experts
+    assert uvm.reserved_bytes(0) == 0
+
+
+@pytest.mark.parametrize("fail", ["store", "copy"])
+def test_failed_conversion_leaves_the_model_its_own_experts(monkeypatch, seed, fail):
+    model = tiny_model("qwen3_moe", seed)
+    ids = token_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    blocks = hf.find_moe_blocks(model)
+    experts = [b.module.experts for b in blocks]
+    made, freed = [], set()
+    init, free = ManagedExpertStore.__init__, ManagedExpertStore.free
+
+    def recording_init(self, *args, **kwargs):
+        if fail == "store" and len(made) == 1:
+            raise RuntimeError("injected store failure")
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    def recording_free(self):
+        freed.add(id(self))
+        free(self)
+
+    monkeypatch.setattr(ManagedExpertStore, "__init__", recording_init)
+    monkeypatch.setattr(ManagedExpertStore, "free", recording_free)
+    if fail == "copy":
+        def broken(self, name, tensor):
+            raise RuntimeError("injected copy failure")
+
+        monkeypatch.setattr(hf.FusedExperts, "load_fused", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        hf.offload_model_experts(model, ExpertOffloadConfig(num_resident=1))
+    assert [b.module.experts for b in blocks] == experts
+    assert made and {id(s) for s in made} <= freed
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)

@@ -2,6 +2,7 @@
 memory accounting and read-through on the GPU."""
 
 import ctypes
+import types
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ GiB = 2**30
 def fake_gpu(monkeypatch, free, total):
     """Pretend a GPU with this much memory exists; any real allocation attempt fails the test."""
     monkeypatch.setattr(uvm, "mem_get_info", lambda device=0: (free, total))
+    monkeypatch.setattr(uvm, "device_attribute", lambda name, device=0: 1)
 
     def no_runtime():
         raise AssertionError("the guard must refuse before calling the CUDA runtime")
@@ -53,8 +55,8 @@ def test_guard_headroom_can_be_set(monkeypatch):
 
 
 def test_opt_in_skips_the_guard(monkeypatch):
-    checked = []
-    monkeypatch.setattr(uvm, "check_fits", lambda *a, **k: checked.append(a))
+    monkeypatch.setattr(uvm, "mem_get_info", lambda device=0: pytest.fail("the guard ran"))
+    monkeypatch.setattr(uvm, "device_attribute", lambda name, device=0: 1)
 
     def runtime():
         raise uvm.UVMError("stop here")
@@ -62,7 +64,76 @@ def test_opt_in_skips_the_guard(monkeypatch):
     monkeypatch.setattr(uvm, "_runtime", runtime)
     with pytest.raises(uvm.UVMError, match="stop here"):
         uvm.ManagedBuffer(GiB, allow_oversubscription=True)
-    assert checked == []
+    assert uvm.live_managed_bytes(0) == 0  # counted before the allocation, given back after
+
+
+def test_gpu_without_concurrent_managed_access_is_refused(monkeypatch):
+    queried = []
+
+    def attribute(name, device=0):
+        queried.append((name, device))
+        return 0 if device == 1 else 1
+
+    monkeypatch.setattr(uvm, "mem_get_info", lambda device=0: (10 * GiB, 20 * GiB))
+    monkeypatch.setattr(uvm, "device_attribute", attribute)
+    monkeypatch.setattr(uvm, "_concurrent_access_ok", set())
+    with pytest.raises(
+        uvm.UVMError,
+        match=r"cuda:1 reports cudaDevAttrConcurrentManagedAccess = 0 .*WSL2.*cannot read "
+        r"host-preferred managed pages in place",
+    ):
+        uvm.ManagedBuffer(GiB, 1)
+    assert uvm.live_managed_bytes(1) == 0
+    uvm.require_concurrent_managed_access(0)
+    uvm.require_concurrent_managed_access(0)
+    assert queried == [("ConcurrentManagedAccess", 1), ("ConcurrentManagedAccess", 0)]
+
+
+def test_buffer_finalizer_never_raises(monkeypatch):
+    monkeypatch.setattr(uvm, "_rt", object())
+    buffer = uvm.ManagedBuffer.__new__(uvm.ManagedBuffer)
+    buffer.ptr, buffer.nbytes, buffer.device = 0x1000, 1, 0
+
+    def free():
+        raise KeyError("module globals already torn down")
+
+    buffer.free = free
+    buffer.__del__()
+    buffer.ptr = 0  # keeps the real finalizer away from the fake pointer
+
+
+def test_prefetch_uses_the_current_stream_of_the_ranges_device(monkeypatch):
+    calls = []
+
+    class Runtime:
+        class cudaError_t:
+            cudaSuccess = 0
+
+        def cudaPointerGetAttributes(self, ptr):
+            return 0, types.SimpleNamespace(device=1)
+
+        def cudaStream_t(self, handle):
+            return handle
+
+        def cudaMemPrefetchAsync_v2(self, ptr, nbytes, location, flags, stream):
+            calls.append(("prefetch", location, stream))
+            return (0,)
+
+    monkeypatch.setattr(uvm, "_runtime", Runtime)
+    monkeypatch.setattr(uvm, "_location", lambda location: location)
+    monkeypatch.setattr(
+        uvm.torch.cuda, "current_stream",
+        lambda device=None: calls.append(("stream", device)) or types.SimpleNamespace(
+            cuda_stream=100 + device),
+    )
+    uvm.prefetch(0x1000, 4096, uvm.CPU)  # the current device may be another one
+    uvm.prefetch(0x1000, 4096, 1, device=2)
+    uvm.prefetch(0x1000, 4096, 1, stream=7)
+    assert calls == [
+        ("stream", 1), ("prefetch", uvm.CPU, 101),
+        ("stream", 2), ("prefetch", 1, 102),
+        ("prefetch", 1, 7),
+    ]
 
 
 def test_nonpositive_size_is_refused():

@@ -15,13 +15,16 @@ from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.integrations.hf_blocks import (
     FAMILIES,
     FusedExperts,
+    MoeBlock,
     attach_experts,
     find_moe_blocks,
+    plan_expert_memory,
     supported_families,
 )
 from moe_uvm.integrations.hf_calibrate import calibrate_model, read_prompts
 from moe_uvm.integrations.hf_load import CheckpointError, LoadedModel, load_offloaded
 from moe_uvm.manager import ExpertOffloadManager
+from moe_uvm.memory import NON_EXPERT_WEIGHTS, target_device
 
 __all__ = [
     "FAMILIES",
@@ -37,6 +40,19 @@ __all__ = [
 ]
 
 
+def _bytes_to_move(model: nn.Module, blocks: list[MoeBlock], device: torch.device) -> int:
+    """Bytes of the parameters and buffers `model.to(device)` copies there, routed experts
+    aside (they go into the stores); a tensor shared by several modules counts once."""
+    experts = {id(t) for b in blocks for t in (*b.module.experts.parameters(),
+                                                 *b.module.experts.buffers())}
+    seen, total = set(experts), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) not in seen and tensor.device != device:
+            total += tensor.nbytes
+        seen.add(id(tensor))
+    return total
+
+
 def offload_model_experts(
     model: nn.Module,
     config: ExpertOffloadConfig | None = None,
@@ -48,11 +64,15 @@ def offload_model_experts(
     so `model(...)` and `model.generate(...)` work unchanged.
 
     The stores go on `device` (default: where the experts are now), and the rest of the model is
-    moved there too. All stores are allocated first and each block's original experts are freed
-    once copied in, so for a while both exist: for models larger than the GPU use
-    `load_offloaded`, which never materialises them. A model with no supported MoE block is
-    refused, naming the supported families.
+    moved there too; all of it (stores, slot caches, counters, the rest of the model) is checked
+    against the GPU's free memory and reserved before the first allocation, unless the config
+    opts in to oversubscription. All stores are allocated first and the original experts are
+    freed once every one is copied in, so for a while both exist: for models larger than the
+    GPU use `load_offloaded`, which never materialises them. A model with no supported MoE block
+    is refused, naming the supported families; on any error in the experts' conversion the model
+    keeps its own experts.
     """
+    config = config or ExpertOffloadConfig()
     blocks = find_moe_blocks(model)
     experts = blocks[0].module.experts
     if isinstance(experts, FusedExperts):
@@ -62,6 +82,10 @@ def offload_model_experts(
             f"{type(model).__name__} has its expert weights on the meta device; use "
             "load_offloaded to stream a checkpoint into managed memory"
         )
-    manager = attach_experts(blocks, config, device or experts.gate_up_proj.device)
-    model.to(manager.device)
+    device = target_device(device or experts.gate_up_proj.device)
+    memory = plan_expert_memory(blocks, config, device)
+    memory.add(NON_EXPERT_WEIGHTS, _bytes_to_move(model, blocks, device))
+    with memory.reserve(allow_oversubscription=config.allow_oversubscription):
+        manager = attach_experts(blocks, config, device)
+        model.to(manager.device)
     return manager

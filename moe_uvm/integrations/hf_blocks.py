@@ -13,7 +13,8 @@ from torch import nn
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
-from moe_uvm.offload import offload_experts
+from moe_uvm.memory import MemoryPlan
+from moe_uvm.offload import offload_experts, plan_memory
 
 
 @dataclass(frozen=True)
@@ -178,19 +179,33 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
     return blocks
 
 
+def plan_expert_memory(
+    blocks: list[MoeBlock], config: ExpertOffloadConfig | None, device: torch.device | str | None,
+) -> MemoryPlan:
+    """The device memory `attach_experts` allocates for these blocks, by part (nothing is
+    allocated)."""
+    return plan_memory([FusedExperts.replacing(b).moe for b in blocks], config, device)
+
+
 def attach_experts(
     blocks: list[MoeBlock], config: ExpertOffloadConfig | None,
     device: torch.device | str | None,
 ) -> ExpertOffloadManager:
     """Put a FusedExperts in place of each block's experts, its weights in a managed store
-    (allocated and advised first); experts that hold weights (not meta) are copied in and freed
-    block by block."""
+    (allocated and advised first); experts that hold weights (not meta) are copied in. All or
+    nothing: the blocks get their new experts only once every store is allocated and filled; on
+    an error they keep their own and what was allocated is freed."""
     adapters = [FusedExperts.replacing(b) for b in blocks]
     manager = offload_experts(adapters, config, device=device)
+    try:
+        for block, adapter in zip(blocks, adapters, strict=True):
+            old = block.module.experts
+            if old.gate_up_proj.device.type != "meta":
+                adapter.load_fused("gate_up_proj", old.gate_up_proj.detach())
+                adapter.load_fused("down_proj", old.down_proj.detach())
+    except BaseException:
+        manager.close()
+        raise
     for block, adapter in zip(blocks, adapters, strict=True):
-        old = block.module.experts
-        if old.gate_up_proj.device.type != "meta":
-            adapter.load_fused("gate_up_proj", old.gate_up_proj.detach())
-            adapter.load_fused("down_proj", old.down_proj.detach())
         block.module.experts = adapter
     return manager

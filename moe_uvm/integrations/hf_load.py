@@ -19,7 +19,6 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.dense import DenseOffloadConfig, DenseOffloader
 from moe_uvm.dense_select import select_param_names
@@ -29,8 +28,10 @@ from moe_uvm.integrations.hf_blocks import (
     attach_experts,
     family_of,
     find_moe_blocks,
+    plan_expert_memory,
 )
 from moe_uvm.manager import ExpertOffloadManager
+from moe_uvm.memory import DENSE_POOL, NON_EXPERT_WEIGHTS, MemoryPlan, target_device
 
 EXPERT_KEY = re.compile(
     r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
@@ -267,7 +268,49 @@ def _dense_offload_ids(
     return layers, {id(named[n]) for n in selected}
 
 
-# Long (~60 lines): the streaming load is one ordered sequence (shapes, budget check, stores,
+def _load_dtype(slot: _Slot, fp32: list[re.Pattern]) -> torch.dtype:
+    """The dtype a non-expert tensor is materialised in: the model's, or fp32 where the
+    keep-in-fp32 rules name it."""
+    if slot.like.dtype.is_floating_point and any(p.search(n) for p in fp32 for n in slot.names):
+        return torch.float32
+    return slot.like.dtype
+
+
+def _plan_memory(
+    plan: _Plan,
+    config: ExpertOffloadConfig,
+    device: torch.device,
+    fp32: list[re.Pattern],
+    host_ids: set[int],
+    dense: tuple[nn.ModuleList, DenseOffloadConfig] | None,
+) -> MemoryPlan:
+    """Everything the load puts on `device`, by part: the experts' share (stores, slot caches,
+    counters), every non-expert tensor that is not kept in host memory for the dense offloader
+    (checkpoint tensors in their load dtype, computed buffers), and the dense offloader's pool."""
+    memory = plan_expert_memory(plan.blocks, config, device)
+    slots = {id(slot): slot for slot in plan.slots.values()}
+    weights = sum(
+        slot.like.numel() * _load_dtype(slot, fp32).itemsize
+        for slot in slots.values() if id(slot.like) not in host_ids
+    )
+    experts = {id(block.module.experts) for block in plan.blocks}
+    buffers = {
+        id(b): b for m in plan.model.modules() if id(m) not in experts
+        for attr, b in m._buffers.items() if attr in m._non_persistent_buffers_set and b is not None
+    }
+    weights += sum(b.nbytes for b in buffers.values())
+    memory.add(NON_EXPERT_WEIGHTS, weights)
+    if dense is not None:
+        by_id = {id(slot.like): slot for slot in slots.values()}
+        layers, dense_config = dense
+        memory.add(DENSE_POOL, DenseOffloader.planned_pool_bytes(
+            layers, dense_config,
+            lambda p: p.numel() * _load_dtype(by_id[id(p)], fp32).itemsize,
+        ))
+    return memory
+
+
+# Long (~60 lines): the streaming load is one ordered sequence (shapes, memory check, stores,
 # shards, non-expert weights) whose steps share the open model and stores.
 def load_offloaded(
     path: str | Path,
@@ -281,10 +324,14 @@ def load_offloaded(
     put its routed experts in managed memory per `config`, and read the safetensors shards once:
     expert tensors straight into the stores, the rest onto `device` (default: CUDA if usable,
     else CPU), or into host memory for the layers `dense_config` offloads. `dtype` defaults to
-    the checkpoint config's dtype (fp32 if it names none)."""
+    the checkpoint config's dtype (fp32 if it names none). Everything the load puts on the GPU
+    (stores, slot caches, counters, non-expert weights, the dense pool) is checked against its
+    free memory and reserved before the first allocation, unless the config opts in to
+    oversubscription."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a local checkpoint directory")
+    config = config or ExpertOffloadConfig()
     files = checkpoint_files(path)
     hf_config = AutoConfig.from_pretrained(path)
     family = family_of(hf_config.model_type)
@@ -296,14 +343,11 @@ def load_offloaded(
     if dense_config is not None:
         layers, host_ids = _dense_offload_ids(model, dense_config, blocks)
     fp32 = _fp32_patterns(model, dtype)
-    device = torch.device(device or ("cuda" if uvm.available() else "cpu"))
+    device = target_device(device)
 
     def materialize(slot: _Slot, tensor: torch.Tensor) -> None:
-        target = slot.like.dtype
-        if target.is_floating_point and any(p.search(n) for p in fp32 for n in slot.names):
-            target = torch.float32
         where = torch.device("cpu") if id(slot.like) in host_ids else device
-        value = tensor.to(device=where, dtype=target)
+        value = tensor.to(device=where, dtype=_load_dtype(slot, fp32))
         if slot.is_param:
             value = nn.Parameter(value, requires_grad=False)
         for module, attr in slot.owners:
@@ -313,20 +357,29 @@ def load_offloaded(
     for file in files:
         plan.add_file(file)
     plan.check(path)
-    # Stores are allocated (and advised) only for a checkpoint that matches.
-    manager = attach_experts(blocks, config, device)
-    # The initial advice prefetches on the manager's stream; let it finish before the writes.
-    manager.synchronize()
-    for file, entries in plan.actions:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key, action in entries:
-                action(f.get_tensor(key))
-    for module in model.modules():
-        for attr in module._non_persistent_buffers_set:
-            if module._buffers.get(attr) is not None:
-                module._buffers[attr] = module._buffers[attr].to(device)
+    dense = None if dense_config is None else (layers, dense_config)
+    memory = _plan_memory(plan, config, device, fp32, host_ids, dense)
+    # Stores are allocated (and advised) only for a checkpoint that matches and fits.
+    with memory.reserve(allow_oversubscription=config.allow_oversubscription):
+        manager = attach_experts(blocks, config, device)
+        try:
+            # The initial advice prefetches on the manager's stream; let it finish first.
+            manager.synchronize()
+            for file, entries in plan.actions:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for key, action in entries:
+                        action(f.get_tensor(key))
+            for module in model.modules():
+                for attr in module._non_persistent_buffers_set:
+                    if module._buffers.get(attr) is not None:
+                        module._buffers[attr] = module._buffers[attr].to(device)
+            offloader = (
+                None if dense_config is None else DenseOffloader(layers, dense_config, device)
+            )
+        except BaseException:
+            manager.close()  # the stores are freed now, not when the half-loaded model goes
+            raise
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
-    dense = DenseOffloader(layers, dense_config, device) if dense_config is not None else None
-    return LoadedModel(model, manager, dense)
+    return LoadedModel(model, manager, offloader)
