@@ -113,11 +113,21 @@ class ExpertOffloadConfig:
         routers, e.g. the Hugging Face integration).
     prefetch_experts: experts prefetched per layer and step (default: top_k), <= prefetch_slots.
     warmup_tokens / min_batch_tokens: the frequency warmup re-advises after this many recorded
-        tokens and ignores batches smaller than `min_batch_tokens` (dummy/warm-up batches).
+        tokens; batches smaller than `min_batch_tokens` are not counted at all (default 1:
+        every batch, decode included; raise it to skip small dummy batches, knowing that
+        adaptive residency then does not see decode steps of fewer tokens either).
     adaptive: keep re-deciding residency after the warmup (or from the profile): decayed
         counts, a decision every `adaptive_interval_tokens` recorded tokens, hysteresis
         (`adaptive_margin`), and at most `adaptive_readvise_mb` MB re-advised per decision.
-        Needs resident_selection frequency or profile.
+        Needs resident_selection frequency or profile. Counting runs inside CUDA graphs too;
+        the worker thread polls those counts every `adaptive_poll_ms` ms once a graph has been
+        captured (eager steps hand their counts over themselves).
+    readvise_chunk_mb / readvise_pause_ms: how a re-advise (not the initial advice) migrates
+        pages. The driver holds kernel launches of every thread while a migration call runs,
+        so a decode step launched meanwhile waits. Default (0 MB): one call per run of experts,
+        the least stall in all per byte moved but the longest single ones; > 0: calls of at
+        most this many MB (2^20 bytes), each waited for, then the pause (shorter single stalls,
+        more of them, slower re-advise). benchmarks/readvise_latency.py measures both.
     allow_oversubscription: allow managed memory beyond the GPU's free memory. Off by default:
         oversubscribed managed memory can hang the GPU for every process on it.
     """
@@ -131,12 +141,15 @@ class ExpertOffloadConfig:
     prefetch_slots: int = 0
     prefetch_experts: int | None = None
     warmup_tokens: int = 4096
-    min_batch_tokens: int = 64
+    min_batch_tokens: int = 1
     adaptive: bool = False
     adaptive_interval_tokens: int = AdaptiveSettings.interval_tokens
     adaptive_half_life_tokens: float = AdaptiveSettings.half_life_tokens
     adaptive_margin: float = AdaptiveSettings.margin
     adaptive_readvise_mb: float | None = None
+    adaptive_poll_ms: float = 5.0
+    readvise_chunk_mb: float = 0.0
+    readvise_pause_ms: float = 0.0
     allow_oversubscription: bool = False
 
     def __post_init__(self) -> None:
@@ -209,6 +222,15 @@ class ExpertOffloadConfig:
                 "need adaptive_half_life_tokens > 0 and adaptive_margin >= 0, got "
                 f"{self.adaptive_half_life_tokens} and {self.adaptive_margin}"
             )
+        if not (math.isfinite(self.adaptive_poll_ms) and self.adaptive_poll_ms > 0):
+            raise ValueError(f"adaptive_poll_ms must be a finite number > 0, got "
+                             f"{self.adaptive_poll_ms!r}")
+        if not (math.isfinite(self.readvise_chunk_mb) and self.readvise_chunk_mb >= 0):
+            raise ValueError(f"readvise_chunk_mb must be a finite number >= 0 (0 = one "
+                             f"migration call per run of experts), got {self.readvise_chunk_mb!r}")
+        if not (math.isfinite(self.readvise_pause_ms) and self.readvise_pause_ms >= 0):
+            raise ValueError(f"readvise_pause_ms must be a finite number >= 0, got "
+                             f"{self.readvise_pause_ms!r}")
         if self.adaptive_readvise_mb is not None and not self.adaptive_readvise_mb > 0:
             raise ValueError(f"adaptive_readvise_mb must be > 0, got {self.adaptive_readvise_mb}")
 

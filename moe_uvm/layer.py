@@ -102,6 +102,17 @@ class FusedMoE(nn.Module):
         # int64 [2]: the lowest and highest expert id since the last check, on the ids' device.
         self._id_range: torch.Tensor | None = None
 
+    def release_experts(self, reason: str) -> None:
+        """Drop the expert weights (e.g. when the memory behind them is freed): both become
+        meta tensors of the same shape, the routing hook and slot cache are detached, and a
+        forward raises saying `reason` until weights are attached again."""
+        for name in ("w13_weight", "w2_weight"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype,
+                                                         device="meta"), requires_grad=False))
+        self._attach_loaders()
+        self.record_routing, self.slot_cache, self._released = None, None, reason
+
     def _attach_loaders(self) -> None:
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
@@ -167,6 +178,9 @@ class FusedMoE(nn.Module):
     def _routed(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         """HOT PATH: counts, slot plan, kernel, for ids already in [0, num_experts) or -1."""
+        if self.w13_weight.is_meta:
+            why = getattr(self, "_released", None) or "it is on the meta device"
+            raise RuntimeError(f"FusedMoE has no expert weights to run: {why}")
         if self.record_routing is not None:
             self.record_routing(topk_ids)
         weights = topk_weights.float()

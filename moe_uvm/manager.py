@@ -6,9 +6,12 @@ layer), plus accounting for logs and benchmarks."""
 from __future__ import annotations
 
 import logging
+import math
+import queue
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +22,7 @@ from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.policies.plan import ResidencyPlan, plan_residency
 from moe_uvm.profile import Profile, load_profile
-from moe_uvm.store import ManagedExpertStore, coalesce
+from moe_uvm.store import ManagedExpertStore, Pace, coalesce
 
 if TYPE_CHECKING:
     from moe_uvm.layer import FusedMoE
@@ -39,17 +42,54 @@ class ReadviseResult:
     bytes_moved: int
 
 
+_STOP = object()
+
+
+def _work(manager_ref: weakref.ref, jobs: queue.SimpleQueue, device: torch.device) -> None:
+    """The re-advise worker: runs jobs (count copies to decide on, re-advises, barriers) one at
+    a time; while CUDA graphs record routing it also polls the counters every `_poll_s`.
+    Holds the manager only while a job runs, so an unreferenced manager is collected (its
+    finalizer stops this thread)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        try:
+            uvm.relax_capture_mode()
+        except uvm.UVMError as exc:
+            log.warning("moe-uvm: %s; a re-advise during a graph capture may invalidate it", exc)
+    while True:
+        manager = manager_ref()
+        if manager is None:
+            return
+        timeout = manager._poll_s if manager._graphs and manager.plan.decides else None
+        del manager
+        try:
+            job = jobs.get(timeout=timeout)
+        except queue.Empty:
+            job = ("poll",)
+        manager = manager_ref()
+        if job is _STOP or manager is None:
+            return
+        manager._run(job)
+        del manager
+
+
 class ExpertOffloadManager:
     """Residency of every offloaded MoE layer.
 
     `stores[l]` holds layer l's experts. On construction the plan's initial residency (by
     default the config's plan for these stores) is applied: resident experts
-    PreferredLocation=GPU and prefetched there, offloaded experts PreferredLocation=CPU +
-    AccessedBy=GPU with their pages on the host. `record` (called by each layer's forward)
-    counts routing; when the plan decides (resident_selection "frequency" and/or `adaptive`)
-    the counts turn into new resident sets, carried out by a worker thread so the
-    host-blocking advice calls stay off the decode path. On the CPU path (stores in CPU memory)
-    the same bookkeeping runs and no CUDA call is made.
+    PreferredLocation=GPU and prefetched there, offloaded experts PreferredLocation=CPU with
+    their pages on the host (both AccessedBy=GPU, so the GPU never page-faults on them).
+
+    `record` (called by each layer's forward) counts routing on the device, in CUDA graphs
+    too. When the plan decides (resident_selection "frequency" and/or `adaptive`), a worker
+    thread takes the decisions from asynchronous copies of the counts and carries them out
+    (the host-blocking advice calls): the decode thread never syncs for a decision and never
+    waits on advice. The worker's CUDA calls go to its own stream in relaxed capture mode, so a
+    re-advise in flight does not break a CUDA graph captured meanwhile. A failed re-advise is
+    rolled back whole, logged and kept in `failures`; the policy is told the residency that
+    stands. `close()` (or `with manager:`) stops the worker and frees the stores. On the CPU
+    path (stores in CPU memory) the same bookkeeping runs and no CUDA call is made.
     """
 
     def __init__(
@@ -85,16 +125,38 @@ class ExpertOffloadManager:
                 f"{(self.num_layers, self.num_experts)}"
             )
         self.slot_cache = None  # a moe_uvm.slots.SlotCache once enable_slot_cache() made one
-        self._lock = threading.Lock()
+        self.layers: list[FusedMoE] = []  # the modules these stores serve (offload_experts)
+        self.failures: list[ReadviseError] = []
+        self._stats = dict.fromkeys(
+            ("decisions", "readvises", "promoted", "demoted", "bytes_moved", "failures"), 0
+        )
         self._stream = torch.cuda.Stream(self.device) if self.is_managed else None
         self._resident: list[tuple[int, ...]] = [() for _ in range(self.num_layers)]
         for layer in range(self.num_layers):
             self._apply_all(layer, self.plan.resident_ids(layer))
-        self.warmup = self.plan.counter()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-uvm-readvise")
-        self._pending: list[Future] = []
-        self._failed: list[int] = []
-        self.layers: list[FusedMoE] = []  # the modules these stores serve (offload_experts)
+        self.warmup = self.plan.counter(device=self.device)
+        self._count_lock = threading.Lock()  # the counts' host side: worker vs routing_counts
+        self._closed = False
+        self._graphs = False  # set once a capture recorded routing: poll the counters then
+        self._poll_s = config.adaptive_poll_ms / 1e3
+        self._pace = (Pace(int(config.readvise_chunk_mb * 2**20), config.readvise_pause_ms / 1e3)
+                      if config.readvise_chunk_mb > 0 else None)
+        self._due_in = self.warmup.tokens_until_due() if self.plan.decides else math.inf
+        self._since_copy = 0
+        self._copy_pending = False
+        shape = (self.num_layers, self.num_experts + 1)
+        pinned = self.is_managed
+        self._copy_host = torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
+        self._poll_host = torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
+        self._copy_event = torch.cuda.Event() if pinned else None
+        self._poll_event = torch.cuda.Event() if pinned else None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=_work, args=(weakref.ref(self), self._jobs, self.device),
+            name="moe-uvm-readvise", daemon=True,
+        )
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, self._jobs.put, _STOP)
 
     def _plan(self) -> ResidencyPlan:
         """The config's plan for these stores (`offload_experts` makes it before allocating)."""
@@ -106,53 +168,116 @@ class ExpertOffloadManager:
             counts_tokens=0 if profile is None else profile.num_tokens,
         )
 
-    # --- routing counts and dynamic residency ------------------------------------------------
+    # --- routing counts and dynamic residency (decode thread) ----------------------------------
 
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Routing hook each offloaded layer calls with its `topk_ids` (HOT PATH in eager mode:
-        a device-side count, no host sync except at a decision). A no-op while a CUDA graph is
-        being captured or torch.compile is tracing; eager forwards (e.g. prefill) are what the
-        warmup counts. Decisions are taken after the last layer and carried out by a worker."""
-        if torch.compiler.is_compiling():
+        """Routing hook each offloaded layer calls with its `topk_ids`. HOT PATH: device ops
+        only, captured into CUDA graphs (replays count too); no lock, no host sync. After the
+        last layer of an eager step in which a decision may have come due, it queues an
+        asynchronous copy of the counts for the worker to decide on. A no-op while
+        torch.compile traces."""
+        if torch.compiler.is_compiling() or not self.warmup.record(layer, topk_ids):
+            return
+        if layer != self.num_layers - 1 or self._closed:
             return
         if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            if not self._graphs:
+                self._graphs = True
+                self._jobs.put(("wake",))  # the worker starts polling the counters
             return
-        self.warmup.record(layer, topk_ids)
-        if not self.plan.decides or layer != self.num_layers - 1:
-            return
-        with self._lock:
-            failed, self._failed = self._failed, []
-        for failed_layer in failed:
-            self.warmup.set_resident(failed_layer, list(self.resident_ids(failed_layer)))
-        if self.warmup.decision_due():
-            self.check_routing()  # the decision syncs anyway: report bad routing here
-            changes = self.warmup.decide()
-            if changes:
-                self._pending = [f for f in self._pending if not f.done()]
-                self._pending.append(self._worker.submit(self._readvise_many, changes))
+        self._since_copy += topk_ids.shape[0]
+        if self._since_copy >= self._due_in and not self._copy_pending:
+            self._since_copy = 0
+            self._copy_pending = True
+            self._jobs.put(("counts", *self._copy_counts(self._copy_host, self._copy_event)))
 
-    def _readvise_many(self, changes: dict[int, list[int]]) -> None:
+    def _copy_counts(self, host: torch.Tensor, event: torch.cuda.Event | None, stream=None):
+        """An asynchronous copy of the counters into `host` (ordered after the work queued so
+        far on `stream`, default the current one) and the event that marks it done."""
+        counts = self.warmup.device_counts
+        if counts is None:
+            host.zero_()
+            return host, None
+        if event is None:
+            host.copy_(counts)
+            return host, None
+        with torch.cuda.stream(stream or torch.cuda.current_stream(self.device)):
+            host.copy_(counts, non_blocking=True)
+            event.record()
+        return host, event
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def _run(self, job: tuple) -> None:
+        """One job on the worker thread; nothing escapes it (failures are logged and kept)."""
+        kind, *args = job
+        try:
+            if kind == "counts":
+                host, event = args
+                if event is not None:
+                    event.synchronize()
+                self._copy_pending = False
+                self._decide(host)
+            elif kind == "poll":
+                # Unordered with the decode stream: counts only grow, folds take increases.
+                host, event = self._copy_counts(self._poll_host, self._poll_event, self._stream)
+                if event is not None:
+                    event.synchronize()
+                self._decide(host)
+            elif kind == "barrier":
+                host, done = args
+                if host is not None:
+                    self._decide(host)
+                done.set_result(None)
+            elif kind == "readvise":
+                layer, ids, done = args
+                try:
+                    done.set_result(self._readvise_now(layer, ids))
+                except BaseException as exc:  # handed to the caller
+                    done.set_exception(exc)
+        except Exception as exc:  # a bug or an unexpected CUDA error: keep the worker alive
+            error = ReadviseError(f"moe-uvm re-advise worker: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._fail(error)
+            if kind == "barrier" and not args[1].done():
+                args[1].set_result(None)
+
+    def _decide(self, host: torch.Tensor) -> None:
+        with self._count_lock:
+            self.warmup.fold(host)
+            changes = {}
+            if self.plan.decides and self.warmup.decision_due(fresh=False):
+                changes = self.warmup.decide(fresh=False)
+                self._stats["decisions"] += 1
+            self._due_in = self.warmup.tokens_until_due() if self.plan.decides else math.inf
         for layer, ids in changes.items():
             try:
-                result = self.readvise(layer, ids)
+                result = self._readvise_now(layer, self._validated(layer, ids))
             except ReadviseError as exc:
-                log.warning("%s", exc)
-                with self._lock:
-                    self._failed.append(layer)
+                self._fail(exc)
             else:
-                log.info(
-                    "moe-uvm: layer %d re-advised, %d promoted, %d demoted",
-                    layer,
-                    len(result.promoted),
-                    len(result.demoted),
-                )
+                log.info("moe-uvm: layer %d re-advised, %d promoted, %d demoted", layer,
+                         len(result.promoted), len(result.demoted))
+
+    def _fail(self, error: ReadviseError) -> None:
+        """Log and keep a failure; the policy is told the residency that stands."""
+        log.warning("%s", error)
+        self.failures.append(error)
+        self._stats["failures"] += 1
+        with self._count_lock:
+            for layer in range(self.num_layers):
+                self.warmup.set_resident(layer, list(self._resident[layer]))
 
     def wait_idle(self) -> None:
-        """Block until scheduled re-advice and its prefetches have finished; then report an
-        expert id outside [0, E) that reached a layer (`check_routing`)."""
-        for future in self._pending:
-            future.result()
-        self._pending = []
+        """Take the decision that is due now (from counts copied after all work queued so far),
+        wait until the worker has carried out everything scheduled and the prefetches are done;
+        then report an expert id outside [0, E) that reached a layer (`check_routing`)."""
+        if not self._closed:
+            counts = self.warmup.device_counts
+            host = None if counts is None else counts.cpu()
+            done: Future = Future()
+            self._jobs.put(("barrier", host, done))
+            done.result()
         self.synchronize()
         self.check_routing()
 
@@ -166,22 +291,26 @@ class ExpertOffloadManager:
         """Routing counts [layers, experts] recorded so far (a host sync; bad expert ids, which
         are not counted, raise as in `check_routing`)."""
         self.check_routing()
-        return self.warmup.host_counts()
+        with self._count_lock:
+            return self.warmup.host_counts()
 
     def save_profile(self, path: str, model_id: str | None = None) -> Profile:
         """Write the live routing counts as a profile (usable with resident_selection=profile)."""
         if self.top_k is None:
             raise ValueError("saving a profile needs the layers' top_k (offload_experts sets it)")
+        counts = self.routing_counts()
+        with self._count_lock:
+            tokens = self.warmup.tokens_recorded
         profile = Profile(
-            self.num_layers,
-            self.num_experts,
-            self.top_k,
-            self.warmup.tokens_recorded,
-            self.routing_counts(),
-            model_id=model_id,
+            self.num_layers, self.num_experts, self.top_k, tokens, counts, model_id=model_id
         )
         profile.save(path)
         return profile
+
+    def stats(self) -> dict[str, int]:
+        """Counts since construction: decisions taken, re-advises done, experts promoted and
+        demoted, bytes moved, failures."""
+        return dict(self._stats)
 
     # --- carrying decisions out ---------------------------------------------------------------
 
@@ -203,6 +332,18 @@ class ExpertOffloadManager:
         return tuple(sorted(ids))
 
     @property
+    def pace(self) -> Pace | None:
+        """How re-advises migrate pages (from readvise_chunk_mb / readvise_pause_ms; None: one
+        call per run). Settable, e.g. to re-advise faster while nothing decodes."""
+        return self._pace
+
+    @pace.setter
+    def pace(self, value: Pace | None) -> None:
+        if value is not None and not isinstance(value, Pace):
+            raise TypeError(f"pace must be a moe_uvm.store.Pace or None, got {value!r}")
+        self._pace = value
+
+    @property
     def stream(self) -> torch.cuda.Stream | None:
         """The side stream prefetches are enqueued on (None on the CPU path)."""
         return self._stream
@@ -219,45 +360,64 @@ class ExpertOffloadManager:
         self._resident[layer] = resident
 
     def readvise(self, layer: int, resident_ids: Iterable[int]) -> ReadviseResult:
-        """Make `resident_ids` layer `layer`'s resident set, advising only the difference.
+        """Make `resident_ids` layer `layer`'s resident set, advising only the difference
+        (demotions first, so GPU memory is released before promotions take it). Any thread may
+        call it; the advice runs on the manager's worker (in order with its decisions) while
+        the caller waits, and the policy is told the new set.
 
-        Demotions go first so GPU memory is released before promotions take it. All-or-nothing:
-        if a CUDA call fails, the runs already changed are advised back and `ReadviseError`
-        reports both the failure and the restored residency.
-        """
+        All-or-nothing: bad ids are refused before anything runs; if a call fails, every run
+        already changed, and the one that failed, is advised back to what it was, and
+        `ReadviseError` reports the failure and whether the old residency was restored."""
         new = self._validated(layer, resident_ids)
-        with self._lock:
-            old = self._resident[layer]
-            promote = tuple(sorted(set(new) - set(old)))
-            demote = tuple(sorted(set(old) - set(new)))
-            store = self.stores[layer]
-            steps = [
-                (store.advise_offloaded, store.advise_resident, run) for run in coalesce(demote)
-            ]
-            steps += [
-                (store.advise_resident, store.advise_offloaded, run) for run in coalesce(promote)
-            ]
-            done = []
-            handle = self._stream_handle()
-            try:
-                for forward, backward, (first, count) in steps:
-                    forward(range(first, first + count), handle)
-                    done.append((backward, first, count))
-            except uvm.UVMError as exc:
-                restored = "restored"
-                for backward, first, count in reversed(done):
-                    try:
-                        backward(range(first, first + count), handle)
-                    except uvm.UVMError as undo_exc:
-                        restored = f"NOT fully restored ({undo_exc})"
-                raise ReadviseError(
-                    f"re-advise of layer {layer} failed: {exc}; previous residency "
-                    f"({len(old)} experts) {restored}"
-                ) from exc
-            self._resident[layer] = new
-        if self.slot_cache is not None:
-            self.slot_cache.set_layer_resident(layer, new)
-        moved = (len(promote) + len(demote)) * self.stores[layer].slot_nbytes
+        if self._closed:
+            raise ReadviseError(f"re-advise of layer {layer}: the manager is closed")
+        if threading.current_thread() is self._thread:
+            return self._readvise_now(layer, new)
+        done: Future = Future()
+        self._jobs.put(("readvise", layer, new, done))
+        return done.result()
+
+    def _readvise_now(self, layer: int, new: tuple[int, ...]) -> ReadviseResult:
+        old = self._resident[layer]
+        promote = tuple(sorted(set(new) - set(old)))
+        demote = tuple(sorted(set(old) - set(new)))
+        store = self.stores[layer]
+        steps = [(store.advise_offloaded, store.advise_resident, run) for run in coalesce(demote)]
+        steps += [(store.advise_resident, store.advise_offloaded, run) for run in coalesce(promote)]
+        handle = self._stream_handle()
+        done = []
+        try:
+            for forward, backward, (first, count) in steps:
+                # Undoing a half-applied run re-applies its old state whole.
+                done.append((backward, first, count))
+                forward(range(first, first + count), handle, self._pace)
+            if self.slot_cache is not None and steps:
+                self.slot_cache.set_layer_resident(layer, new, self._stream)
+        except Exception as exc:
+            restored = "restored"
+            for backward, first, count in reversed(done):
+                try:
+                    backward(range(first, first + count), handle, self._pace)
+                except Exception as undo_exc:
+                    restored = f"NOT fully restored ({undo_exc})"
+            if self.slot_cache is not None:
+                try:
+                    self.slot_cache.set_layer_resident(layer, old, self._stream)
+                except Exception as undo_exc:
+                    restored += f"; slot-cache mask not restored ({undo_exc})"
+            raise ReadviseError(
+                f"re-advise of layer {layer} failed: {type(exc).__name__}: {exc}; previous "
+                f"residency ({len(old)} experts) {restored}"
+            ) from exc
+        self._resident[layer] = new
+        with self._count_lock:
+            self.warmup.set_resident(layer, list(new))
+        moved = (len(promote) + len(demote)) * store.slot_nbytes
+        if steps:
+            self._stats["readvises"] += 1
+            self._stats["promoted"] += len(promote)
+            self._stats["demoted"] += len(demote)
+            self._stats["bytes_moved"] += moved
         return ReadviseResult(layer, promote, demote, moved)
 
     def enable_slot_cache(self, next_gates: Sequence[torch.Tensor] | None = None):
@@ -289,6 +449,40 @@ class ExpertOffloadManager:
         """Wait until every enqueued prefetch has finished."""
         if self._stream is not None:
             self._stream.synchronize()
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release everything: stop and join the worker (after the job it is running), free the
+        slot caches and the managed stores. The layers keep their shapes but no weights: a
+        forward raises until they are offloaded again. Idempotent; also `with manager:`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        self._finalizer.detach()
+        for module in self.layers:
+            module.release_experts("its offload manager was closed")
+        self.layers = []
+        self.slot_cache = None
+        if self.is_managed:
+            torch.cuda.synchronize(self.device)  # no kernel may still read what is freed
+        for store in self.stores:
+            store.free()
+        self.warmup.release()
+        self._stream = self._copy_event = self._poll_event = None
+
+    def __enter__(self) -> ExpertOffloadManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # --- introspection -------------------------------------------------------------------------
 
@@ -326,6 +520,8 @@ class ExpertOffloadManager:
             f"{self.offloaded_bytes() / 2**30:.2f} GiB; selection={self.config.resident_selection}"
             f", prefetch={self.config.prefetch}"
             + (f"; {self.slot_cache.summary()}" if self.slot_cache is not None else "")
+            + (f"; {len(self.failures)} failed re-advises" if self.failures else "")
+            + ("; closed" if self._closed else "")
         )
 
     def __repr__(self) -> str:

@@ -126,6 +126,12 @@ class SlotCache:
             raise ValueError("lookahead prefetch needs the next layer's router weight per layer")
         self.weights = list(weights)
         self.layers = [self._pool(w13, w2) for w13, w2 in self.weights]
+        # Host side of the resident masks, pinned on CUDA so a re-advise on another thread
+        # updates them with an asynchronous copy (no allocation, no legacy-stream copy: safe
+        # next to a graph capture).
+        pinned = self.device.type == "cuda"
+        self._host_resident = torch.zeros(len(self.layers), w13.shape[0], dtype=torch.bool,
+                                          pin_memory=pinned)
         self.set_resident(resident)
         E, L = self.num_experts, self.num_layers
         self.counts = None if counts is None else counts.to(self.device, torch.float32)
@@ -165,13 +171,23 @@ class SlotCache:
         for layer, ids in enumerate(resident):
             self.set_layer_resident(layer, ids)
 
-    def set_layer_resident(self, layer: int, resident_ids: Sequence[int]) -> None:
-        """Tell the planner which experts of a layer are resident now (after a re-advise).
-        Slots holding an expert that became resident stay valid copies; the planner just stops
-        adding resident experts."""
-        mask = torch.zeros(self.num_experts, dtype=torch.bool)
-        mask[list(resident_ids)] = True
-        self.layers[layer].resident.copy_(mask)
+    def set_layer_resident(
+        self, layer: int, resident_ids: Sequence[int], stream: torch.cuda.Stream | None = None
+    ) -> None:
+        """Tell the planner which experts of a layer are resident now (after a re-advise); on
+        CUDA an asynchronous copy on `stream` (default: the current one). The mask is a hint
+        that need not be ordered with the kernels: an expert marked resident is read from
+        managed memory, one marked offloaded gets a slot copy, both exact. Slots holding an
+        expert that became resident stay valid copies; the planner just stops adding it."""
+        host = self._host_resident[layer]
+        host.zero_()
+        host[list(resident_ids)] = True
+        target = self.layers[layer].resident
+        if target.device.type != "cuda":
+            target.copy_(host)
+            return
+        with torch.cuda.stream(stream or torch.cuda.current_stream(target.device)):
+            target.copy_(host, non_blocking=True)
 
     def reset(self) -> None:
         """Empty every slot (e.g. before timing a new configuration)."""

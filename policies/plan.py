@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from moe_uvm.policies.residency import ResidentBudget, first_n, manual, select_resident
 from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup
@@ -58,8 +59,9 @@ class ResidencyPlan:
     def resident_ids(self, layer: int) -> tuple[int, ...]:
         return tuple(np.flatnonzero(self.resident[layer]).tolist())
 
-    def counter(self) -> FrequencyWarmup:
-        """The routing counter that turns recorded counts into new resident sets."""
+    def counter(self, device: torch.device | str | None = None) -> FrequencyWarmup:
+        """The routing counter that turns recorded counts into new resident sets (its counters
+        on `device` from the start, so captured CUDA graphs count too)."""
         return FrequencyWarmup(
             self.budget,
             warmup_tokens=self.warmup_tokens,
@@ -68,6 +70,7 @@ class ResidencyPlan:
             resident=self.resident,
             prior=self.prior,
             prior_tokens=self.prior_tokens,
+            device=device,
         )
 
 

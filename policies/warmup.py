@@ -1,7 +1,9 @@
 """Frequency warmup: count routed experts per layer where the ids live, then re-decide the resident
 sets once after `warmup_tokens`, and optionally keep adapting (decayed counts, hysteresis, a cap on
-swaps per decision). The manager calls `record` from the layer's forward and, off the decode path,
-`decide` when `decision_due()`; it carries out the returned sets with `readvise`."""
+swaps per decision). The manager calls `record` from the layer's forward (device work only,
+captured in CUDA graphs too) and, on its worker thread, `fold`s asynchronous copies of the
+counters and `decide`s when a decision is due; it carries out the returned sets with
+`readvise`."""
 
 from __future__ import annotations
 
@@ -99,6 +101,42 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def wrapped_delta(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """new - old for int32 counters that may have wrapped around, as int64 (the signed
+    difference modulo 2**32: exact while fewer than 2**31 increments separate the two)."""
+    diff = new.astype(np.int64) - old.astype(np.int64)
+    return (diff + 2**31) % 2**32 - 2**31
+
+
+def tokens_to_follow_shift(
+    settings: AdaptiveSettings, tokens_before: int, rate: float, max_tokens: int = 10**7
+) -> int:
+    """Tokens after a routing shift until adaptive residency has swapped a newly hot expert in
+    for one that went cold, in the model of `FrequencyWarmup.decide`'s scores.
+
+    Before the shift, expert `a` was routed `rate` times per token for `tokens_before` tokens
+    and expert `b` never; after it, the other way round. Decisions come every D =
+    `interval_tokens`; with q = 2**(-D/h) (h = half-life) the decayed count after n decisions
+    is rate*D*(1 - q**n)/(1 - q) for `b` and rate*D*q**n/(1 - q) for `a`, and the long-run
+    term is prior_weight * (h / ln 2) * rate * t / (tokens_before + t) for `b` (t = n*D) and
+    the same with tokens_before in the numerator for `a`. The swap happens at the first
+    decision where score_b > (1 + margin) * score_a + min_gain; the answer adds one interval
+    for the decision in flight. A long history before the shift slows it (its long-run rate
+    weighs on `a`); a short half-life and interval speed it up."""
+    a = settings
+    step = a.interval_tokens
+    q = 0.5 ** (step / a.half_life_tokens)
+    window = a.prior_weight * a.half_life_tokens / math.log(2)
+    for n in range(1, max_tokens // step + 1):
+        t = n * step
+        long_run = rate * window / (tokens_before + t)
+        score_b = rate * step * (1 - q**n) / (1 - q) + long_run * t
+        score_a = rate * step * q**n / (1 - q) + long_run * tokens_before
+        if score_b > (1 + a.margin) * score_a + a.min_gain:
+            return t + step
+    raise ValueError(f"no swap within {max_tokens} tokens at rate {rate}")
+
+
 class FrequencyWarmup:
     """Counts routing per (layer, expert) and turns the counts into resident sets.
 
@@ -107,6 +145,12 @@ class FrequencyWarmup:
     Phase 2 (only with `adaptive`): a decision every `interval_tokens` tokens from exponentially
     decayed counts, with hysteresis and a swap cap (`swap_weakest`). Start directly in phase 2
     with `warmup_tokens=0`, e.g. from a profile's sets, passing the profile's counts as `prior`.
+
+    Counting (`record`) is device work only, so it runs inside CUDA graphs too (each replay
+    counts) when the counters exist before capture: pass `device`. Decisions read a host copy
+    of the counters: `fold(snapshot)` with a copy taken elsewhere (the manager copies them
+    asynchronously and decides on its worker thread), or `refresh()`, a host sync, which
+    `decision_due()`, `decide()` and `tokens_recorded` do by default.
 
     `decide` assumes its sets are carried out; if a re-advise fails, tell it with `set_resident`.
     """
@@ -121,6 +165,7 @@ class FrequencyWarmup:
         resident: np.ndarray | None = None,
         prior: np.ndarray | torch.Tensor | None = None,
         prior_tokens: int = 0,
+        device: torch.device | str | None = None,
     ) -> None:
         if warmup_tokens < 0 or min_batch_tokens < 1:
             raise ValueError(
@@ -142,13 +187,17 @@ class FrequencyWarmup:
                              f"{resident.dtype} {resident.shape}")
         self.resident = resident.copy()
         self.phase = "warmup" if warmup_tokens > 0 else "adaptive"
-        # int32 on the device: int64 atomics are compare-and-swap loops on CUDA and slow under
-        # contention. Decisions fold the device counts into `_folded` (host, int64) and zero
-        # them, so the device counts never come near 2**31.
+        # int32 on the device (int64 atomics are compare-and-swap loops on CUDA, slow under
+        # contention), never reset: folds take wrap-safe differences of successive copies into
+        # `_folded` (host, int64). Column E collects padding ids, so every token adds top_k
+        # to its layer's row and the row sum gives the tokens recorded.
         self._device_counts: torch.Tensor | None = None
         self._one: torch.Tensor | None = None
-        self._folded = np.zeros((L, E), np.int64)
-        self._layer_tokens = np.zeros(L, np.int64)
+        if device is not None:
+            self._allocate(torch.device(device))
+        self._top_k = 0
+        self._last = np.zeros((L, E + 1), np.int64)
+        self._folded = np.zeros((L, E + 1), np.int64)
         self._seen = np.zeros((L, E))
         self._seen_tokens = 0
         self._recent = np.zeros((L, E))
@@ -162,21 +211,38 @@ class FrequencyWarmup:
                 raise ValueError(f"prior has shape {prior.shape}, expected {(L, E)}")
             self._prior, self._prior_tokens = prior, prior_tokens
 
-    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Count one batch's routing at `layer`. HOT PATH (eager forward): no host sync, no loop
-        over experts; a no-op during CUDA graph capture and for batches under
-        `min_batch_tokens` tokens. Ids outside [0, num_experts) are not counted: -1 is padding,
-        the others FusedMoE reports (RoutingError). Counting goes on after the last decision,
-        so `host_counts` stays a live profile."""
+    def _allocate(self, device: torch.device) -> None:
+        self._device_counts = torch.zeros(
+            self.num_layers, self.num_experts + 1, dtype=torch.int32, device=device
+        )
+        self._one = torch.ones(1, dtype=torch.int32, device=device)
+
+    def release(self) -> None:
+        """Drop the device counters (their memory goes back; host-side counts stay)."""
+        self._device_counts = self._one = None
+
+    @property
+    def device_counts(self) -> torch.Tensor | None:
+        """The live counters [layers, experts + 1] (int32; column E = padding), or None before
+        the first record when no device was given."""
+        return self._device_counts
+
+    def record(self, layer: int, topk_ids: torch.Tensor) -> bool:
+        """Count one batch's routing at `layer`; returns whether it was counted. HOT PATH (every
+        layer of every step): device ops only, no host sync, no loop over experts, capturable.
+        Batches under `min_batch_tokens` tokens are not counted, nor a capture made before the
+        counters exist. Ids outside [0, num_experts) are not counted as experts: -1 is
+        padding, the others FusedMoE reports (RoutingError). Counting goes on after the last
+        decision, so `host_counts` stays a live profile."""
         num_tokens = topk_ids.shape[0]
-        if num_tokens < self.min_batch_tokens or _capturing():
-            return
+        if num_tokens < self.min_batch_tokens:
+            return False
         if self._device_counts is None:
-            # Column E collects the padding ids, so no mask has to be compacted.
-            self._device_counts = torch.zeros(
-                self.num_layers, self.num_experts + 1, dtype=torch.int32, device=topk_ids.device
-            )
-            self._one = torch.ones(1, dtype=torch.int32, device=topk_ids.device)
+            if _capturing():
+                return False  # allocating inside a capture would tie the counters to the graph
+            self._allocate(topk_ids.device)
+        if topk_ids.dim() == 2:
+            self._top_k = topk_ids.shape[1]
         ids = topk_ids.reshape(-1)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(torch.int64)
@@ -184,34 +250,63 @@ class FrequencyWarmup:
         # ends the process's CUDA context.
         ids = torch.where(ids >= 0, ids, self.num_experts).clamp_max_(self.num_experts)
         self._device_counts[layer].index_add_(0, ids, self._one.expand(ids.shape[0]))
-        self._layer_tokens[layer] += num_tokens
+        return True
+
+    def fold(self, snapshot: np.ndarray | torch.Tensor) -> None:
+        """Take in a host copy of the counters ([layers, experts + 1], int32). Copies may come
+        out of order (one taken by a side stream while another was queued): only increases
+        count."""
+        snap = snapshot.numpy() if isinstance(snapshot, torch.Tensor) else snapshot
+        delta = wrapped_delta(snap, self._last)
+        grew = delta > 0
+        self._folded += np.where(grew, delta, 0)
+        self._last = np.where(grew, snap.astype(np.int64), self._last)
+
+    def refresh(self) -> None:
+        """Fold the counters in now (a host sync: call it from the thread and stream that
+        record)."""
+        if self._device_counts is not None:
+            self.fold(self._device_counts.cpu())
+
+    def _tokens(self) -> int:
+        return int(self._folded.sum(axis=1).max()) // max(self._top_k, 1)
 
     @property
     def tokens_recorded(self) -> int:
-        return int(self._layer_tokens.max())
+        """Most tokens recorded at any layer (a host sync: `refresh`)."""
+        self.refresh()
+        return self._tokens()
 
-    def decision_due(self) -> bool:
-        """Host-side and cheap: has enough been recorded for the next decision?"""
+    def tokens_until_due(self) -> float:
+        """Recorded tokens still needed for the next decision, from the last fold (inf: no more
+        decisions)."""
         if self.phase == "warmup":
-            return self.tokens_recorded >= self.warmup_tokens
+            return self.warmup_tokens - self._tokens()
         if self.phase == "adaptive":
-            return self.tokens_recorded - self._seen_tokens >= self.adaptive.interval_tokens
-        return False
+            return self.adaptive.interval_tokens - (self._tokens() - self._seen_tokens)
+        return math.inf
 
-    def host_counts(self) -> np.ndarray:
-        """All recorded counts [layers, experts] (int64, on the host; for decisions and profiles).
-        A sync: call it from the thread and stream that record."""
-        if self._device_counts is not None:
-            self._folded += self._device_counts[:, : self.num_experts].cpu().numpy()
-            self._device_counts.zero_()
-        return self._folded.copy()
+    def decision_due(self, fresh: bool = True) -> bool:
+        """Has enough been recorded for the next decision? `fresh`: `refresh` first; otherwise
+        from the last fold."""
+        if fresh:
+            self.refresh()
+        return self.tokens_until_due() <= 0
 
-    def decide(self) -> dict[int, list[int]]:
-        """New resident ids for the layers whose sets change (reads the counts: a host sync)."""
+    def host_counts(self, fresh: bool = True) -> np.ndarray:
+        """All recorded counts [layers, experts] (int64, on the host; for decisions and
+        profiles). `fresh`: `refresh` first (a host sync)."""
+        if fresh:
+            self.refresh()
+        return self._folded[:, : self.num_experts].copy()
+
+    def decide(self, fresh: bool = True) -> dict[int, list[int]]:
+        """New resident ids for the layers whose sets change (`fresh`: `refresh` first, a host
+        sync; otherwise the counts of the last fold)."""
         if self.phase == "done":
             return {}
-        counts = self.host_counts().astype(np.float64)
-        tokens = self.tokens_recorded
+        counts = self.host_counts(fresh).astype(np.float64)
+        tokens = self._tokens()
         if self.phase == "warmup":
             new = select_resident(counts, self.budget)
             self.phase = "adaptive" if self.adaptive is not None else "done"

@@ -31,7 +31,7 @@ def test_defaults_keep_everything_resident_and_never_oversubscribe():
     cfg = ExpertOffloadConfig()
     assert cfg.resident_counts(num_layers=3, num_experts=8) == [8, 8, 8]
     assert cfg.allow_oversubscription is False
-    assert cfg.warmup_tokens == 4096 and cfg.min_batch_tokens == 64
+    assert cfg.warmup_tokens == 4096 and cfg.min_batch_tokens == 1  # decode steps count
     assert cfg.resident_selection == "first_n" and cfg.prefetch == "none"
 
 
@@ -182,3 +182,16 @@ def test_config_is_frozen():
     cfg = ExpertOffloadConfig()
     with pytest.raises(AttributeError):
         cfg.num_resident = 3
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
+def test_adaptive_poll_ms_must_be_a_finite_positive_number(value):
+    with pytest.raises(ValueError, match="adaptive_poll_ms must be a finite number > 0"):
+        ExpertOffloadConfig(adaptive_poll_ms=value)
+
+
+@pytest.mark.parametrize("field, value", [("readvise_chunk_mb", -1.0), ("readvise_pause_ms", -0.5),
+                                          ("readvise_chunk_mb", float("nan"))])
+def test_readvise_pace_fields_are_checked(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number >= 0"):
+        ExpertOffloadConfig(**{field: value})

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from moe_uvm.policies.residency import ResidentBudget, frequency, resident_lists
-from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup, swap_weakest
+from moe_uvm.policies.warmup import (
+    AdaptiveSettings,
+    FrequencyWarmup,
+    swap_weakest,
+    tokens_to_follow_shift,
+)
 
 
 def random_ids(tokens, k, num_experts, generator, padding=0.1):
@@ -57,13 +62,39 @@ def test_record_ignores_batches_below_min_batch_tokens(seed):
     assert warmup.tokens_recorded == 16
 
 
-def test_record_is_a_no_op_during_graph_capture(monkeypatch, seed):
+def test_record_counts_during_graph_capture_only_with_counters_made_before(monkeypatch, seed):
+    """Counting is device work: captured into a graph, each replay counts. Counters that do not
+    exist yet cannot be made inside a capture, so that capture counts nothing."""
     g = torch.Generator().manual_seed(seed)
-    warmup = FrequencyWarmup(ResidentBudget(2, 8, per_layer=2), warmup_tokens=100)
+    ids = random_ids(32, 2, 8, g)
+    late = FrequencyWarmup(ResidentBudget(2, 8, per_layer=2), warmup_tokens=100)
+    early = FrequencyWarmup(ResidentBudget(2, 8, per_layer=2), warmup_tokens=100, device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    warmup.record(0, random_ids(32, 2, 8, g))
-    assert warmup.tokens_recorded == 0 and warmup.host_counts().sum() == 0
+    assert not late.record(0, ids) and early.record(0, ids)
+    monkeypatch.undo()
+    assert late.tokens_recorded == 0 and late.host_counts().sum() == 0
+    assert early.tokens_recorded == 32
+    np.testing.assert_array_equal(early.host_counts(), count_reference([(0, ids)], 2, 8))
+
+
+def test_folds_take_wrap_safe_increases_only():
+    warmup = FrequencyWarmup(ResidentBudget(1, 3, per_layer=1), warmup_tokens=100)
+    near_wrap = np.array([[2**31 - 2, 5, 0, 0]], np.int32)
+    warmup.fold(near_wrap)
+    wrapped = np.array([[-(2**31) + 1, 5, 0, 0]], np.int32)  # 3 more increments, wrapped
+    warmup.fold(wrapped)
+    warmup.fold(near_wrap)  # an older copy arriving late: nothing goes backwards
+    np.testing.assert_array_equal(warmup.host_counts(fresh=False), [[2**31 + 1, 5, 0]])
+
+
+def test_tokens_to_follow_shift_grows_with_history_and_half_life():
+    fast = AdaptiveSettings(half_life_tokens=16)
+    slow = AdaptiveSettings(half_life_tokens=128)
+    assert tokens_to_follow_shift(fast, 0, 0.5) <= tokens_to_follow_shift(fast, 4096, 0.5)
+    assert tokens_to_follow_shift(fast, 1024, 0.5) < tokens_to_follow_shift(slow, 1024, 0.5)
+    for n in (tokens_to_follow_shift(fast, 512, 0.5), tokens_to_follow_shift(slow, 512, 0.25)):
+        assert n % fast.interval_tokens == 0 and n > fast.interval_tokens
 
 
 def test_warmup_decides_exactly_once_at_the_threshold(seed):
@@ -231,11 +262,11 @@ def test_adaptive_settings_refuse_bad_values(field, value):
 
 
 @pytest.mark.gpu
-def test_record_on_cuda_makes_no_host_sync_and_skips_graph_capture(seed):
+def test_record_on_cuda_makes_no_host_sync_and_counts_in_graph_replays(seed):
     g = torch.Generator().manual_seed(seed)
-    warmup = FrequencyWarmup(ResidentBudget(2, 64, per_layer=8), warmup_tokens=10**6)
+    warmup = FrequencyWarmup(ResidentBudget(2, 64, per_layer=8), warmup_tokens=10**6,
+                             device="cuda")
     ids = random_ids(256, 8, 64, g).cuda()
-    warmup.record(0, ids)  # first call allocates the counts
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -244,11 +275,10 @@ def test_record_on_cuda_makes_no_host_sync_and_skips_graph_capture(seed):
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        shifted = ids + 1  # something for the graph to hold besides the skipped record
-        warmup.record(0, ids)
-    graph.replay()
+        assert warmup.record(0, ids)  # captured: each replay counts
+    for _ in range(3):
+        graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(shifted, ids + 1)
-    reference = count_reference([(0, ids.cpu()), (1, ids.cpu())], 2, 64)
+    reference = count_reference([(0, ids.cpu())] * 3 + [(1, ids.cpu())], 2, 64)
     np.testing.assert_array_equal(warmup.host_counts(), reference)
-    assert warmup.tokens_recorded == 256
+    assert warmup.tokens_recorded == 3 * 256
