@@ -120,3 +120,16 @@ def tiny_model(model_type: str, seed: int, **overrides) -> torch.nn.Module:
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return model
+
+
+def routed(num_tokens, experts, k=2):
+    """topk_ids [num_tokens, k] (int32) where the tokens pick from `experts` round robin."""
+    ids = torch.tensor(experts, dtype=torch.int32)
+    pos = torch.arange(num_tokens * k) % len(experts)
+    return ids[pos].view(num_tokens, k)
+
+
+def feed(manager, ids):
+    """Record the same routing at every layer of a manager, as one step would."""
+    for layer in range(manager.num_layers):
+        manager.record(layer, ids)

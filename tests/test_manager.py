@@ -6,6 +6,8 @@ from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.manager import ExpertOffloadManager, ReadviseError
 from moe_uvm.store import ManagedExpertStore
 
+from helpers import feed, routed
+
 
 def stores(num_layers=3, num_experts=8, device="cpu"):
     specs = {"w13": ((16, 8), torch.float16), "w2": ((8, 8), torch.float16)}
@@ -136,18 +138,6 @@ def test_layers_must_agree_on_expert_count():
     mixed = stores(1, 8) + stores(1, 4)
     with pytest.raises(ValueError, match="same number of experts"):
         ExpertOffloadManager(mixed, ExpertOffloadConfig())
-
-
-def routed(num_tokens, experts, num_experts=8, k=2):
-    """topk_ids where every token picks from `experts` (round robin), as int32."""
-    ids = torch.tensor(experts, dtype=torch.int32)
-    pos = torch.arange(num_tokens * k) % len(experts)
-    return ids[pos].view(num_tokens, k)
-
-
-def feed(manager, ids):
-    for layer in range(manager.num_layers):
-        manager.record(layer, ids)
 
 
 def test_frequency_warmup_readvises_once_at_the_threshold():

@@ -19,6 +19,8 @@ from moe_uvm.offload import offload_experts
 from moe_uvm.policies.warmup import AdaptiveSettings, tokens_to_follow_shift
 from moe_uvm.store import ManagedExpertStore, Pace
 
+from helpers import feed, routed
+
 
 def stores(num_layers=2, num_experts=8):
     specs = {"w13": ((16, 8), torch.float16), "w2": ((8, 8), torch.float16)}
@@ -146,17 +148,6 @@ def test_a_failing_slot_mask_update_rolls_the_advice_back(monkeypatch):
     assert BrokenCache.calls == [(0, 5, 6), (0, 1, 2)]  # the mask is put back too
     m.slot_cache = None
     m.close()
-
-
-def routed(num_tokens, experts, k=2):
-    ids = torch.tensor(experts, dtype=torch.int32)
-    pos = torch.arange(num_tokens * k) % len(experts)
-    return ids[pos].view(num_tokens, k)
-
-
-def feed(manager, ids):
-    for layer in range(manager.num_layers):
-        manager.record(layer, ids)
 
 
 def test_worker_exceptions_are_caught_reported_and_the_policy_resynced(monkeypatch, caplog):
