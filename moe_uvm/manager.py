@@ -214,10 +214,12 @@ class ExpertOffloadManager:
         try:
             if kind == "counts":
                 host, event = args
-                if event is not None:
-                    event.synchronize()
-                self._copy_pending = False
-                self._decide(host)
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    self._decide(host)
+                finally:
+                    self._copy_pending = False  # the decode thread may copy into `host` again
             elif kind == "poll":
                 # Unordered with the decode stream: counts only grow, folds take increases.
                 host, event = self._copy_counts(self._poll_host, self._poll_event, self._stream)
