@@ -17,11 +17,14 @@ from moe_uvm.policies.residency import ResidentBudget, first_n, frequency
 from moe_uvm.policies.warmup import AdaptiveSettings, FrequencyWarmup
 from moe_uvm.presets import ModelShape
 from moe_uvm.profile import Profile
+from moe_uvm.simulate_caches import CacheSettings, belady, freq_lru, lru
 from moe_uvm.simulate_slots import SlotSettings, cooccurrence_start, replay, step_ids
 from moe_uvm.trace import RoutingTrace
 
-POLICIES = ("first_n", "frequency", "global", "oracle", "adaptive", "lru")
+POLICIES = ("first_n", "frequency", "global", "oracle", "adaptive", "lru", "freq_lru", "belady")
 PROFILE_POLICIES = ("frequency", "global")
+CACHE_POLICIES = ("lru", "freq_lru", "belady")
+"""Caches filled on read: counted only after CacheSettings.warmup_tokens."""
 SLOT_POLICIES = ("first_n", "frequency", "global", "oracle")
 """Static residency: the policies a slot cache is simulated over."""
 
@@ -111,32 +114,6 @@ def _adaptive(
     return _Run(gpu, readvised, moved_in)
 
 
-def _lru(touched: np.ndarray, sizes: np.ndarray) -> _Run:
-    """Per layer a cache of sizes[l] experts, filled on miss (copy-on-demand); the least
-    recently used expert leaves. Starts holding experts 0..n-1, like first_n."""
-    steps, L, E = touched.shape
-    cached = first_n(E, sizes)
-    last_use = np.full((L, E), -1, np.int64)
-    gpu = np.zeros((steps, L), np.int64)
-    fills = evictions = 0
-    for s in range(steps):
-        now = touched[s]
-        gpu[s] = (now & cached).sum(axis=1)
-        last_use[now] = s
-        held = cached | now
-        over = held.sum(axis=1) > sizes
-        if np.any(over):
-            rows = np.flatnonzero(over)
-            key = np.where(held[rows], last_use[rows], -2)
-            rank = np.argsort(np.argsort(-key, axis=1, kind="stable"), axis=1)
-            held[rows] &= rank < sizes[rows, None]
-        fills += int((held & ~cached).sum())
-        evictions += int((cached & ~held).sum())
-        cached = held
-    # A fill is the miss's own PCIe transfer (copied instead of read through): no extra bytes.
-    return _Run(gpu, fills + evictions)
-
-
 def _record(
     job: dict,
     reads: np.ndarray,
@@ -220,13 +197,16 @@ def simulate(
     adaptive: AdaptiveSettings | None = None,
     warmup_tokens: int = 256,
     slots: SlotSettings = SlotSettings(),
+    caches: CacheSettings = CacheSettings(),
     progress: bool = False,
 ) -> list[dict]:
     """One record per (policy, resident count, slot count, prefetch mode) in that order.
     `profile` (counted on other tokens) feeds frequency and global, frequency prefetch and
     speculative co-occurrence, and starts adaptive; without it adaptive first counts
     `warmup_tokens` of the trace with first_n resident. `adaptive` defaults to
-    AdaptiveSettings(). Slot caches run over the static policies (SLOT_POLICIES) only."""
+    AdaptiveSettings(). Slot caches run over the static policies (SLOT_POLICIES) only. The
+    caches filled on read (CACHE_POLICIES) count only the steps after `caches`' warm-up, and
+    their records' `tokens` are the tokens of those steps; the other policies count all."""
     adaptive = adaptive or AdaptiveSettings()
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies:
@@ -250,6 +230,11 @@ def simulate(
             f"trace has {E}, top-{k}"
         )
     touched = step_reads(trace, batch)
+    warm = caches.warmup_steps(batch) if set(policies) & set(CACHE_POLICIES) else 0
+    if warm >= len(touched):
+        raise ValueError(f"the caches warm up on {caches.warmup_tokens} tokens ({warm} steps of "
+                         f"{batch}) and need steps left to count; the trace has "
+                         f"{trace.num_tokens} tokens")
     reads = touched.sum(axis=2)
     step_counts = touched.sum(axis=0)
     ids = step_ids(trace, batch) if max(slots.slots) > 0 else None
@@ -268,8 +253,15 @@ def simulate(
             mask = frequency(profile.counts, split)
         elif policy == "oracle":
             mask = frequency(step_counts, sizes)
-        elif policy == "lru":
-            run = _lru(touched, sizes)
+        elif policy == "belady":
+            hits, moves = belady(touched[warm:], sizes)
+            run = _Run(hits, int(moves.sum()))
+        elif policy in CACHE_POLICIES:
+            hits, moves = (lru(touched, sizes) if policy == "lru" else
+                           freq_lru(trace, touched, batch, sizes, caches.half_life_tokens))
+            # A fill is the miss's own PCIe transfer (copied instead of read through): no
+            # extra bytes. Moves count as re-advice, as they always have for lru.
+            run = _Run(hits[warm:], int(moves[warm:].sum()))
         else:
             budget = ResidentBudget(L, E, per_layer=tuple(sizes))
             if profile is not None:
@@ -295,7 +287,9 @@ def simulate(
                        None if profile is None else profile.counts, cooc, learn)
             run = _Run(r.hits, slot_hits=r.slot_hits, fills=r.fills, copies=r.copies,
                        prefetch=r.prefetch)
-        records.append(_record(job, reads, run, trace.num_tokens, shape, bandwidths))
+        skip = warm if policy in CACHE_POLICIES else 0
+        records.append(_record(job, reads[skip:], run, trace.num_tokens - skip * batch, shape,
+                               bandwidths))
     return records
 
 

@@ -39,7 +39,7 @@ def test_calibrate_then_simulate_on_other_sequences(tmp_path, capsys):
                        "--json")
     assert code == 0
     records = json.loads(out)
-    assert len(records) == 6 * 2 * 2
+    assert len(records) == 8 * 2 * 2
     for r in records:
         assert {"policy", "resident", "batch", "hit_rate",
                 "offloaded_reads_per_step_per_layer", "readvised_experts_per_token"} <= set(r)
@@ -55,7 +55,7 @@ def test_simulate_without_profile_prints_a_table_with_the_step_floor(capsys):
     assert "1024 tokens in 8 sequences" in lines[0]
     assert "floor overlapped ms" in lines[1]
     policies = [line.split("|")[1].strip() for line in lines[3:]]
-    assert policies == ["first_n", "oracle", "adaptive", "lru"]
+    assert policies == ["first_n", "oracle", "adaptive", "lru", "freq_lru", "belady"]
 
 
 def test_simulate_slot_caches_with_prefetch_modes(tmp_path, capsys):
@@ -131,7 +131,7 @@ def bad_profile(tmp_path):
         (["calibrate", "--trace", SAMPLE_TRACE, "--sequences", "3", "--out", "{tmp}/p.json"],
          "FIRST:STOP"),
         (["simulate", "--trace", SAMPLE_TRACE, "--resident", "200"], "outside [0, 128]"),
-        (["simulate", "--trace", SAMPLE_TRACE, "--resident", "8", "--policies", "belady"],
+        (["simulate", "--trace", SAMPLE_TRACE, "--resident", "8", "--policies", "fifo"],
          "unknown policies"),
         (["simulate", "--trace", SAMPLE_TRACE, "--resident", "8", "--policies", "frequency"],
          "need a profile"),
