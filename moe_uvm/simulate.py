@@ -230,11 +230,7 @@ def simulate(
             f"trace has {E}, top-{k}"
         )
     touched = step_reads(trace, batch)
-    warm = caches.warmup_steps(batch) if set(policies) & set(CACHE_POLICIES) else 0
-    if warm >= len(touched):
-        raise ValueError(f"the caches warm up on {caches.warmup_tokens} tokens ({warm} steps of "
-                         f"{batch}) and need steps left to count; the trace has "
-                         f"{trace.num_tokens} tokens")
+    warm = caches.warmup_steps(batch, len(touched)) if set(policies) & set(CACHE_POLICIES) else 0
     reads = touched.sum(axis=2)
     step_counts = touched.sum(axis=0)
     ids = step_ids(trace, batch) if max(slots.slots) > 0 else None

@@ -16,8 +16,9 @@ from moe_uvm.trace import RoutingTrace
 @dataclass(frozen=True)
 class CacheSettings:
     """The caches filled on read (CACHE_POLICIES). lru and freq_lru start holding experts
-    0..n-1 and replay the first `warmup_tokens` tokens, rounded up to whole steps, before
-    counting: simulate() gets a profile as counts, which have no order to replay a cache over.
+    0..n-1 and replay the first `warmup_tokens` tokens, rounded up to whole steps (at most half
+    the trace), before counting: simulate() gets a profile as counts, which have no order to
+    replay a cache over.
     belady counts the same steps, so its row bounds theirs. freq_lru's usage counts lose half
     their weight every `half_life_tokens` tokens."""
 
@@ -31,8 +32,10 @@ class CacheSettings:
             raise ValueError(f"freq_lru half-life must be > 0 tokens, got "
                              f"{self.half_life_tokens}")
 
-    def warmup_steps(self, batch: int) -> int:
-        return -(-self.warmup_tokens // batch)
+    def warmup_steps(self, batch: int, steps: int) -> int:
+        """Steps of `batch` tokens the caches warm up on: `warmup_tokens` rounded up to whole
+        steps, at most half of the trace's `steps` so a short trace still has steps to count."""
+        return min(-(-self.warmup_tokens // batch), steps // 2)
 
 
 def _keep(held: np.ndarray, sizes: np.ndarray, *keys: np.ndarray) -> np.ndarray:

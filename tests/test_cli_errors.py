@@ -61,7 +61,8 @@ def test_bench_simulation_honours_trace_shape_and_calibration_split(no_gpu, caps
     assert "t.npz: 4 layers x 64 experts, calibrated on sequences 0:1, evaluated on 1:4" in out
     assert "whole deepseek-v2-lite (26 MoE layers" in out
     result = json.loads((no_gpu / "res" / "simulation.json").read_text())
-    assert {r["tokens"] for r in result["records"]} == {24}
+    for r in result["records"]:  # caches warm up on at most half the evaluated steps
+        assert r["tokens"] == (12 if r["policy"] in ("lru", "freq_lru", "belady") else 24), r
 
 
 @pytest.mark.parametrize("flag", [["--steps", "3"], ["--methods", "device"], ["--tiny"],

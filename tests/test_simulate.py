@@ -293,10 +293,13 @@ def test_belady_bounds_lru_freq_lru_and_every_static_set(seed, batch, warmup):
     assert records["belady"]["hit_rate"] == records["lru"]["hit_rate"] == 1
 
 
-def test_cache_warmup_longer_than_the_trace_is_refused():
-    with pytest.raises(ValueError, match="warm up on 96 tokens .* the trace has 96 tokens"):
-        simulate(small_trace(), [2], policies=["belady"], caches=CacheSettings(96))
-    assert simulate(small_trace(), [2], policies=["first_n"], caches=CacheSettings(96))
+def test_cache_warmup_is_capped_at_half_the_trace():
+    trace = small_trace()
+    records = simulate(trace, [2], policies=["belady", "lru", "first_n"],
+                       caches=CacheSettings(trace.num_tokens))
+    tokens = {r["policy"]: r["tokens"] for r in records}
+    assert tokens == {"first_n": trace.num_tokens, "belady": trace.num_tokens // 2,
+                      "lru": trace.num_tokens // 2}
     with pytest.raises(ValueError, match="half-life must be > 0 tokens, got 0"):
         CacheSettings(half_life_tokens=0)
 
