@@ -64,19 +64,10 @@ def _put(dest: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
 
 def _victim_order(slot_stamp: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     """int64 [..., S]: slot ids in eviction order (unprotected first, then older stamp, then lower
-    slot). Ranks come from all S x S comparisons: no sort, so ties are exact on every device and
-    any stamp values work; S is small (tens), so the S^2 work is negligible."""
-    S = slot_stamp.shape[-1]
-    slot = torch.arange(S, device=slot_stamp.device)
-    p_i, p_j = protected[..., :, None], protected[..., None, :]
-    t_i, t_j = slot_stamp[..., :, None], slot_stamp[..., None, :]
-    earlier_slot = slot[None, :] < slot[:, None]
-    # before[..., i, j]: slot j is evicted before slot i.
-    before = (p_j < p_i) | ((p_j == p_i) & ((t_j < t_i) | ((t_j == t_i) & earlier_slot)))
-    rank = before.sum(-1)
-    order = torch.empty_like(rank)
-    order.scatter_(-1, rank, slot.expand_as(rank))
-    return order
+    slot): two stable sorts, so ties are exact on every device and any stamp values work."""
+    order = torch.argsort(slot_stamp, dim=-1, stable=True)
+    unprotected_first = torch.gather(protected, -1, order).to(torch.uint8)
+    return torch.gather(order, -1, torch.argsort(unprotected_first, dim=-1, stable=True))
 
 
 def plan_fill(
