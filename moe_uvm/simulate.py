@@ -21,9 +21,10 @@ from moe_uvm.simulate_caches import CacheSettings, belady, freq_lru, lru
 from moe_uvm.simulate_slots import SlotSettings, cooccurrence_start, replay, step_ids
 from moe_uvm.trace import RoutingTrace
 
-POLICIES = ("first_n", "frequency", "global", "oracle", "adaptive", "lru", "freq_lru", "belady")
+POLICIES = ("first_n", "frequency", "global", "oracle", "adaptive", "lru", "freq_lru", "lfu",
+            "belady")
 PROFILE_POLICIES = ("frequency", "global")
-CACHE_POLICIES = ("lru", "freq_lru", "belady")
+CACHE_POLICIES = ("lru", "freq_lru", "lfu", "belady")
 """Caches filled on read: counted only after CacheSettings.warmup_tokens."""
 SLOT_POLICIES = ("first_n", "frequency", "global", "oracle")
 """Static residency: the policies a slot cache is simulated over."""
@@ -145,6 +146,11 @@ def _record(
         "prefetch_recall": recall,
         "prefetch_copies_used": copies_used,
         "readvised_experts_per_token": run.readvised / num_tokens,
+        # Per step over all layers: experts read or written in HBM (resident and slot reads,
+        # slot writes) and moved over PCIe (offloaded reads, prefetch copies, re-advice).
+        "hbm_experts_per_step": float((run.hits + run.fills + run.copies).sum() / steps),
+        "pcie_experts_per_step": float(((reads - run.hits + run.copies).sum() + run.moved_in)
+                                       / steps),
     }
     if shape is not None:
         size = shape.bytes_per_expert
@@ -205,7 +211,8 @@ def simulate(
     speculative co-occurrence, and starts adaptive; without it adaptive first counts
     `warmup_tokens` of the trace with first_n resident. `adaptive` defaults to
     AdaptiveSettings(). Slot caches run over the static policies (SLOT_POLICIES) only. The
-    caches filled on read (CACHE_POLICIES) count only the steps after `caches`' warm-up, and
+    caches filled on read (CACHE_POLICIES; lfu is the GPU slot cache of moe_uvm.slots with
+    eviction lfu, starting empty) count only the steps after `caches`' warm-up, and
     their records' `tokens` are the tokens of those steps; the other policies count all."""
     adaptive = adaptive or AdaptiveSettings()
     bad = [p for p in policies if p not in POLICIES]
@@ -252,6 +259,14 @@ def simulate(
         elif policy == "belady":
             hits, moves = belady(touched[warm:], sizes)
             run = _Run(hits, int(moves.sum()))
+        elif policy == "lfu":  # the GPU slot cache's decayed-frequency admission
+            hits = np.zeros(reads.shape, np.int64)
+            if n > 0:
+                lfu_ids = step_ids(trace, batch) if ids is None else ids
+                r = replay(lfu_ids, hits, np.zeros((L, E), bool), n, "none", 0,
+                           None if profile is None else profile.counts, None, False, "lfu", k)
+                hits = r.hits
+            run = _Run(hits[warm:], int(np.sum(r.fills[warm:])) if n > 0 else 0)
         elif policy in CACHE_POLICIES:
             hits, moves = (lru(touched, sizes) if policy == "lru" else
                            freq_lru(trace, touched, batch, sizes, caches.half_life_tokens))
@@ -279,8 +294,10 @@ def simulate(
                 cooc, learn, source = cooccurrence_start(slots, profile, L, E)
             m = slots.predicted(num_slots, k) if mode != "none" else 0
             job.update(prefetch_experts=m, cooccurrence=source)
+            job.update(eviction=slots.eviction)
             r = replay(ids, run.hits, mask, num_slots, mode, m,
-                       None if profile is None else profile.counts, cooc, learn)
+                       None if profile is None else profile.counts, cooc, learn,
+                       slots.eviction, k)
             run = _Run(r.hits, slot_hits=r.slot_hits, fills=r.fills, copies=r.copies,
                        prefetch=r.prefetch)
         skip = warm if policy in CACHE_POLICIES else 0

@@ -11,6 +11,13 @@ import numpy as np
 import torch
 
 from moe_uvm.config import PREFETCH_MODES
+from moe_uvm.kernels.slot_evict import (
+    add_routed,
+    frequency_class_key,
+    plan_admit,
+    prior_scores,
+    restore_stamps,
+)
 from moe_uvm.kernels.slot_plan_reference import (
     commit_fill,
     count_prefetch,
@@ -26,6 +33,7 @@ from moe_uvm.policies.prefetch import (
     update_cooccurrence,
 )
 from moe_uvm.profile import Profile
+from moe_uvm.slots import EVICTIONS, HALF_LIFE_TOKENS, LFU_PRIOR_TOKENS
 from moe_uvm.trace import RoutingTrace
 
 TRACE_PREFETCH_MODES = tuple(m for m in PREFETCH_MODES if m != "lookahead")
@@ -40,12 +48,14 @@ class SlotSettings:
     prefetches `num_predicted` experts per layer (default: `default_prefetch_experts`), at most
     the slot count. Speculative co-occurrence comes from `cooccurrence`: profile (the profile's
     counts), online (learned from the replayed steps), both (profile counts plus online), auto
-    (profile when it has them, else online)."""
+    (profile when it has them, else online). `eviction` (slots.EVICTIONS) is the pools' policy;
+    lfu and freq_lru run with prefetch none only."""
 
     slots: tuple[int, ...] = (0,)
     prefetch: tuple[str, ...] = ("none",)
     num_predicted: int | None = None
     cooccurrence: str = "auto"
+    eviction: str = "lru"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", tuple(int(n) for n in self.slots))
@@ -61,6 +71,12 @@ class SlotSettings:
             raise ValueError(f"prefetch {', '.join(self.prefetch)} needs slots > 0")
         if self.num_predicted is not None and self.num_predicted < 1:
             raise ValueError(f"num_predicted must be >= 1, got {self.num_predicted}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got "
+                             f"{self.eviction!r}")
+        if self.eviction != "lru" and self.prefetch != ("none",):
+            raise ValueError(f"eviction={self.eviction} fills slots on read only: prefetch "
+                             f"must be none, got {', '.join(self.prefetch)}")
         if self.cooccurrence not in COOCCURRENCE_SOURCES:
             raise ValueError(f"cooccurrence source must be one of "
                              f"{', '.join(COOCCURRENCE_SOURCES)}, got {self.cooccurrence!r}")
@@ -124,13 +140,17 @@ def replay(
     counts: np.ndarray | None,
     cooccurrence: torch.Tensor | None,
     learn_online: bool,
+    eviction: str = "lru",
+    top_k: int = 1,
 ) -> SlotReplay:
     """Per layer a pool of `num_slots` slots over the static resident `mask`, step by step as the
     executor runs it: prefetch for layer l+1 predicted from layer l's ids (layer 0 has no
-    predecessor in the step and is not prefetched), then at each layer plan_fill with the true
-    ids and commit_fill; online co-occurrence learns from each step after its predictions.
+    predecessor in the step and is not prefetched), then at each layer the fill plan of
+    `eviction` (plan_fill for lru and freq_lru, plan_admit for lfu, with usage counts of this
+    step included and lfu's prior from `counts`) with the true ids and commit_fill; online
+    co-occurrence learns from each step after its predictions.
     Layers' pools are independent, so all layers advance together as one batch of pools."""
-    steps, L, _, _ = ids.shape
+    steps, L, batch, _ = ids.shape
     E = mask.shape[1]
     resident = torch.from_numpy(mask)
     pools = empty_slot_state(E, num_slots, (L,))
@@ -145,6 +165,11 @@ def replay(
     if prefetch == "frequency":
         scores = frequency_scores(torch.from_numpy(counts[1:]))
     step = torch.zeros((), dtype=torch.int64)
+    usage = torch.zeros(L, E)
+    decay = 0.5 ** (batch / HALF_LIFE_TOKENS.get(eviction, 1.0))
+    prior = torch.zeros(L, E)
+    if eviction == "lfu" and counts is not None:
+        prior = prior_scores(torch.from_numpy(counts), top_k, LFU_PRIOR_TOKENS)
     for s in range(steps):
         step.fill_(s)
         now = ids[s]
@@ -157,8 +182,17 @@ def replay(
             needed.scatter_(-1, torch.where(now[1:] >= 0, now[1:], E).flatten(1), True)
             used += (torch.gather(needed, -1, experts.long().clamp(min=0)) & (experts >= 0)).sum()
             predicted[1:] = predicted_mask(scores, nxt_resident, num_predicted)
+        if eviction != "lru":
+            add_routed(usage, now, decay)
         count_prefetch(counters[s], now, resident, pools[0], predicted if predicting else None)
-        fill = plan_fill(now, resident, *pools, step)
+        if eviction == "lfu":
+            fill = plan_admit(now, resident, pools[0], pools[1], usage + prior)
+        elif eviction == "freq_lru":
+            key = frequency_class_key(usage, pools[1], pools[2])
+            fill = plan_fill(now, resident, pools[0], pools[1], key, step)
+            restore_stamps(key, pools[2], step)
+        else:
+            fill = plan_fill(now, resident, *pools, step)
         commit_fill(fill, pools[0])
         fills[s] = (fill >= 0).sum(-1)
         if learn_online and L > 1:

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_uvm.config import PREFETCH_MODES
+from moe_uvm.config import PREFETCH_MODES, SLOT_EVICTIONS
 from moe_uvm.kernels import copy_experts_to_slots
+from moe_uvm.kernels.slot_admit import frequency_key_fused, plan_admit_fused
+from moe_uvm.kernels.slot_evict import prior_scores, restore_stamps
 from moe_uvm.kernels.slot_plan import plan_fill_fused, plan_prefetch_fused
 from moe_uvm.kernels.slot_plan_reference import (
     EMPTY_STAMP,
@@ -34,6 +36,16 @@ from moe_uvm.kernels.slot_plan_reference import (
     count_prefetch,
 )
 from moe_uvm.policies import prefetch as predict
+
+EVICTIONS = SLOT_EVICTIONS
+"""How a pool picks what it holds: lru (every miss admitted, the least recently used slot goes),
+lfu (decayed-frequency admission, kernels.slot_evict.plan_admit) and freq_lru (llama.cpp's: every
+miss admitted, least recently used within the lowest frequency class)."""
+HALF_LIFE_TOKENS = {"lfu": 64.0, "freq_lru": 128.0}
+"""Default half-life of the usage counts: lfu's was chosen on synthetic traces made by
+trace.synthetic_trace (32 to 256 tokens do about as well); freq_lru's is llama.cpp's."""
+LFU_PRIOR_TOKENS = 8.0
+"""lfu starts each expert's count at what `counts` (a profile) predicts for 8 tokens."""
 
 
 class PrefetchStats:
@@ -90,6 +102,10 @@ class SlotCache:
     weight [E, H], applied to layer l's input). `num_predicted` experts (at most `num_slots`;
     default `default_prefetch_experts(top_k, num_slots)`) are prefetched per layer and step;
     `copies` counts the copies issued.
+
+    `eviction` (EVICTIONS) picks what a pool holds; lfu and freq_lru count the tokens routed to
+    each expert with a half-life of `half_life_tokens` (default HALF_LIFE_TOKENS), lfu starting
+    from `counts` when given (LFU_PRIOR_TOKENS). They fill on read only (prefetch none).
     """
 
     def __init__(
@@ -105,7 +121,18 @@ class SlotCache:
         cooccurrence: torch.Tensor | None = None,
         next_gates: Sequence[torch.Tensor] | None = None,
         learn_online: bool = True,
+        eviction: str = "lru",
+        half_life_tokens: float | None = None,
     ) -> None:
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        if eviction != "lru" and mode != "none":
+            raise ValueError(f"eviction={eviction} fills slots on read only: prefetch must be "
+                             f"none, got {mode!r}")
+        half_life = HALF_LIFE_TOKENS.get(eviction, 1.0) if half_life_tokens is None \
+            else half_life_tokens
+        if not half_life > 0:
+            raise ValueError(f"half_life_tokens must be > 0, got {half_life_tokens}")
         if mode not in PREFETCH_MODES:
             raise ValueError(
                 f"prefetch mode must be one of {', '.join(PREFETCH_MODES)}, got {mode!r}"
@@ -149,6 +176,19 @@ class SlotCache:
         self.ready = [torch.cuda.Event() for _ in range(L)] if cuda else None
         self.copied = [torch.cuda.Event() for _ in range(L)] if cuda else None
         self._issued = [False] * L
+        self.eviction, self.half_life_tokens = eviction, half_life
+        # Decayed tokens routed per expert, lfu's prior, and plan scratch: empty for lru
+        # (moe_uvm.memory.slot_cache_nbytes counts them).
+        counted = eviction != "lru"
+        self.usage = torch.zeros(L if counted else 0, E, device=self.device)
+        self.prior = torch.zeros(L if eviction == "lfu" else 0, E, device=self.device)
+        if eviction == "lfu" and counts is not None:
+            if top_k is None:
+                raise ValueError("an lfu cache started from counts needs top_k (to turn counts "
+                                 "into routings per token)")
+            self.prior.copy_(prior_scores(self.counts, top_k, LFU_PRIOR_TOKENS))
+        self._key = torch.zeros(num_slots if eviction == "freq_lru" else 0, dtype=torch.int64,
+                                device=self.device)
 
     def _pool(self, w13: torch.Tensor, w2: torch.Tensor) -> LayerSlots:
         S, E, dev = self.num_slots, w13.shape[0], w13.device
@@ -195,6 +235,7 @@ class SlotCache:
             pool.expert_slot.fill_(-1)
             pool.slot_expert.fill_(-1)
             pool.slot_stamp.fill_(EMPTY_STAMP)
+        self.usage.zero_()
         self.stats.reset()
         self.copies.zero_()
 
@@ -208,11 +249,15 @@ class SlotCache:
             self.step.add_(1)
         if self.side is not None and self._issued[layer]:
             torch.cuda.current_stream().wait_event(self.copied[layer])
-        # One launch: fill plan plus this layer's prefetch counters (with the prediction made
-        # for it during the previous layer, if any).
-        fill_slot = plan_fill_fused(topk_ids, pool.resident, pool.expert_slot, pool.slot_expert,
-                                    pool.slot_stamp, self.step, counters=self.stats.counters[layer],
-                                    predicted=pool.predicted if self._issued[layer] else None)
+        if self.eviction == "lru":
+            # One launch: fill plan plus this layer's prefetch counters (with the prediction
+            # made for it during the previous layer, if any).
+            fill_slot = plan_fill_fused(
+                topk_ids, pool.resident, pool.expert_slot, pool.slot_expert, pool.slot_stamp,
+                self.step, counters=self.stats.counters[layer],
+                predicted=pool.predicted if self._issued[layer] else None)
+        else:
+            fill_slot = self._plan_counted(layer, topk_ids)
         if self.learn_online and layer > 0 and self._last_ids[layer - 1] is not None:
             predict.update_cooccurrence(self.cooccurrence[layer - 1], self._last_ids[layer - 1],
                                      topk_ids)
@@ -222,6 +267,21 @@ class SlotCache:
             self._prefetch_next(layer, topk_ids, hidden)
         return dict(expert_slot=pool.expert_slot, w13_slots=pool.w13_slots,
                     w2_slots=pool.w2_slots, fill_slot=fill_slot)
+
+    def _plan_counted(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """lfu / freq_lru fill plan: usage counts first (this step included), then the plan."""
+        pool = self.layers[layer]
+        decay = 0.5 ** (topk_ids.shape[0] / self.half_life_tokens)
+        if self.eviction == "lfu":  # one launch: counts, counters and plan
+            return plan_admit_fused(topk_ids, pool.resident, pool.expert_slot, pool.slot_expert,
+                                    self.usage[layer], self.prior[layer], decay,
+                                    self.stats.counters[layer])
+        frequency_key_fused(topk_ids, self.usage[layer], decay, pool.slot_expert,
+                            pool.slot_stamp, self._key)
+        fill_slot = plan_fill_fused(topk_ids, pool.resident, pool.expert_slot, pool.slot_expert,
+                                    self._key, self.step, counters=self.stats.counters[layer])
+        restore_stamps(self._key, pool.slot_stamp, self.step)
+        return fill_slot
 
     def after_layer(self, layer: int, fill_slot: torch.Tensor) -> None:
         commit_fill(fill_slot, self.layers[layer].expert_slot)
@@ -259,6 +319,6 @@ class SlotCache:
 
     def summary(self) -> str:
         return (f"slot cache: {self.num_slots} slots x {self.num_layers} layers "
-                f"({self.nbytes / 2**30:.2f} GiB), prefetch={self.mode}, "
+                f"({self.nbytes / 2**30:.2f} GiB), eviction={self.eviction}, prefetch={self.mode}, "
                 f"{self.num_predicted} predicted per layer and step")
 

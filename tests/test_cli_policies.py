@@ -8,6 +8,7 @@ import pytest
 
 from moe_uvm.cli import main
 from moe_uvm.profile import load_profile
+from moe_uvm.simulate import POLICIES
 from moe_uvm.trace import SAMPLE_TRACE, synthetic_trace
 
 
@@ -39,7 +40,7 @@ def test_calibrate_then_simulate_on_other_sequences(tmp_path, capsys):
                        "--json")
     assert code == 0
     records = json.loads(out)
-    assert len(records) == 8 * 2 * 2
+    assert len(records) == len(POLICIES) * 2 * 2
     for r in records:
         assert {"policy", "resident", "batch", "hit_rate",
                 "offloaded_reads_per_step_per_layer", "readvised_experts_per_token"} <= set(r)
@@ -55,7 +56,7 @@ def test_simulate_without_profile_prints_a_table_with_the_step_floor(capsys):
     assert "1024 tokens in 8 sequences" in lines[0]
     assert "floor overlapped ms" in lines[1]
     policies = [line.split("|")[1].strip() for line in lines[3:]]
-    assert policies == ["first_n", "oracle", "adaptive", "lru", "freq_lru", "belady"]
+    assert policies == ["first_n", "oracle", "adaptive", "lru", "freq_lru", "lfu", "belady"]
 
 
 def test_simulate_slot_caches_with_prefetch_modes(tmp_path, capsys):
