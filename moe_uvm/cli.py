@@ -22,12 +22,13 @@ from moe_uvm.tools.commands import (
     plan_command,
     simulate_command,
 )
-from moe_uvm.trace import SAMPLE_NAME
+from moe_uvm.trace import LONG_NAME, SAMPLE_NAME
 
 RESULTS = "moe-uvm-results"
 """Default folder of `moe-uvm bench` results, in the current directory."""
-TRACE_HELP = (f"routing trace: an .npz file (format: the README's File formats section), or "
-              f"'{SAMPLE_NAME}' for the bundled one (8 layers x 128 experts, top-8)")
+TRACE_HELP = (f"routing trace: an .npz file (format: the README's File formats section), or a "
+              f"bundled one of 8 layers x 128 experts, top-8: '{SAMPLE_NAME}' (1,024 tokens) or "
+              f"'{LONG_NAME}' (16,384 tokens)")
 BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (`moe-uvm bench | head`): the shell's status for
 a process ended by SIGPIPE (128 + 13)."""
@@ -151,20 +152,32 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser(
-        "plan", help="split a GPU budget across layers from a profile",
-        description="Per-layer resident counts of the global budget split (most-used "
-        "(layer, expert) pairs first), with the expected hit rate and PCIe bytes per token. "
-        "Layers, experts and top-k come from the profile; a --model-shape preset with the "
-        "profile's experts and top-k but other layers lends its expert size to the profile's "
-        "layers (the output says so).",
+        "plan", help="split a GPU budget into resident experts, slots and prefetch",
+        description="The auto split of a GPU budget: resident experts per layer (split by "
+        "routing counts), GPU slots per layer, their eviction and prefetch, chosen by replaying "
+        "calibration routing and minimising the predicted decode step time (costs measured by "
+        "`moe-uvm bench` on this machine, else H200 defaults), with the predicted tokens/s, "
+        "PCIe bytes per token and the floor. Routing comes from --trace (default: the bundled "
+        f"'{LONG_NAME}' trace, whose layers stand for the model's) or a --profile (the split "
+        "is replayed on tokens drawn from its counts, which have no order: caches come out "
+        "pessimistic). With a profile the static global split is printed too.",
     )
-    plan.add_argument("--profile", required=True, help="profile (JSON) from calibrate")
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument("--trace", help=f"{TRACE_HELP}; default {LONG_NAME}")
+    source.add_argument("--profile", help="profile (JSON) from calibrate")
     plan.add_argument("--gpu-budget-gb", required=True, type=positive_gb,
-                      help="GPU memory for resident experts, GB (1e9 bytes), a number > 0")
+                      help="GPU memory moe-uvm may allocate for the model, GB (1e9 bytes), a "
+                      "number > 0")
+    plan.add_argument("--fixed-gb", type=float, default=0.0,
+                      help="of the budget, GB taken by non-expert weights and workspaces "
+                      "(default 0: experts only, as in `moe-uvm bench`)")
+    plan.add_argument("--batch", type=int, default=1, help="decode batch (default 1)")
     plan.add_argument("--min-per-layer", type=int, default=0,
-                      help="experts every layer keeps resident")
+                      help="with --profile: experts every layer keeps resident in the static "
+                      "split")
     plan.add_argument("--json", action="store_true", help="print JSON")
-    _expert_size_args(plan, "expert size (one of: a preset, or explicit sizes)")
+    _expert_size_args(plan, "expert size (one of: a preset, or explicit sizes; default "
+                      "qwen3-30b-a3b with the bundled trace)")
     plan.set_defaults(run=plan_command, shared_experts=None)
 
 
@@ -181,10 +194,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--model-shape", default="qwen3-30b-a3b",
                        help=f"layer shape preset: {', '.join(PRESETS)} (default %(default)s)")
-    bench.add_argument("--trace", default=SAMPLE_NAME, help=f"{TRACE_HELP}; default {SAMPLE_NAME}")
+    bench.add_argument("--trace", default=LONG_NAME, help=f"{TRACE_HELP}; default {LONG_NAME}")
     bench.add_argument("--resident", default="0%,25%,50%,75%,100%",
-                       help="resident experts per layer: counts or percentages "
-                       "(default %(default)s)")
+                       help="GPU budgets, as experts per layer or percentages of the experts' "
+                       "bytes; every method gets the same bytes (default %(default)s)")
     bench.add_argument("--batch", default="1,16", help="decode batch sizes (default 1,16)")
     bench.add_argument("--calibrate-sequences", type=int,
                        help="trace sequences used to calibrate profiles (default: first half); "
@@ -204,8 +217,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     gpu = bench.add_argument_group("GPU only")
     gpu.add_argument("--layers", type=int, help="MoE layers (default: the trace's, capped "
                      "so three copies of the experts fit in free GPU memory)")
-    gpu.add_argument("--steps", type=int, help="timed steps per configuration (default 24)")
-    gpu.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default all)")
+    gpu.add_argument("--steps", type=int, help="timed steps per configuration, after the "
+                     "warm-up (default 256, fewer when the trace runs out)")
+    gpu.add_argument("--warmup-tokens", type=int, help="tokens replayed untimed before each "
+                     "configuration's timed steps, so caches and policies settle (default 512)")
+    gpu.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default all but "
+                     "global)")
     gpu.add_argument("--tiny", action="store_true", help="tiny layer sizes (harness checks)")
     bench.set_defaults(run=bench_command)
 

@@ -26,7 +26,7 @@ from moe_uvm.simulate import (
     simulate,
 )
 from moe_uvm.simulate_slots import SlotSettings
-from moe_uvm.trace import RoutingTrace, load_trace, parse_range, trace_path
+from moe_uvm.trace import LONG_NAME, RoutingTrace, load_trace, parse_range, trace_path
 
 if TYPE_CHECKING:
     from moe_uvm.tools.bench_sweep import BenchConfig
@@ -196,29 +196,104 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile)
-    L, E, k = profile.num_layers, profile.num_experts, profile.top_k
-    shape = _model_shape(args, L, E, k)
-    if shape is None:
-        raise CLIError("plan needs the expert size: --model-shape NAME, or --hidden-size and "
-                       "--moe-intermediate-size")
-    note = None
-    if shape.num_moe_layers != L and (shape.num_experts, shape.top_k) == (E, k):
-        note = (f"the profile covers {L} MoE layers and {shape.name} has "
-                f"{shape.num_moe_layers}: planned for the profile's {L} layers with "
-                f"{shape.name}'s expert size")
-        dense = shape.num_layers - shape.num_moe_layers
-        shape = replace(shape, num_layers=L + dense, num_moe_layers=L)
-    result = plan(profile, shape, args.gpu_budget_gb * 1e9, args.min_per_layer)
+    from moe_uvm.autosplit import (
+        expert_nbytes,
+        load_costs,
+        plan_split,
+        shape_for_trace,
+        trace_from_profile,
+    )
+
+    if args.batch < 1:
+        raise CLIError(f"--batch must be >= 1, got {args.batch}")
+    if not 0 <= args.fixed_gb < args.gpu_budget_gb:
+        raise CLIError(f"--fixed-gb must be >= 0 and below --gpu-budget-gb "
+                       f"({args.gpu_budget_gb:g}), got {args.fixed_gb:g}")
+    result, note, static = {}, None, None
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+        L, E, k = profile.num_layers, profile.num_experts, profile.top_k
+        shape = _model_shape(args, L, E, k)
+        if shape is None:
+            raise CLIError("plan needs the expert size: --model-shape NAME, or --hidden-size "
+                           "and --moe-intermediate-size")
+        if shape.num_moe_layers != L and (shape.num_experts, shape.top_k) == (E, k):
+            note = (f"the profile covers {L} MoE layers and {shape.name} has "
+                    f"{shape.num_moe_layers}: planned for the profile's {L} layers with "
+                    f"{shape.name}'s expert size")
+            dense = shape.num_layers - shape.num_moe_layers
+            shape = replace(shape, num_layers=L + dense, num_moe_layers=L)
+        static = plan(profile, shape, (args.gpu_budget_gb - args.fixed_gb) * 1e9,
+                      args.min_per_layer)
+        routing, source, model_layers = trace_from_profile(profile), "draws from the profile", L
+    else:
+        name = args.trace or LONG_NAME
+        routing = load_trace(name)
+        shape = _model_shape(args, routing.num_layers, routing.num_experts, routing.top_k)
+        shape = shape or ModelShape.from_name("qwen3-30b-a3b")
+        model_layers = shape.num_moe_layers
+        if (shape.num_experts, shape.top_k) != (routing.num_experts, routing.top_k):
+            shape = shape_for_trace(routing, shape)
+            model_layers = routing.num_layers
+        source = f"trace {trace_path(name).name}"
+        profile = None
+    L = routing.num_layers
+    resident_nb, slot_nb = expert_nbytes(shape)
+    # The routing's L layers stand for the model's: plan their share of the budget.
+    budget = (args.gpu_budget_gb - args.fixed_gb) * 1e9 * L / model_layers
+    device = None
+    if uvm.available():
+        from moe_uvm import ceilings
+
+        device = ceilings.device_summary()["device"]
+    costs = load_costs(device)
+    best, candidates = plan_split(routing, budget, resident_nbytes=resident_nb,
+                                  slot_nbytes=slot_nb, batch=args.batch, costs=costs,
+                                  profile=profile)
+    scale = model_layers / L
+    step_ms = best.predicted_step_ms * scale
+    result = {**(static or {}), "note": note, "model_shape": shape.name,
+              "routing": source, "budget_gb": args.gpu_budget_gb, "fixed_gb": args.fixed_gb,
+              "moe_layers": model_layers, "planned_layers": L, "costs": costs.__dict__,
+              "auto": {**best.to_dict(), "model_step_ms": step_ms,
+                       "model_tokens_per_s": args.batch / step_ms * 1e3,
+                       "model_device_gb": best.device_bytes * scale / 1e9,
+                       "model_pcie_bytes_per_token": best.pcie_bytes_per_token * scale,
+                       "model_floor_ms": best.floor_ms * scale},
+              "candidates": [c.to_dict() for c in candidates]}
     if args.json:
-        print(json.dumps({**result, "note": note}, indent=1))
+        print(json.dumps(result, indent=1))
         return 0
     if note:
         print(note)
+    if static is not None:
+        _print_static_plan(args, shape, static)
+    auto = result["auto"]
+    resident = sum(best.resident) / L
+    cache = ("no slots" if not best.slots else
+             f"{best.slots} slots per layer ({best.eviction} eviction, prefetch "
+             f"{best.prefetch})")
+    print(f"auto split of {args.gpu_budget_gb:g} GB ({args.fixed_gb:g} GB fixed) for "
+          f"{model_layers} MoE layers of {shape.name}, batch {args.batch}, planned on "
+          f"{source}:")
+    print(f"  {resident:.1f} resident experts per layer (split by routing counts: "
+          f"{min(best.resident)}..{max(best.resident)}) + {cache}: "
+          f"{auto['model_device_gb']:.2f} GB")
+    print(f"  predicted {auto['model_tokens_per_s']:.1f} tokens/s ({step_ms:.2f} ms per step), "
+          f"PCIe {auto['model_pcie_bytes_per_token'] / 1e6:.1f} MB per token, hit rate "
+          f"{best.hit_rate:.3f}; floor {auto['model_floor_ms']:.2f} ms (resident bytes / HBM "
+          "read + offloaded bytes / read-through)")
+    print(f"  costs: {costs.source}: HBM {costs.hbm_gbps:.0f} GB/s, read-through "
+          f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s, "
+          f"{costs.launch_us:.1f} us per layer")
+    return 0
+
+
+def _print_static_plan(args: argparse.Namespace, shape: ModelShape, result: dict) -> None:
     split, even = result["global"], result["even"]
     print(
-        f"{shape.name}: {args.gpu_budget_gb:g} GB holds {result['resident_experts']} of "
-        f"{shape.num_moe_layers * shape.num_experts} experts "
+        f"{shape.name}: {args.gpu_budget_gb - args.fixed_gb:g} GB holds "
+        f"{result['resident_experts']} of {shape.num_moe_layers * shape.num_experts} experts "
         f"({shape.bytes_per_expert / 2**20:.1f} MiB each)"
     )
     print("resident experts per MoE layer (global split):")
@@ -231,7 +306,6 @@ def plan_command(args: argparse.Namespace) -> int:
             f"{name}: expected hit rate {row['hit_rate']:.3f}, PCIe "
             f"{row['pcie_bytes_per_token'] / 1e6:.1f} MB per token (on the profile's tokens)"
         )
-    return 0
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -243,6 +317,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if device == "cuda" and not uvm.available():
         raise CLIError(f"--device cuda, but CUDA is not available ({uvm.unavailable_reason()})")
     gpu_only = {"layers": args.layers, "steps": args.steps, "tiny": args.tiny or None,
+                "warmup_tokens": args.warmup_tokens,
                 "methods": None if args.methods is None else _names(args.methods)}
     given = {name: value for name, value in gpu_only.items() if value is not None}
     reason = "no CUDA GPU here" if args.device == "auto" else "--device simulate"
@@ -264,7 +339,8 @@ def bench_command(args: argparse.Namespace) -> int:
     dev = result["device"]
     print(f"\n{dev['device']}: {result['layers']} MoE layers of {cfg.model_shape} "
           f"({result['num_experts']} experts, top-{result['top_k']}, {result['dtype']}), "
-          f"trace {trace_path(cfg.trace).name}; medians over {cfg.steps} steps")
+          f"trace {trace_path(cfg.trace).name}; medians over up to {cfg.steps} steps after "
+          f"{cfg.warmup_tokens} warm-up tokens (per row: timed_steps, warmup_steps in the JSON)")
     if result["note"]:
         print(result["note"])
     print(", ".join(f"{k} {v:.1f}" for k, v in result["ceilings"].items()))
@@ -284,11 +360,16 @@ def _bench_simulation(cfg: BenchConfig, out: Path, reason: str) -> int:
     path.write_text(json.dumps(result, indent=1) + "\n")
     shape, bw = ModelShape.from_name(cfg.model_shape), Bandwidths()
     n, cal = result["sequences"], result["calibrate_sequences"]
+    if (shape.num_experts, shape.top_k) == (result["num_experts"], result["top_k"]):
+        model = (f"the whole {shape.name} ({shape.num_moe_layers} MoE layers, the trace's "
+                 "traffic per layer scaled up)")
+    else:
+        model = (f"the trace's {result['layers']} layers at {shape.name}'s expert size (its "
+                 f"{shape.num_experts} experts, top-{shape.top_k} differ from the trace's)")
     print(f"{result['trace']}: {result['layers']} layers x {result['num_experts']} experts, "
-          f"calibrated on sequences 0:{cal}, evaluated on {cal}:{n}; PCIe and floors for the "
-          f"whole {shape.name} ({shape.num_moe_layers} MoE layers, the trace's traffic per "
-          f"layer scaled up) at {bw.pcie_gbps:.0f} GB/s PCIe read-through and "
-          f"{bw.hbm_gbps:.0f} GB/s HBM")
+          f"calibrated on sequences 0:{cal}, evaluated on {cal}:{n}; PCIe and floors for "
+          f"{model} at {bw.pcie_gbps:.0f} GB/s PCIe read-through and {bw.hbm_gbps:.0f} GB/s "
+          "HBM")
     print(format_table(result["records"]))
     print(f"results in {out}: {path.name}")
     return 0
