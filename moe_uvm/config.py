@@ -15,6 +15,7 @@ from moe_uvm.policies.warmup import AdaptiveSettings
 
 RESIDENT_SELECTIONS = ("first_n", "manual", "frequency", "profile")
 PREFETCH_MODES = ("none", "frequency", "speculative", "lookahead")
+SLOT_EVICTIONS = ("lru", "lfu", "freq_lru")
 
 
 def split_list(value: Any, what: str, kind: str) -> list[Any]:
@@ -95,23 +96,31 @@ class ExpertOffloadConfig:
 
     num_resident: experts kept resident per layer: one int for every layer (-1 = all), or one
         int per layer. Unset: all of them, or as many as `gpu_budget_gb` holds.
-    gpu_budget_gb: a GPU budget (GB = 1e9 bytes, finite, > 0) for resident experts and prefetch
-        slots over all layers. Without num_resident or resident_ids it decides how many experts
-        stay resident (split by routing counts when the selection has them, evenly otherwise);
-        with them, they decide and must fit it (checked by `resolve`).
+    gpu_budget_gb: the one knob: device memory (GB = 1e9 bytes, finite, > 0) for the experts'
+        share (resident experts and slots over all layers; the Hugging Face loader also takes
+        the non-expert weights and its workspaces out of it first). With num_resident,
+        resident_ids and prefetch_slots all unset, the planner (moe_uvm.autosplit.auto_config)
+        chooses resident experts per layer, slots, eviction and prefetch by replaying routing
+        drawn from the profile (flat counts without one) under the machine's measured costs.
+        Set any of them and they decide, and must fit the budget (checked by `resolve`).
     resident_selection: first_n | manual (`resident_ids`) | frequency (first_n until the
         warmup has counted `warmup_tokens`, then the most-used experts) | profile (counts from
         `profile_path`).
     resident_ids: for `manual`: ids for every layer ("1, 2,,3," or a list), or one list per layer.
         They set the resident count; a num_resident given as well must agree.
     prefetch_slots: GPU slots per layer caching offloaded experts across decode steps (0 = no
-        slot cache), at most the experts a layer offloads. Slots fill when the kernel reads an
-        expert from host memory, and ahead of use by `prefetch`: none (fill-on-read only) |
-        frequency (the next layer's most-used experts, needs a profile) | speculative
-        (co-occurrence with the current layer's experts, from the profile and learned online) |
-        lookahead (the next layer's router applied to the current hidden state; needs the
-        routers, e.g. the Hugging Face integration).
+        slot cache; unset: 0, or the planner's choice under a budget), at most the experts a
+        layer offloads. Slots fill when the kernel reads an expert from host memory, and ahead
+        of use by `prefetch`: none (fill-on-read only) | frequency (the next layer's most-used
+        experts, needs a profile) | speculative (co-occurrence with the current layer's
+        experts, from the profile and learned online) | lookahead (the next layer's router
+        applied to the current hidden state; needs the routers, e.g. the Hugging Face
+        integration).
     prefetch_experts: experts prefetched per layer and step (default: top_k), <= prefetch_slots.
+    slot_eviction: what the slots hold (SLOT_EVICTIONS): lru (least recently used leaves) | lfu
+        (the most-used by counts decayed with a 64-token half-life, starting from the profile's;
+        fill on read only) | freq_lru (llama.cpp's design: least recently used of the lowest
+        frequency class, 128-token half-life; fill on read only).
     warmup_tokens / min_batch_tokens: the frequency warmup re-advises after this many recorded
         tokens; batches smaller than `min_batch_tokens` are not counted at all (default 1:
         every batch, decode included; raise it to skip small dummy batches, knowing that
@@ -138,7 +147,8 @@ class ExpertOffloadConfig:
     resident_ids: tuple[int, ...] | tuple[tuple[int, ...], ...] = ()
     profile_path: str | None = None
     prefetch: str = "none"
-    prefetch_slots: int = 0
+    prefetch_slots: int | None = None
+    slot_eviction: str = "lru"
     prefetch_experts: int | None = None
     warmup_tokens: int = 4096
     min_batch_tokens: int = 1
@@ -195,14 +205,20 @@ class ExpertOffloadConfig:
             raise ValueError(f"warmup_tokens must be >= 1, got {self.warmup_tokens}")
         if self.min_batch_tokens < 1:
             raise ValueError(f"min_batch_tokens must be >= 1, got {self.min_batch_tokens}")
-        if self.prefetch_slots < 0:
+        if self.prefetch_slots is not None and self.prefetch_slots < 0:
             raise ValueError(f"prefetch_slots must be >= 0, got {self.prefetch_slots}")
-        if self.prefetch != "none" and self.prefetch_slots == 0:
+        if self.prefetch != "none" and not self.prefetch_slots:
             raise ValueError(
                 f"prefetch={self.prefetch!r} needs prefetch_slots >= 1 (GPU slots to fill)"
             )
+        if self.slot_eviction not in SLOT_EVICTIONS:
+            raise ValueError(f"slot_eviction must be one of {', '.join(SLOT_EVICTIONS)}; got "
+                             f"{self.slot_eviction!r}")
+        if self.slot_eviction != "lru" and self.prefetch != "none":
+            raise ValueError(f"slot_eviction={self.slot_eviction!r} fills slots on read only: "
+                             f"prefetch must be 'none', got {self.prefetch!r}")
         if self.prefetch_experts is not None and not (
-            1 <= self.prefetch_experts <= max(self.prefetch_slots, 1)
+            1 <= self.prefetch_experts <= max(self.prefetch_slots or 0, 1)
         ):
             raise ValueError(
                 f"prefetch_experts must be in [1, prefetch_slots={self.prefetch_slots}], "
@@ -233,6 +249,18 @@ class ExpertOffloadConfig:
                              f"{self.readvise_pause_ms!r}")
         if self.adaptive_readvise_mb is not None and not self.adaptive_readvise_mb > 0:
             raise ValueError(f"adaptive_readvise_mb must be > 0, got {self.adaptive_readvise_mb}")
+
+    @property
+    def num_slots(self) -> int:
+        """Slots per layer: prefetch_slots, 0 when unset."""
+        return self.prefetch_slots or 0
+
+    @property
+    def wants_auto_split(self) -> bool:
+        """True when the planner chooses the split: a budget, and num_resident, resident_ids
+        and prefetch_slots all unset."""
+        return (self.gpu_budget_gb is not None and self.num_resident is None
+                and self.resident_selection != "manual" and self.prefetch_slots is None)
 
     def resident_counts(self, num_layers: int, num_experts: int) -> list[int]:
         """Per-layer resident counts from `num_resident` (unset: all) for a model of this shape."""
@@ -297,7 +325,7 @@ class ExpertOffloadConfig:
         num_resident / resident_ids / prefetch_slots override the budget split and must fit
         `gpu_budget_gb`; no more prefetch slots than experts a layer offloads.
         `resident_nbytes`: GPU bytes of one resident expert; `prefetch_nbytes`: of one slot."""
-        L, E, S = num_layers, num_experts, self.prefetch_slots
+        L, E, S = num_layers, num_experts, self.num_slots
         per_layer: list[int] | None = None
         if self.resident_selection == "manual":
             self._check_ids_agree_with_num_resident(E)

@@ -108,6 +108,7 @@ class ExpertOffloadManager:
             raise ValueError(f"all layers must have the same number of experts, got {experts}")
         self.stores = list(stores)
         self.config = config
+        self.split = None  # the planner's Split when it chose the config (offload_experts)
         self.num_layers = len(stores)
         self.num_experts = experts.pop()
         self.top_k = top_k
@@ -426,7 +427,7 @@ class ExpertOffloadManager:
         """Create the per-layer GPU slot caches the config asks for (prefetch_slots > 0), fed by
         the config's prefetch mode; `next_gates[l]` (layer l+1's router weight) for lookahead."""
         cfg = self.config
-        if cfg.prefetch_slots == 0:
+        if cfg.num_slots == 0:
             return None
         from moe_uvm.slots import SlotCache  # the slot machinery loads only when it is used
 
@@ -440,7 +441,7 @@ class ExpertOffloadManager:
         self.slot_cache = SlotCache(
             [(store["w13"], store["w2"]) for store in self.stores],
             [self.resident_ids(layer) for layer in range(self.num_layers)],
-            cfg.prefetch_slots, mode=cfg.prefetch,
+            cfg.num_slots, mode=cfg.prefetch, eviction=cfg.slot_eviction,
             num_predicted=cfg.prefetch_experts, top_k=self.top_k,
             counts=counts, cooccurrence=cooc, next_gates=next_gates,
         )

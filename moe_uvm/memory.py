@@ -71,11 +71,13 @@ def slot_cache_nbytes(
     w2_shape: tuple[int, int],
     dtype: torch.dtype,
     with_counts: bool,
+    eviction: str = "lru",
 ) -> int:
     """Device bytes of a `moe_uvm.slots.SlotCache` over `num_layers` layers of this shape: per
     layer, `num_slots` copies of an expert's w13 [2I, H] and w2 [H, I] and the slot maps; for the
     whole cache the co-occurrence matrix, the profile counts (`with_counts`), the prefetch
-    counters and the step."""
+    counters and the step; lfu and freq_lru eviction add decayed usage counts (and lfu its
+    prior, freq_lru a key per slot)."""
     L, E, S = num_layers, num_experts, num_slots
     per_layer = (
         _nbytes(dtype, S, *w13_shape)
@@ -91,6 +93,9 @@ def slot_cache_nbytes(
         + _nbytes(torch.int64, L, len(METRICS))  # prefetch stats
         + _nbytes(torch.int64, L)  # copies
         + _nbytes(torch.int64)  # step
+        + (_nbytes(torch.float32, L, E) if eviction != "lru" else 0)  # usage
+        + (_nbytes(torch.float32, L, E) if eviction == "lfu" else 0)  # prior
+        + (_nbytes(torch.int64, S) if eviction == "freq_lru" else 0)  # plan key
     )
     return L * per_layer + shared
 

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from moe_uvm.autosplit import Split, auto_config
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
@@ -78,12 +79,35 @@ def _plan(
     return plan, profile
 
 
+def resolve_config(
+    layers: Sequence[FusedMoE], config: ExpertOffloadConfig,
+    device: torch.device | str | None = None,
+) -> tuple[ExpertOffloadConfig, Split | None]:
+    """`config` with the planner's split filled in when it asks for one (a budget and nothing
+    the split decides set: `ExpertOffloadConfig.wants_auto_split`), and that split; else
+    (config, None). Nothing is allocated. offload_experts and plan_memory call it; a config it
+    returned is not planned again."""
+    if not config.wants_auto_split:
+        return config, None
+    specs = _expert_specs(layers[0])
+    profile = None
+    if config.profile_path:
+        profile = load_profile(config.profile_path)
+        profile.check_matches(len(layers), layers[0].num_experts, layers[0].top_k)
+    return auto_config(
+        config, len(layers), layers[0].num_experts, layers[0].top_k,
+        resident_nbytes=ManagedExpertStore.planned_nbytes(1, specs),
+        slot_nbytes=sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()),
+        profile=profile, device=target_device(device),
+    )
+
+
 def _check_prefetch(
     config: ExpertOffloadConfig, profile: Profile | None,
     next_gates: Sequence[torch.Tensor] | None, num_layers: int,
 ) -> None:
     """The slot cache's inputs, checked before anything is allocated."""
-    if config.prefetch_slots == 0:
+    if config.num_slots == 0:
         return
     if config.prefetch == "frequency" and profile is None:
         raise ValueError("prefetch='frequency' needs routing counts: set profile_path")
@@ -103,7 +127,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """The device memory `offload_experts(layers, config, device=device)` allocates, by part
     (nothing is allocated). Layers share one shape, as the residency plan assumes."""
-    config = config or ExpertOffloadConfig()
+    config, _ = resolve_config(layers, config or ExpertOffloadConfig(), device)
     specs = [_expert_specs(m) for m in layers]
     memory = MemoryPlan(target_device(device))
     memory.add(EXPERT_STORES, sum(
@@ -111,11 +135,11 @@ def plan_memory(
         for m, spec in zip(layers, specs, strict=True)
     ))
     num_layers, num_experts = len(layers), layers[0].num_experts
-    if config.prefetch_slots:
+    if config.num_slots:
         (w13_shape, dtype), (w2_shape, _) = specs[0]["w13"], specs[0]["w2"]
         memory.add(SLOT_CACHES, slot_cache_nbytes(
-            num_layers, num_experts, config.prefetch_slots, w13_shape, w2_shape, dtype,
-            with_counts=bool(config.profile_path),
+            num_layers, num_experts, config.num_slots, w13_shape, w2_shape, dtype,
+            with_counts=bool(config.profile_path), eviction=config.slot_eviction,
         ))
     memory.add(ROUTING_COUNTERS, routing_counters_nbytes(num_layers, num_experts))
     return memory
@@ -197,14 +221,18 @@ def offload_experts(
     left as they were. Without CUDA the stores are CPU memory. Layers built on the meta device
     get empty stores, filled afterwards through `weight_loader` (streaming checkpoint loads).
     With `prefetch_slots` in the config each layer also gets a GPU slot cache (moe_uvm.slots);
-    `next_gates[l]`, layer l+1's router weight, enables lookahead.
+    `next_gates[l]`, layer l+1's router weight, enables lookahead. A budget with nothing the
+    split decides set goes through the planner first (`resolve_config`): `manager.config` is
+    then the config it filled in and `manager.split` its `moe_uvm.autosplit.Split` (else None).
     """
-    config = config or ExpertOffloadConfig()
     layers = find_moe_layers(module_or_modules)
+    device = target_device(device)
+    config, split = resolve_config(layers, config or ExpertOffloadConfig(), device)
     specs = [_expert_specs(m) for m in layers]
     plan, profile = _plan(layers, specs, config)
     _check_prefetch(config, profile, next_gates, len(layers))
-    device = target_device(device)
     memory = plan_memory(layers, config, device)
     with memory.reserve(allow_oversubscription=config.allow_oversubscription):
-        return _build(layers, specs, config, plan, profile, device, next_gates)
+        manager = _build(layers, specs, config, plan, profile, device, next_gates)
+    manager.split = split
+    return manager

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,19 +19,29 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from moe_uvm.autosplit import Split
 from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.dense import DenseOffloadConfig, DenseOffloader
 from moe_uvm.dense_select import select_param_names
 from moe_uvm.integrations.hf_blocks import (
+    FusedExperts,
     MoeBlock,
     MoeFamily,
     attach_experts,
     family_of,
     find_moe_blocks,
+    next_gate_weights,
     plan_expert_memory,
 )
 from moe_uvm.manager import ExpertOffloadManager
-from moe_uvm.memory import DENSE_POOL, NON_EXPERT_WEIGHTS, MemoryPlan, target_device
+from moe_uvm.memory import (
+    DENSE_POOL,
+    NON_EXPERT_WEIGHTS,
+    ROUTING_COUNTERS,
+    MemoryPlan,
+    target_device,
+)
+from moe_uvm.offload import resolve_config
 
 EXPERT_KEY = re.compile(
     r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
@@ -310,6 +320,36 @@ def _plan_memory(
     return memory
 
 
+FIXED_PARTS = (NON_EXPERT_WEIGHTS, DENSE_POOL, ROUTING_COUNTERS)
+"""What the load puts on the GPU besides the experts' share: taken out of gpu_budget_gb first."""
+
+
+def _experts_share(
+    plan: _Plan, config: ExpertOffloadConfig, device: torch.device, fp32: list[re.Pattern],
+    host_ids: set[int], dense: tuple[nn.ModuleList, DenseOffloadConfig] | None,
+) -> tuple[ExpertOffloadConfig, Split | None]:
+    """The config the experts get: gpu_budget_gb less the fixed parts (non-expert weights,
+    the dense pool, routing counters), then the planner's split of what is left when the
+    config asks for one. A budget that does not cover the fixed parts is refused, naming them."""
+    if config.gpu_budget_gb is None:
+        return config, None
+    bare = replace(config, gpu_budget_gb=None, num_resident=0, resident_selection="first_n",
+                   resident_ids=(), prefetch="none", prefetch_slots=0, slot_eviction="lru",
+                   adaptive=False)
+    parts = _plan_memory(plan, bare, device, fp32, host_ids, dense).parts
+    fixed = {name: parts[name] for name in FIXED_PARTS if parts.get(name)}
+    left = config.gpu_budget_gb * 1e9 - sum(fixed.values())
+    if left <= 0:
+        named = ", ".join(f"{name} {nbytes / 1e9:.3f} GB" for name, nbytes in fixed.items())
+        raise ValueError(
+            f"gpu_budget_gb={config.gpu_budget_gb:g} does not cover what the model needs "
+            f"besides its experts ({named}: {sum(fixed.values()) / 1e9:.3f} GB); give more than "
+            "that, plus what the experts should get")
+    share = replace(config, gpu_budget_gb=left / 1e9)
+    adapters = [FusedExperts.replacing(block).moe for block in plan.blocks]
+    return resolve_config(adapters, share, device)
+
+
 # Long (~60 lines): the streaming load is one ordered sequence (shapes, memory check, stores,
 # shards, non-expert weights) whose steps share the open model and stores.
 def load_offloaded(
@@ -358,10 +398,12 @@ def load_offloaded(
         plan.add_file(file)
     plan.check(path)
     dense = None if dense_config is None else (layers, dense_config)
+    config, split = _experts_share(plan, config, device, fp32, host_ids, dense)
     memory = _plan_memory(plan, config, device, fp32, host_ids, dense)
     # Stores are allocated (and advised) only for a checkpoint that matches and fits.
     with memory.reserve(allow_oversubscription=config.allow_oversubscription):
         manager = attach_experts(blocks, config, device)
+        manager.split = split
         try:
             # The initial advice prefetches on the manager's stream; let it finish first.
             manager.synchronize()
@@ -376,6 +418,8 @@ def load_offloaded(
             offloader = (
                 None if dense_config is None else DenseOffloader(layers, dense_config, device)
             )
+            if manager.slot_cache is not None:  # the routers were meta when it was built
+                manager.slot_cache.next_gates = next_gate_weights(blocks)
         except BaseException:
             manager.close()  # the stores are freed now, not when the half-loaded model goes
             raise
