@@ -15,6 +15,14 @@ SAMPLE_TRACE = Path(__file__).parent / "data" / "sample_trace.npz"
 """Bundled slice of a synthetic Qwen3-30B-A3B-shaped trace: 8 layers, 8 sequences x 128 tokens."""
 SAMPLE_NAME = "sample"
 """What names SAMPLE_TRACE wherever a trace path is taken (`--trace sample`)."""
+LONG_TRACE = Path(__file__).parent / "data" / "long_trace.npz"
+LONG_NAME = "long"
+"""What names LONG_TRACE (`--trace long`): 8 layers x 16,384 tokens (32 sequences of 512) of the
+Qwen3-30B-A3B routing shape (128 experts, top-8), made by `synthetic_trace(8, 128, 8,
+num_sequences=32, tokens_per_sequence=512, zipf_exponent=0.9, topic_strength=0.8, seed=2026)`:
+the skew (0.63 / 0.81 of routings to the top 25% / 50%) and consecutive-token overlap (0.24) of
+the sample traces. Long enough to warm caches and time 256 steps at batch 16 on tokens never
+replayed; `moe-uvm bench` uses it by default."""
 
 
 class TraceError(ValueError):
@@ -159,8 +167,8 @@ def _scalar(data: np.lib.npyio.NpzFile, key: str, path: Path) -> int:
 
 
 def trace_path(name: str | Path) -> Path:
-    """The file a trace argument names: SAMPLE_NAME is the bundled SAMPLE_TRACE."""
-    return SAMPLE_TRACE if str(name) == SAMPLE_NAME else Path(name)
+    """The file a trace argument names: SAMPLE_NAME and LONG_NAME are the bundled traces."""
+    return {SAMPLE_NAME: SAMPLE_TRACE, LONG_NAME: LONG_TRACE}.get(str(name), Path(name))
 
 
 def _open_npz(path: Path) -> np.lib.npyio.NpzFile:

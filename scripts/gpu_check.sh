@@ -26,5 +26,5 @@ for b in "${benches[@]}"; do
 done
 # only what this run wrote comes back (the transfer takes at most 8 files)
 mkdir -p "$out/results"
-find benchmarks/results moe-uvm-results -type f -newer "$stamp" -exec cp {} "$out/results/" \; 2>/dev/null
+find benchmarks/results moe-uvm-results -type f -newer "$stamp" -exec cp --parents {} "$out/results/" \; 2>/dev/null
 exit $status

@@ -24,7 +24,8 @@ def small_trace(tmp_path):
 
 def test_harness_runs_every_method_with_identical_outputs(small_trace, tmp_path):
     cfg = bench_sweep.BenchConfig(trace=str(small_trace), resident="0,4,8", batches=(1, 3),
-                                  steps=2, device="cpu", tiny=True)
+                                  steps=2, warmup_tokens=3, device="cpu", tiny=True,
+                                  methods=METHODS)
     result = bench_sweep.sweep(cfg, progress=lambda line: None)
     assert result["note"] == bench_sweep.CPU_NOTE
     recs = result["records"]
@@ -35,7 +36,8 @@ def test_harness_runs_every_method_with_identical_outputs(small_trace, tmp_path)
     assert all(r["exact"] for r in recs), [r for r in recs if not r["exact"]]
     for r in recs:
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
-        if r["method"] not in ("device", "lru") and r["resident"] == 8:
+        assert (r["warmup_steps"], r["timed_steps"]) == ((3, 2) if r["batch"] == 1 else (1, 2))
+        if r["method"] not in ("device", "lru", "freq_lru", "auto") and r["resident"] == 8:
             assert r["offloaded_mb_per_step"] == 0
         if r["method"] in ("uva", "lru", "first_n") and r["resident"] == 0:
             assert r["offloaded_mb_per_step"] > 0
@@ -47,8 +49,9 @@ def test_harness_runs_every_method_with_identical_outputs(small_trace, tmp_path)
 
 
 def test_slot_cache_methods_keep_outputs_and_report_prefetch_metrics(small_trace):
-    cfg = bench_sweep.BenchConfig(trace=str(small_trace), resident="2", batches=(2,), steps=3,
-                                  device="cpu", tiny=True, methods=("profile",), slots=(3,),
+    cfg = bench_sweep.BenchConfig(trace=str(small_trace), resident="4", batches=(2,), steps=3,
+                                  warmup_tokens=2, device="cpu", tiny=True, methods=("profile",),
+                                  slots=(3,),
                                   prefetch=("none", "speculative"))
     recs = bench_sweep.sweep(cfg, progress=lambda line: None)["records"]
     cached = {r["method"]: r for r in recs if "slots" in r}
@@ -127,7 +130,7 @@ def test_bench_config_refuses_settings_it_would_ignore(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(slots=(200,)), "slots must be at most the trace's 128 experts"),
     (dict(slots=(8,), resident="0,100%"), "resident 0,100% has none"),
-    (dict(calibrate_sequences=8), "allowed 1 to 7 of the trace's 8"),
+    (dict(calibrate_sequences=32), "allowed 1 to 31 of the trace's 32"),
     (dict(layers=9), r"layers must be in \[1, 8\]"),
 ])
 def test_bench_inputs_are_checked_before_any_work(kwargs, message):

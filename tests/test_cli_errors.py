@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moe_uvm import cli
+from moe_uvm.simulate import CACHE_POLICIES
 from moe_uvm.trace import synthetic_trace
 
 
@@ -62,7 +63,7 @@ def test_bench_simulation_honours_trace_shape_and_calibration_split(no_gpu, caps
     assert "whole deepseek-v2-lite (26 MoE layers" in out
     result = json.loads((no_gpu / "res" / "simulation.json").read_text())
     for r in result["records"]:  # caches warm up on at most half the evaluated steps
-        assert r["tokens"] == (12 if r["policy"] in ("lru", "freq_lru", "belady") else 24), r
+        assert r["tokens"] == (12 if r["policy"] in CACHE_POLICIES else 24), r
 
 
 @pytest.mark.parametrize("flag", [["--steps", "3"], ["--methods", "device"], ["--tiny"],
@@ -77,8 +78,8 @@ def test_bench_simulation_refuses_gpu_only_flags(no_gpu, capsys, flag):
     (["--model-shape", "bogus"], "unknown model shape 'bogus'"),
     (["--prefetch", "speculative"], "needs slots"),
     (["--slots", "16", "--resident", "0,100%"], "has none"),
-    (["--model-shape", "mixtral-8x7b"], "the mixtral-8x7b shape has 8 top-2"),
-    (["--calibrate-sequences", "8"], "allowed 1 to 7"),
+    (["--calibrate-sequences", "32"], "allowed 1 to 31"),
+    (["--trace", "sample", "--calibrate-sequences", "8"], "allowed 1 to 7"),
 ])
 def test_bench_checks_arguments_before_any_banner_or_output(no_gpu, capsys, argv, message):
     assert_one_line_error(*run(capsys, "bench", *argv), message)

@@ -2,26 +2,34 @@
 with random weights, routing replayed from a trace so every method reads the same experts, and
 a sweep over resident counts comparing moe-uvm with the other ways to offload experts.
 
-Methods (same weights, same routing, one process):
-  device   all experts in ordinary device memory (the upper bound)
-  uva      resident experts in device memory, the rest read in place from pinned host memory
-           through its mapped address (zero-copy, the `--cpu-offload-gb` way)
-  lru      a GPU cache of that many experts per layer, filled on miss by copies from pinned
-           memory (the mixtral-offloading way; it must read each layer's routing on the host)
-  first_n  moe-uvm, experts 0..n-1 resident (ExpertOffloadConfig's default selection)
-  profile  moe-uvm, per-layer most-used experts from a profile calibrated on other sequences
-  global   moe-uvm, the same total resident count split across layers by the profile
+Methods (same weights, same routing, one process), each given the same GPU budget: X% of the
+layers' expert bytes for resident experts, slots and caches:
+  device       all experts in ordinary device memory (the upper bound)
+  uva          that many experts per layer in device memory, the rest read in place from pinned
+               host memory through its mapped address (zero-copy, vLLM's --cpu-offload-gb way)
+  layer_split  whole layers' experts in device memory, the other layers' read in place over PCIe
+               (llama.cpp's --n-cpu-moe split, with the GPU reading the offloaded experts);
+               rounds to whole layers
+  lru          a GPU cache of that many experts per layer filled on miss (mixtral-offloading's
+               design), least recently used evicted
+  freq_lru     the same cache evicting llama.cpp's way (lowest decayed-frequency class, then
+               least recently used; counts' half-life 128 tokens)
+  first_n      moe-uvm, experts 0..n-1 resident (ExpertOffloadConfig's default selection)
+  profile      moe-uvm, per-layer most-used experts from a profile calibrated on other sequences
+  global       moe-uvm, the same total resident count split across layers by the profile
+  auto         moe-uvm, the split moe_uvm.autosplit plans for the budget (resident experts,
+               slots, eviction, prefetch) from calibration routing and this machine's costs
   cacheS / speculativeS / frequencyS
-           moe-uvm, `profile` residency plus S GPU slots per layer caching offloaded experts
-           across steps (fill-on-read), with no / speculative / frequency prefetch
-All but `lru` run as captured CUDA graphs.
+               moe-uvm, `profile` residency plus S GPU slots per layer caching offloaded experts
+               (fill-on-read), with no / speculative / frequency prefetch
+Every method runs as a captured CUDA graph; caches run on moe_uvm.slots' device-side planners,
+so no method syncs with the host inside a step.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +42,14 @@ from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
 from moe_uvm.profile import Profile
 from moe_uvm.slots import SlotCache
-from moe_uvm.store import ManagedExpertStore
+from moe_uvm.store import TENSOR_ALIGNMENT, ManagedExpertStore
 from moe_uvm.trace import RoutingTrace
 
-METHODS = ("device", "uva", "lru", "first_n", "profile", "global")
+METHODS = ("device", "uva", "layer_split", "lru", "freq_lru", "first_n", "profile", "global",
+           "auto")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "global")
 MANAGED = ("first_n", "profile", "global")
+CACHES = ("lru", "freq_lru")
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Workload:
     w2: list[torch.Tensor]
     eval_trace: RoutingTrace
     profile: Profile
+    calibration: RoutingTrace
     seed: int = 0
     expert_bytes: int = field(init=False)
 
@@ -106,7 +118,7 @@ def build_workload(
            * intermediate**-0.5).to(dtype) for _ in range(num_layers)]
     return Workload(num_layers, E, trace.top_k, hidden, intermediate, dtype, device, w13, w2,
                     layers.sequences(calibrate_sequences, None),
-                    Profile.from_trace(cal, cooccurrence=True), seed)
+                    Profile.from_trace(cal, cooccurrence=True), cal, seed)
 
 
 @dataclass
@@ -169,10 +181,11 @@ def decode_step_cached(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
 
 def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
-                 weights: torch.Tensor, h0: torch.Tensor,
-                 cache: SlotCache | None = None) -> tuple[float, torch.Tensor]:
+                 weights: torch.Tensor, h0: torch.Tensor, cache: SlotCache | None = None,
+                 warmup: int = 0) -> tuple[float, torch.Tensor]:
     """Median step time of a CUDA-graph-captured decode step (eager on the CPU path) over the
-    routing steps, and step 0's output for the equality check. With a slot cache, it starts
+    routing steps after the first `warmup` (replayed untimed, so caches and policies settle),
+    and the first timed step's output for the equality check. With a slot cache, it starts
     empty and its counters cover the timed steps only."""
     static_ids, static_w, static_h = ids[0].clone(), weights[0].clone(), h0.clone()
 
@@ -202,101 +215,23 @@ def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
             static_out = body()
 
     if cache is not None:
-        cache.stats.reset()
-        cache.copies.zero_()
-
+        cache.reset()
     timer, first = Timer(work.device), None
     for s in range(ids.shape[0]):
         static_ids.copy_(ids[s])
         static_w.copy_(weights[s])
+        if s == warmup and cache is not None:
+            cache.stats.reset()
+            cache.copies.zero_()
+        if s < warmup:
+            step()
+            continue
         start = timer.start()
         step()
         timer.stop(start)
-        if s == 0:
+        if s == warmup:
             first = static_out.clone()
     return timer.median_ms(), first
-
-
-class LRUCache:
-    """A per-layer GPU cache of `capacity` expert slots filled on miss from pinned host memory;
-    misses beyond capacity are read in place from the mapped host copy. Host-side: it needs
-    each layer's routing on the host before the layer runs (a sync per layer)."""
-
-    def __init__(self, work: Workload, host: list[tuple[torch.Tensor, torch.Tensor]],
-                 mapped: list[LayerWeights], slots: list[tuple[torch.Tensor, torch.Tensor]],
-                 capacity: int) -> None:
-        self.work, self.host, self.capacity = work, host, capacity
-        self.layers = []
-        for m, (s13, s2) in zip(mapped, slots, strict=True):
-            if capacity == 0:  # no cache: every expert is read in place from host memory
-                self.layers.append(LayerWeights(m.w13, m.w2))
-                continue
-            expert_slot = torch.full((work.num_experts,), -1, dtype=torch.int32,
-                                     device=work.device)
-            self.layers.append(LayerWeights(m.w13, m.w2, expert_slot, s13[:capacity],
-                                            s2[:capacity]))
-        self.cache = [OrderedDict() for _ in range(work.num_layers)]
-        pin = work.device.type == "cuda"
-        self.staging = torch.empty(work.num_experts, dtype=torch.int32, pin_memory=pin)
-        self.copied_bytes = 0
-        self.inplace_bytes = 0
-
-    def _fill(self, layer: int, needed: list[int]) -> None:
-        cache, lw = self.cache[layer], self.layers[layer]
-        if self.capacity == 0:
-            self.inplace_bytes += len(needed) * self.work.expert_bytes
-            return
-        for e in needed:
-            if e in cache:
-                cache.move_to_end(e)
-        for e in needed:
-            if e in cache:
-                continue
-            if len(cache) < self.capacity:
-                slot = len(cache)
-            else:
-                victim = next((v for v in cache if v not in needed), None)
-                if victim is None:
-                    continue  # every slot holds an expert this step needs: read e in place
-                slot = cache.pop(victim)
-            host13, host2 = self.host[layer]
-            lw.w13_slots[slot].copy_(host13[e], non_blocking=True)
-            lw.w2_slots[slot].copy_(host2[e], non_blocking=True)
-            self.copied_bytes += self.work.expert_bytes
-            cache[e] = slot
-        self.inplace_bytes += sum(e not in cache for e in needed) * self.work.expert_bytes
-        self.staging.fill_(-1)
-        for e, slot in cache.items():
-            self.staging[e] = slot
-        lw.expert_slot.copy_(self.staging, non_blocking=True)
-
-    def step(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        for layer, lw in enumerate(self.layers):
-            host_ids = ids[layer].cpu()  # the routing sync this method cannot avoid
-            needed = sorted({int(e) for e in host_ids.flatten().tolist() if e >= 0})
-            self._fill(layer, needed)
-            h = h + fused_moe(h, lw.w13, lw.w2, weights[layer], ids[layer],
-                              expert_slot=lw.expert_slot, w13_slots=lw.w13_slots,
-                              w2_slots=lw.w2_slots)
-        return h
-
-
-def run_lru(cache: LRUCache, ids: torch.Tensor, weights: torch.Tensor, h0: torch.Tensor,
-            warmup_steps: int = 2) -> tuple[float, torch.Tensor, float, float]:
-    """Median eager step time, step 0's output, and per timed step the bytes copied into the
-    cache and the bytes read in place from host memory (misses the cache could not hold)."""
-    for s in range(min(warmup_steps, ids.shape[0])):
-        cache.step(h0, ids[s], weights[s])
-    timer, first = Timer(cache.work.device), None
-    cache.copied_bytes = cache.inplace_bytes = 0
-    for s in range(ids.shape[0]):
-        start = timer.start()
-        out = cache.step(h0, ids[s], weights[s])
-        timer.stop(start)
-        if s == 0:
-            first = out.clone()
-    steps = ids.shape[0]
-    return timer.median_ms(), first, cache.copied_bytes / steps, cache.inplace_bytes / steps
 
 
 def managed_residency(work: Workload, policy: str, resident: int) -> list[list[int]]:
@@ -319,7 +254,9 @@ def managed_layers(work: Workload) -> tuple[ExpertOffloadManager, list[LayerWeig
     advice goes on before the weights are written so pages land on the host."""
     specs = {"w13": ((2 * work.intermediate, work.hidden), work.dtype),
              "w2": ((work.hidden, work.intermediate), work.dtype)}
-    stores = [ManagedExpertStore(work.num_experts, specs, work.device)
+    # CPU tensors take no advice: no need to align experts to the driver's 2 MiB blocks there.
+    align = {} if work.device.type == "cuda" else {"alignment": TENSOR_ALIGNMENT}
+    stores = [ManagedExpertStore(work.num_experts, specs, work.device, **align)
               for _ in range(work.num_layers)]
     manager = ExpertOffloadManager(stores, ExpertOffloadConfig(num_resident=0),
                                    top_k=work.top_k)

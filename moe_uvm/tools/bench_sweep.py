@@ -13,16 +13,19 @@ import numpy as np
 import torch
 
 from moe_uvm import ceilings, uvm
+from moe_uvm.autosplit import Costs, fit_kernel_costs, plan_split, save_costs, shape_for_trace
+from moe_uvm.policies.residency import frequency
 from moe_uvm.presets import ModelShape
 from moe_uvm.profile import Profile
 from moe_uvm.simulate import Bandwidths, resident_sizes, simulate
 from moe_uvm.simulate_slots import SlotSettings
 from moe_uvm.slots import SlotCache
 from moe_uvm.tools.bench import (
+    CACHES,
+    DEFAULT_METHODS,
     MANAGED,
     METHODS,
     LayerWeights,
-    LRUCache,
     Workload,
     build_workload,
     check_workload,
@@ -30,9 +33,8 @@ from moe_uvm.tools.bench import (
     managed_layers,
     managed_residency,
     run_captured,
-    run_lru,
 )
-from moe_uvm.trace import SAMPLE_NAME, RoutingTrace, load_trace, trace_path
+from moe_uvm.trace import LONG_NAME, RoutingTrace, load_trace, trace_path
 
 CPU_NOTE = ("CPU path: no GPU, so weights stay in CPU memory, nothing is captured and the "
             "timings below mean nothing; this run only checks the harness.")
@@ -40,20 +42,26 @@ CPU_NOTE = ("CPU path: no GPU, so weights stay in CPU memory, nothing is capture
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One decode-benchmark run. `trace` is a path or "sample" (the bundled trace); `resident`
-    takes counts or percentages ("0,32" or "25%,50%") per layer; `layers=None` takes the
-    trace's layers, capped to fit the GPU with room. `tiny` keeps the trace's experts and top-k
-    but uses hidden 64 / intermediate 32 and at most 2 layers, whatever the model shape (for
-    checking the harness). `device`: cuda, cpu (the harness on CPU tensors) or simulate (the
-    policies replayed on the CPU by `simulation`, no weights)."""
+    """One decode-benchmark run. `trace` is a path or a bundled trace name ("long", the
+    default, or "sample"); `resident` takes GPU budgets as experts per layer or percentages of
+    the experts' bytes ("0,32" or "25%,50%"): every method gets that many bytes (count x layers
+    x expert size) for resident experts, slots and caches. A trace of another expert count or
+    top-k than `model_shape` is timed with its own layers, experts and top-k at the preset's
+    expert size. `layers=None` takes the trace's layers, capped to fit the GPU with room.
+    Each configuration replays `warmup_tokens` untimed, then times up to `steps` steps on the
+    following tokens. `tiny` keeps the trace's experts and top-k but uses hidden 64 /
+    intermediate 32 and at most 2 layers, whatever the model shape (for checking the harness).
+    `device`: cuda, cpu (the harness on CPU tensors) or simulate (the policies replayed on the
+    CPU by `simulation`, no weights)."""
 
     model_shape: str = "qwen3-30b-a3b"
-    trace: str = SAMPLE_NAME
+    trace: str = LONG_NAME
     layers: int | None = None
     resident: str = "0%,25%,50%,75%,100%"
     batches: tuple[int, ...] = (1, 16)
-    steps: int = 24
-    methods: tuple[str, ...] = METHODS
+    steps: int = 256
+    warmup_tokens: int = 512
+    methods: tuple[str, ...] = DEFAULT_METHODS
     slots: tuple[int, ...] = ()
     prefetch: tuple[str, ...] = ("none",)
     calibrate_sequences: int | None = None
@@ -81,6 +89,8 @@ class BenchConfig:
             raise ValueError(f"device must be cuda, cpu or simulate, got {self.device!r}")
         if not self.batches or min(self.batches) < 1 or self.steps < 1:
             raise ValueError(f"need batches >= 1 and steps >= 1, got {self.batches}, {self.steps}")
+        if self.warmup_tokens < 0:
+            raise ValueError(f"warm-up tokens must be >= 0, got {self.warmup_tokens}")
 
 
 def _layer_budget(layer_bytes: int) -> int:
@@ -96,11 +106,10 @@ def load_inputs(cfg: BenchConfig) -> tuple[RoutingTrace, ModelShape, int]:
     trace = load_trace(cfg.trace)
     shape = ModelShape.from_name(cfg.model_shape)
     E = trace.num_experts
-    if not cfg.tiny and (E, trace.top_k) != (shape.num_experts, shape.top_k):
-        raise ValueError(
-            f"trace {cfg.trace} routes {E} experts top-{trace.top_k}, the {shape.name} shape "
-            f"has {shape.num_experts} top-{shape.top_k}"
-        )
+    if (E, trace.top_k) != (shape.num_experts, shape.top_k):
+        # A trace of another model (e.g. a learned one): its layers, experts and top-k with the
+        # preset's expert size.
+        shape = shape_for_trace(trace, shape)
     cal = cfg.calibrate_sequences or trace.num_sequences // 2
     check_workload(trace, cfg.layers or trace.num_layers, cal)
     counts = resident_sizes(cfg.resident, E)
@@ -153,142 +162,232 @@ def _mask(sets: list[list[int]], num_experts: int) -> np.ndarray:
     return mask
 
 
+def _steps(cfg: BenchConfig, work: Workload, batch: int) -> tuple[int, int]:
+    """(warm-up steps, timed steps) at `batch`: the warm-up covers cfg.warmup_tokens, the timed
+    steps follow on tokens never replayed, at most cfg.steps of them."""
+    warm = -(-cfg.warmup_tokens // batch)
+    timed = min(cfg.steps, work.eval_trace.num_tokens // batch - warm)
+    if timed < 1:
+        raise ValueError(
+            f"batch {batch}: the evaluated sequences hold {work.eval_trace.num_tokens} tokens, "
+            f"{warm} warm-up steps of {batch} take {warm * batch}: no tokens left to time; use "
+            "a longer trace, fewer warm-up tokens or fewer calibration sequences")
+    return warm, timed
+
+
+def _advise(manager, sets: list[list[int]]) -> None:
+    for layer, ids in enumerate(sets):
+        manager.readvise(layer, ids)
+    manager.synchronize()
+
+
+def _ceilings(cuda: bool, progress) -> dict[str, float]:
+    if not cuda:
+        c = Costs()
+        return {"hbm_read_gbps": c.hbm_gbps, "read_through_gbps": c.read_through_gbps,
+                "pinned_read_gbps": c.read_through_gbps, "h2d_gbps": Bandwidths().h2d_gbps}
+    bw = {"hbm_read_gbps": ceilings.hbm_read_gbps(), "read_through_gbps":
+          ceilings.read_through_gbps(), "pinned_read_gbps": ceilings.pinned_read_gbps(),
+          "h2d_gbps": ceilings.h2d_gbps()}
+    progress(", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
+    return bw
+
+
+# Long (~130 lines): one loop over batches x budgets x methods whose records share the routing,
+# the floor's bandwidths and the equality reference; split, they would travel through every
+# signature.
 def sweep(cfg: BenchConfig, progress=print) -> dict:
-    """Run every method at every (batch, resident count); returns the JSON-ready result."""
+    """Run every method at every (batch, budget); returns the JSON-ready result. Budgets are
+    cfg.resident counts (or shares) of experts per layer, as bytes: count x layers x expert."""
     cuda = cfg.device == "cuda"
-    h100 = Bandwidths()
-    bw = {"hbm_read_gbps": h100.hbm_gbps, "read_through_gbps": h100.pcie_gbps,
-          "pinned_read_gbps": h100.pcie_gbps, "h2d_gbps": h100.h2d_gbps}
-    if cuda:
-        bw = {"hbm_read_gbps": ceilings.hbm_read_gbps(), "read_through_gbps":
-              ceilings.read_through_gbps(), "pinned_read_gbps": ceilings.pinned_read_gbps(),
-              "h2d_gbps": ceilings.h2d_gbps()}
-        progress(", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
+    bw = _ceilings(cuda, progress)
     work = make_workload(cfg)
-    E, L, eb = work.num_experts, work.num_layers, work.expert_bytes
+    E, L, eb, k = work.num_experts, work.num_layers, work.expert_bytes, work.top_k
     counts = resident_sizes(cfg.resident, E)
-    manager = managed = None
-    if any(m in MANAGED for m in cfg.methods):
-        manager, managed = managed_layers(work)
-        manager.synchronize()
-    host, mapped = host_copies(work)
-    slots = [(torch.empty_like(w13), torch.empty_like(w2))
-             for w13, w2 in zip(work.w13, work.w2, strict=True)]
+    manager, managed = managed_layers(work)
+    manager.synchronize()
+    resident_nb = manager.stores[0].slot_nbytes
+    if "uva" in cfg.methods:
+        host, mapped = host_copies(work)
+        uva_slots = [(torch.empty_like(w13), torch.empty_like(w2))
+                     for w13, w2 in zip(work.w13, work.w2, strict=True)]
     device_layers = [LayerWeights(w13, w2) for w13, w2 in zip(work.w13, work.w2, strict=True)]
     dev = work.device.index or 0
     # "GPU GB" of the managed methods is the advised resident bytes. The driver's own figure is
-    # kept too: it includes pages of demoted experts the UVM driver keeps in its GPU pool (on
-    # the H100 they were not returned after demotion), minus the caching allocator's growth.
+    # kept too: it includes pages of demoted experts the UVM driver keeps in its GPU pool.
     baseline = (uvm.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev)) if cuda else 0
-    records = []
+    cal_counts = torch.from_numpy(work.profile.counts)
+    cooc = torch.from_numpy(work.profile.cooccurrence)
+    records, runs = [], {}
 
-    def record(method, batch, resident, ms, floor_ms, off_bytes, device_bytes, exact):
-        rec = dict(method=method, batch=batch, resident=resident,
-                   resident_fraction=resident / E, step_ms=ms, tokens_per_s=batch / ms * 1e3,
+    def record(method, batch, n, ms, floor_ms, off_bytes, device_bytes, exact, **extra):
+        warm, timed = runs[batch]["steps"]
+        rec = dict(method=method, batch=batch, resident=n, budget_fraction=n / E,
+                   budget_gb=n * L * eb / 1e9, step_ms=ms, tokens_per_s=batch / ms * 1e3,
                    offloaded_mb_per_step=off_bytes / 1e6, device_gb=device_bytes / 1e9,
-                   floor_ms=floor_ms, floor_over_measured=floor_ms / ms, exact=exact)
+                   floor_ms=floor_ms, floor_over_measured=floor_ms / ms, exact=exact,
+                   warmup_steps=warm, timed_steps=timed, **extra)
         records.append(rec)
-        progress(f"B={batch} resident={resident} {method}: {ms:.3f} ms, "
-                 f"{rec['tokens_per_s']:.1f} tok/s, floor/measured "
+        progress(f"B={batch} budget={n}/{E} {method}: {ms:.3f} ms, {rec['tokens_per_s']:.1f} "
+                 f"tok/s, {rec['device_gb']:.2f} GB, floor/measured "
                  f"{rec['floor_over_measured']:.2f}")
 
-    for batch in cfg.batches:
-        steps = min(cfg.steps, work.eval_trace.num_tokens // batch)
-        ids, weights = work.routing(batch, steps)
-        touched = _touched(ids, E)
+    def cached(method, batch, n, sets, slots, **kw):
+        run = runs[batch]
+        warm, timed = run["steps"]
+        cache = SlotCache([(w.w13, w.w2) for w in managed], sets, slots, top_k=k,
+                          counts=cal_counts, cooccurrence=cooc, **kw)
+        ms, out = run_captured(work, managed, run["ids"], run["weights"], run["h0"], cache, warm)
+        stats = cache.stats.summary()
+        copies = int(cache.copies.sum()) / timed
+        reads = (stats["needed_offloaded"] - stats["slot_hits"]) / timed
+        hbm = (run["touched"].sum() / timed - reads) * eb / (bw["hbm_read_gbps"] * 1e6)
+        pcie = (reads + copies) * eb / (bw["read_through_gbps"] * 1e6)
+        record(method, batch, n, ms, hbm + pcie, (reads + copies) * eb,
+               manager.resident_bytes() + cache.nbytes, torch.equal(out, run["ref"]),
+               slots=slots, eviction=cache.eviction, prefetch=cache.mode,
+               floor_overlapped_ms=max(hbm, pcie), slot_hit_rate=stats["slot_hit_rate"],
+               prefetch_precision=stats["precision"], prefetch_recall=stats["recall"],
+               copies_per_step=copies, pcie_experts_per_step=reads + copies)
+
+    def static(method, batch, n, layers, mask, device_bytes, pcie_gbps):
+        run = runs[batch]
+        ms, out = run_captured(work, layers, run["ids"], run["weights"], run["h0"],
+                               warmup=run["steps"][0])
+        floor, off = _floor(run["touched"], mask, eb, bw["hbm_read_gbps"], pcie_gbps)
+        record(method, batch, n, ms, floor, off, device_bytes, torch.equal(out, run["ref"]),
+               pcie_experts_per_step=off / eb)
+
+    _advise(manager, [[]] * L)
+    for batch in cfg.batches:  # all-resident first: its times fit the cost model
+        warm, timed = _steps(cfg, work, batch)
+        ids, weights = work.routing(batch, warm + timed)
         h0 = torch.randn(batch, work.hidden, generator=torch.Generator().manual_seed(batch))
         h0 = h0.to(work.dtype).to(work.device)
-        ms, ref = run_captured(work, device_layers, ids, weights, h0)
-        all_res = np.ones((L, E), bool)
-        floor, _ = _floor(touched, all_res, eb, bw["hbm_read_gbps"], bw["read_through_gbps"])
+        runs[batch] = dict(steps=(warm, timed), ids=ids, weights=weights, h0=h0,
+                           touched=_touched(ids[warm:], E))
+        ms, ref = run_captured(work, device_layers, ids, weights, h0, warmup=warm)
+        runs[batch]["ref"] = ref
+        floor, _ = _floor(runs[batch]["touched"], np.ones((L, E), bool), eb,
+                          bw["hbm_read_gbps"], bw["read_through_gbps"])
+        runs[batch]["device"] = (ms, floor)
+    points = [(runs[b]["touched"].sum() / runs[b]["steps"][1] * eb, runs[b]["device"][0])
+              for b in cfg.batches]
+    launch_us, kernel_gbps = fit_kernel_costs(L, points)
+    source = ("measured by moe-uvm bench" if cuda else "CPU harness: H200 defaults")
+    costs = Costs(bw["hbm_read_gbps"], bw["read_through_gbps"], kernel_gbps, launch_us, source)
+    if cuda:
+        save_costs(ceilings.device_summary()["device"], costs)
+    progress(f"cost model: launch {launch_us:.1f} us per layer, kernel HBM {kernel_gbps:.0f} "
+             "GB/s")
+    for batch in cfg.batches:
+        ms, floor = runs[batch]["device"]
         record("device", batch, E, ms, floor, 0.0, L * E * eb, True)
-        for r in counts:
-            first = _mask([list(range(r))] * L, E)
+        touched = runs[batch]["touched"]
+        for n in counts:
+            budget = n * L * eb
             if "uva" in cfg.methods:
                 maps = torch.arange(E, dtype=torch.int32, device=work.device)
-                maps = torch.where(maps < r, maps, -1)
+                maps = torch.where(maps < n, maps, -1)
+                for (s13, s2), w13, w2 in zip(uva_slots, work.w13, work.w2, strict=True):
+                    s13[:n].copy_(w13[:n])
+                    s2[:n].copy_(w2[:n])
                 layers = [LayerWeights(m.w13, m.w2, maps, s13, s2)
-                          for m, (s13, s2) in zip(mapped, slots, strict=True)]
-                for (s13, s2), w13, w2 in zip(slots, work.w13, work.w2, strict=True):
-                    s13[:r].copy_(w13[:r])
-                    s2[:r].copy_(w2[:r])
-                ms, out = run_captured(work, layers, ids, weights, h0)
-                floor, off = _floor(touched, first, eb, bw["hbm_read_gbps"],
-                                    bw["pinned_read_gbps"])
-                record("uva", batch, r, ms, floor, off, L * r * eb, torch.equal(out, ref))
-            if "lru" in cfg.methods:
-                cache = LRUCache(work, host, mapped, slots, r)
-                ms, out, copied, inplace = run_lru(cache, ids, weights, h0)
-                cached = touched.sum(axis=(1, 2)).mean() * eb - inplace
-                floor = (cached / bw["hbm_read_gbps"] + copied / bw["h2d_gbps"]
-                         + inplace / bw["pinned_read_gbps"]) / 1e6
-                record("lru", batch, r, ms, floor, copied + inplace, L * r * eb,
-                       torch.equal(out, ref))
-            for num_slots in (cfg.slots if 0 < r < E and managed else ()):
-                sets = managed_residency(work, "profile", r)
-                for layer, ids_l in enumerate(sets):
-                    manager.readvise(layer, ids_l)
-                manager.synchronize()
+                          for m, (s13, s2) in zip(mapped, uva_slots, strict=True)]
+                static("uva", batch, n, layers, _mask([list(range(n))] * L, E), budget,
+                       bw["pinned_read_gbps"])
+            if "layer_split" in cfg.methods:  # llama.cpp offloads the first layers' experts
+                full = (n * L) // E
+                layers = [device_layers[i] if i >= L - full else managed[i] for i in range(L)]
+                mask = np.zeros((L, E), bool)
+                mask[L - full:] = True
+                static("layer_split", batch, n, layers, mask, full * E * eb,
+                       bw["read_through_gbps"])
+                records[-1].update(resident_layers=full)
+            for method in (m for m in CACHES if m in cfg.methods):
+                if n == 0:  # no cache: every expert read in place
+                    static(method, batch, 0, managed, np.zeros((L, E), bool), 0,
+                           bw["read_through_gbps"])
+                else:
+                    cached(method, batch, n, [[]] * L, n, mode="none", eviction=method)
+            fitted = int(budget // (L * resident_nb))
+            for num_slots in (cfg.slots if 0 < fitted < E else ()):
+                left = int((budget - num_slots * L * eb) // (L * resident_nb))
+                if left < 0:
+                    continue
+                _advise(manager, managed_residency(work, "profile", left))
                 for mode in cfg.prefetch:
-                    cache = SlotCache(
-                        [(w.w13, w.w2) for w in managed], sets, num_slots, mode=mode,
-                        top_k=work.top_k, counts=torch.from_numpy(work.profile.counts),
-                        cooccurrence=torch.from_numpy(work.profile.cooccurrence),
-                    )
-                    ms, out = run_captured(work, managed, ids, weights, h0, cache)
-                    stats = cache.stats.summary()
-                    copies = int(cache.copies.sum()) / steps
-                    reads = (stats["needed_offloaded"] - stats["slot_hits"]) / steps
-                    hbm = (touched.sum() / steps - reads) * eb / (bw["hbm_read_gbps"] * 1e6)
-                    pcie = (reads + copies) * eb / (bw["read_through_gbps"] * 1e6)
                     name = f"{'cache' if mode == 'none' else mode}{num_slots}"
-                    record(name, batch, r, ms, max(hbm, pcie), (reads + copies) * eb,
-                           manager.resident_bytes() + cache.nbytes, torch.equal(out, ref))
-                    records[-1].update(slots=num_slots, prefetch=mode,
-                                       prefetch_precision=stats["precision"],
-                                       prefetch_recall=stats["recall"],
-                                       slot_hit_rate=stats["slot_hit_rate"],
-                                       copies_per_step=copies)
-                    del cache
+                    cached(name, batch, n, managed_residency(work, "profile", left), num_slots,
+                           mode=mode)
             for policy in (m for m in cfg.methods if m in MANAGED):
-                sets = managed_residency(work, policy, r)
-                for layer, ids_l in enumerate(sets):
-                    manager.readvise(layer, ids_l)
-                manager.synchronize()
-                ms, out = run_captured(work, managed, ids, weights, h0)
-                floor, off = _floor(touched, _mask(sets, E), eb, bw["hbm_read_gbps"],
-                                    bw["read_through_gbps"])
-                record(policy, batch, r, ms, floor, off, manager.resident_bytes(),
-                       torch.equal(out, ref))
+                sets = managed_residency(work, policy, min(fitted, E))
+                _advise(manager, sets)
+                static(policy, batch, n, managed, _mask(sets, E), manager.resident_bytes(),
+                       bw["read_through_gbps"])
                 if cuda:  # what the driver reports, next to the advised bytes
                     records[-1]["driver_used_gb"] = (baseline - uvm.mem_get_info(dev)[0]
                                                      - torch.cuda.memory_reserved(dev)) / 1e9
-    return dict(config=asdict(cfg), layers=L, num_experts=E, top_k=work.top_k,
+            if "auto" in cfg.methods:
+                split, _ = plan_split(work.calibration, budget, resident_nbytes=resident_nb,
+                                      slot_nbytes=eb, batch=batch, costs=costs)
+                sets = [np.flatnonzero(row).tolist() for row in
+                        frequency(work.profile.counts, np.array(split.resident))]
+                _advise(manager, sets)
+                if split.slots:
+                    cached("auto", batch, n, sets, split.slots, mode=split.prefetch,
+                           eviction=split.eviction)
+                else:
+                    static("auto", batch, n, managed, _mask(sets, E), manager.resident_bytes(),
+                           bw["read_through_gbps"])
+                rec = records[-1]
+                rec.update(split=split.to_dict(), predicted_ms=split.predicted_step_ms,
+                           predicted_over_measured=split.predicted_step_ms / rec["step_ms"])
+            _advise(manager, [[]] * L)
+        del touched
+    return dict(config=asdict(cfg), layers=L, num_experts=E, top_k=k,
                 hidden=work.hidden, intermediate=work.intermediate, expert_bytes=eb,
-                dtype=str(work.dtype), ceilings=bw,
+                resident_expert_bytes=resident_nb, dtype=str(work.dtype), ceilings=bw,
+                costs=asdict(costs),
                 device=ceilings.device_summary() if cuda else {"device": "cpu"},
                 note=None if cuda else CPU_NOTE, records=records)
 
 
+def _method_label(r: dict) -> str:
+    if r["method"] == "auto" and r.get("split"):
+        split = r["split"]
+        resident = sum(split["resident"]) / len(split["resident"])
+        if not split["slots"]:
+            return f"auto ({resident:.0f} resident/layer)"
+        kind = split["eviction"] + ("" if split["prefetch"] == "none" else f"+{split['prefetch']}")
+        return f"auto ({resident:.0f} resident + {split['slots']} {kind} slots /layer)"
+    if r["method"] == "layer_split":
+        return f"layer_split ({r['resident_layers']} layers)"
+    return r["method"]
+
+
 def markdown_table(result: dict) -> str:
-    rows = ["| batch | resident | method | tok/s | step ms | offloaded MB/step | GPU GB | "
-            "floor ms | floor/measured | same output |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    E = result["num_experts"]
+    rows = ["| batch | budget | method | tok/s | step ms | GPU GB | PCIe experts/step | "
+            "floor ms | floor/measured | plan/measured | same output |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in result["records"]:
-        res = "all" if r["method"] == "device" else f"{r['resident']}/{E}"
+        budget = "all" if r["method"] == "device" else f"{r['budget_fraction']:.0%}"
+        plan = f"{r['predicted_over_measured']:.2f}" if "predicted_over_measured" in r else "-"
+        pcie = r.get("pcie_experts_per_step")
         rows.append(
-            f"| {r['batch']} | {res} | {r['method']} | {r['tokens_per_s']:.1f} | "
-            f"{r['step_ms']:.2f} | {r['offloaded_mb_per_step']:.0f} | {r['device_gb']:.2f} | "
-            f"{r['floor_ms']:.2f} | {r['floor_over_measured']:.2f} | "
-            f"{'yes' if r['exact'] else 'NO'} |"
+            f"| {r['batch']} | {budget} | {_method_label(r)} | {r['tokens_per_s']:.1f} | "
+            f"{r['step_ms']:.2f} | {r['device_gb']:.2f} | "
+            f"{'-' if pcie is None else f'{pcie:.1f}'} | {r['floor_ms']:.2f} | "
+            f"{r['floor_over_measured']:.2f} | {plan} | {'yes' if r['exact'] else 'NO'} |"
         )
     return "\n".join(rows)
 
 
 STYLES = {
-    "uva": dict(marker="s", ls=":"), "lru": dict(marker="v"), "first_n": dict(marker="o"),
+    "uva": dict(marker="s", ls=":"), "lru": dict(marker="v"), "freq_lru": dict(marker="^"),
+    "layer_split": dict(marker="P", ls="-."), "first_n": dict(marker="o"),
     "profile": dict(marker="D"), "global": dict(marker="x", ls="--"),
+    "auto": dict(marker="*", lw=2.5, ms=10),
 }
 
 
@@ -303,14 +402,14 @@ def plot(result: dict, path: Path) -> None:
     for ax, batch in zip(axes[0], batches, strict=True):
         recs = [r for r in result["records"] if r["batch"] == batch]
         for method in dict.fromkeys(r["method"] for r in recs):
-            pts = sorted((r["resident_fraction"], r["tokens_per_s"]) for r in recs
+            pts = sorted((r["budget_fraction"], r["tokens_per_s"]) for r in recs
                          if r["method"] == method)
             if method == "device" and pts:
                 ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="device (all resident)")
             elif pts:  # distinct markers and dashes, since methods can coincide
                 style = STYLES.get(method, {})
                 ax.plot(*zip(*pts, strict=True), label=method, **style)
-        ax.set(title=f"batch {batch}", xlabel="resident fraction of experts",
+        ax.set(title=f"batch {batch}", xlabel="GPU budget (share of expert bytes)",
                ylabel="tokens/s", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -358,27 +457,22 @@ def simulation(cfg: BenchConfig) -> dict:
 
 
 def summarize_goals(result: dict) -> list[str]:
-    """Lines saying where the issue's goals hold: profile ahead of uva/lru/first_n below 100%,
-    within 1.15x of the floor at 25/50/75%, and within 5% of device at 100%."""
-    lines, E = [], result["num_experts"]
+    """Lines saying where the one-knob goals hold at each budget below 100%: auto against every
+    other method at equal GPU bytes, its floor/measured (goal >= 1/1.15) and plan/measured
+    (goal within 15%)."""
+    lines = []
     by = {(r["method"], r["batch"], r["resident"]): r for r in result["records"]}
-    for batch in sorted({r["batch"] for r in result["records"]}):
-        for (method, b, res), rec in sorted(by.items(), key=lambda kv: kv[0][2]):
-            if method != "profile" or b != batch:
-                continue
-            others = [by.get((m, batch, res)) for m in ("uva", "lru", "first_n")]
-            beaten = all(o is None or rec["tokens_per_s"] > o["tokens_per_s"] for o in others)
-            if res == 0:
-                lines.append(f"batch {batch}, 0/{E}: nothing resident, every method reads all "
-                             "experts in place")
-            elif res < E:
-                lines.append(f"batch {batch}, {res}/{E}: profile ahead of uva/lru/first_n: "
-                             f"{'yes' if beaten else 'no'}; floor/measured "
-                             f"{rec['floor_over_measured']:.2f} (goal >= {1 / 1.15:.2f})")
-            else:
-                dev = by[("device", batch, E)]
-                ratio = rec["step_ms"] / dev["step_ms"]
-                lines.append(f"batch {batch}, all resident: {ratio:.3f}x device step time "
-                             f"(goal <= 1.05)")
+    E = result["num_experts"]
+    for (method, batch, n), auto in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if method != "auto" or not 0 < n < E:
+            continue
+        others = {m: r for (m, b, k), r in by.items() if b == batch and k == n and m != "auto"}
+        best = max(others.items(), key=lambda kv: kv[1]["tokens_per_s"], default=None)
+        ahead = ("-" if best is None else
+                 f"{auto['tokens_per_s'] / best[1]['tokens_per_s']:.2f}x the best other "
+                 f"({best[0]})")
+        lines.append(
+            f"batch {batch}, budget {n / E:.0%}: auto {auto['tokens_per_s']:.1f} tok/s, {ahead}; "
+            f"floor/measured {auto['floor_over_measured']:.2f} (goal >= {1 / 1.15:.2f}); "
+            f"plan/measured {auto['predicted_over_measured']:.2f} (goal 0.85-1.15)")
     return lines
-
