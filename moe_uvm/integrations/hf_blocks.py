@@ -187,6 +187,12 @@ def plan_expert_memory(
     return plan_memory([FusedExperts.replacing(b).moe for b in blocks], config, device)
 
 
+def next_gate_weights(blocks: list[MoeBlock]) -> list[torch.Tensor]:
+    """Layer l+1's router weight [E, H] for each MoE layer l but the last: what lookahead
+    prefetch applies to layer l's input. Read again after a load replaces the parameters."""
+    return [b.module.gate.weight for b in blocks[1:]]
+
+
 def attach_experts(
     blocks: list[MoeBlock], config: ExpertOffloadConfig | None,
     device: torch.device | str | None,
@@ -196,7 +202,8 @@ def attach_experts(
     nothing: the blocks get their new experts only once every store is allocated and filled; on
     an error they keep their own and what was allocated is freed."""
     adapters = [FusedExperts.replacing(b) for b in blocks]
-    manager = offload_experts(adapters, config, device=device)
+    manager = offload_experts(adapters, config, device=device,
+                              next_gates=next_gate_weights(blocks))
     try:
         for block, adapter in zip(blocks, adapters, strict=True):
             old = block.module.experts
