@@ -35,13 +35,13 @@ def test_a_budget_alone_is_split_by_the_planner_within_the_budget(budget_experts
     budget = budget_experts * resident_nbytes()
     config = ExpertOffloadConfig(gpu_budget_gb=budget / 1e9)
     assert config.wants_auto_split
-    chosen, split = resolve_config(mods, config)
+    chosen, split = resolve_config(mods, config, "cpu")
     assert split is not None and isinstance(chosen.prefetch_slots, int)
     assert split.device_bytes <= budget
     assert not chosen.wants_auto_split  # a chosen config is not planned again
     x, logits = torch.randn(5, H), torch.randn(5, E)
     refs = [m(x, logits) for m in mods]
-    with offload_experts(mods, config) as manager:
+    with offload_experts(mods, config, device="cpu") as manager:
         assert manager.split == split and manager.config == chosen
         assert manager.resident_bytes() + split.slot_bytes <= budget
         if budget_experts >= L * E:  # everything fits: all resident, no slots
@@ -56,7 +56,7 @@ def test_explicit_fields_override_the_planner():
             resident_selection="manual", resident_ids=(0, 1))):
         config = ExpertOffloadConfig(gpu_budget_gb=budget, **explicit)
         assert not config.wants_auto_split
-        assert resolve_config(layers(), config) == (config, None)
+        assert resolve_config(layers(), config, "cpu") == (config, None)
     assert not ExpertOffloadConfig().wants_auto_split  # no budget: all resident, as before
 
 
@@ -73,8 +73,9 @@ def test_skewed_profile_plans_differently_from_flat(tmp_path):
     skewed.save(path)
     config = ExpertOffloadConfig(gpu_budget_gb=budget / 1e9, resident_selection="profile",
                                  profile_path=str(path))
-    _, with_profile = resolve_config(layers(), config)
-    _, flat = resolve_config(layers(), ExpertOffloadConfig(gpu_budget_gb=budget / 1e9))
+    _, with_profile = resolve_config(layers(), config, "cpu")
+    _, flat = resolve_config(layers(), ExpertOffloadConfig(gpu_budget_gb=budget / 1e9),
+                             "cpu")
     assert with_profile.predicted_step_ms < flat.predicted_step_ms
     assert with_profile.hit_rate > flat.hit_rate
 
@@ -84,8 +85,8 @@ def test_slot_eviction_is_checked_and_reaches_the_cache():
         ExpertOffloadConfig(slot_eviction="fifo")
     with pytest.raises(ValueError, match="fills slots on read only"):
         ExpertOffloadConfig(prefetch_slots=2, prefetch="speculative", slot_eviction="lfu")
-    with offload_experts(layers(), ExpertOffloadConfig(num_resident=4, prefetch_slots=3,
-                                                       slot_eviction="lfu")) as manager:
+    config = ExpertOffloadConfig(num_resident=4, prefetch_slots=3, slot_eviction="lfu")
+    with offload_experts(layers(), config, device="cpu") as manager:
         assert manager.slot_cache.eviction == "lfu"
 
 
@@ -94,13 +95,15 @@ def test_hf_loader_takes_the_non_expert_weights_out_of_the_budget(tmp_path):
     from moe_uvm.integrations import hf
     seed = int.from_bytes(os.urandom(4), "little")
     tiny_model("qwen3_moe", seed).save_pretrained(tmp_path)
-    probe = hf.load_offloaded(tmp_path)
+    probe = hf.load_offloaded(tmp_path, device="cpu")
     fixed = sum(p.nbytes for n, p in probe.model.named_parameters() if ".experts." not in n)
     probe.manager.close()
     with pytest.raises(ValueError, match="non-expert weights"):
-        hf.load_offloaded(tmp_path, ExpertOffloadConfig(gpu_budget_gb=fixed / 2 / 1e9))
+        hf.load_offloaded(tmp_path, ExpertOffloadConfig(gpu_budget_gb=fixed / 2 / 1e9),
+                          device="cpu")
     budget = fixed + 200_000
-    loaded = hf.load_offloaded(tmp_path, ExpertOffloadConfig(gpu_budget_gb=budget / 1e9))
+    loaded = hf.load_offloaded(tmp_path, ExpertOffloadConfig(gpu_budget_gb=budget / 1e9),
+                               device="cpu")
     with loaded.manager as manager:
         assert manager.split is not None
         assert manager.config.gpu_budget_gb * 1e9 <= budget - fixed + 1e-3
