@@ -2,10 +2,8 @@
 through load_offloaded): on real routing its predictions beat a random guess by a wide margin,
 and prefetching never changes the logits."""
 
-import importlib
 import inspect
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from transformers import DynamicCache  # noqa: E402
 
 from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.integrations import hf  # noqa: E402
+
+from helpers import use_reference_kernels  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = ROOT.parent / "shared" / "models" / "tiny-qwen3moe-bytes"
@@ -30,7 +30,6 @@ RESIDENT, SLOTS, TOKENS = 8, 8, 160
 MARGIN = 2.5
 """Lookahead's precision and recall must be at least this many times a random guess's. Measured
 here: ~4.7x (precision ~0.58 vs 0.12) and ~3.9x (recall ~0.65 vs 0.17)."""
-KERNEL_MODULES = ("fused_moe", "slot_plan", "slot_copy", "expert_ids")
 
 
 def decode(model, ids: bytes) -> torch.Tensor:
@@ -51,19 +50,12 @@ def runs():
     # The CPU runtime's own path: the plain-torch references (tested against the kernels in
     # their own tests). The Triton interpreter, conftest's CPU default, takes minutes per token.
     with pytest.MonkeyPatch.context() as patch:
-        for name in KERNEL_MODULES:
-            patch.setattr(importlib.import_module(f"moe_uvm.kernels.{name}"), "_INTERPRETED",
-                          False)
+        use_reference_kernels(patch)
         text = (ROOT / "moe_uvm" / "slots.py").read_bytes()[:TOKENS]
         config = ExpertOffloadConfig(num_resident=RESIDENT, prefetch="lookahead",
                                      prefetch_slots=SLOTS)
         loaded = hf.load_offloaded(MODEL, config, device="cpu")
-        # transformers looks for the `kernels` hub package, and from the checkout's root it
-        # imports our kernels/ folder under that name, whose custom ops then re-register over
-        # moe_uvm.kernels': patch that copy too.
-        for name in KERNEL_MODULES:
-            if f"kernels.{name}" in sys.modules:
-                patch.setattr(sys.modules[f"kernels.{name}"], "_INTERPRETED", False)
+        use_reference_kernels(patch)  # transformers may have imported a second kernels copy
         with_lookahead = decode(loaded.model, text)
         plain = hf.load_offloaded(MODEL, ExpertOffloadConfig(num_resident=RESIDENT), device="cpu")
         without = decode(plain.model, text)
