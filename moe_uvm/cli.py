@@ -18,6 +18,7 @@ from moe_uvm.tools.commands import (
     CLIError,
     bench_command,
     calibrate_command,
+    generate_command,
     info_command,
     plan_command,
     simulate_command,
@@ -227,6 +228,43 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(run=bench_command)
 
 
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser(
+        "generate", help="greedy generation with a whole Hugging Face MoE model",
+        description="Stream a local Hugging Face MoE checkpoint into managed memory (or build "
+        "random weights in place from its config.json), split --gpu-budget-gb with the "
+        "planner, and decode greedily; prints the tokens as they come and a report: tokens/s, "
+        "time to first token, peak device memory, hit rate, distinct experts per layer, PCIe "
+        "bytes per token, the split used.",
+    )
+    gen.add_argument("--model", required=True, help="checkpoint folder (safetensors + "
+                     "config.json; with --random-weights, config.json alone)")
+    gen.add_argument("--random-weights", type=int, metavar="SEED",
+                     help="build seeded random weights in place instead of reading them")
+    gen.add_argument("--gpu-budget-gb", type=positive_gb,
+                     help="all device memory for the model, non-expert weights included "
+                     "(default: everything on the GPU)")
+    gen.add_argument("--profile", help="routing profile (moe-uvm calibrate) for residency and "
+                     "the planner")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompts", help="prompts file: text lines or JSONL ({\"text\": ...} "
+                        "or {\"input_ids\": [...]})")
+    prompt.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                        help="N seeded random token ids per sequence (default when no prompt "
+                        "is given: 32)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--batch", type=int, default=1, help="sequences decoded together; "
+                     "with --prompt or random ids, the prompt is repeated this many times")
+    gen.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                     help="weights' dtype (auto: the checkpoint's; fp32 on CPU)")
+    gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="decode all --max-new-tokens (default with --random-weights)")
+    gen.add_argument("--json", help="also write the report and the tokens to this file")
+    gen.set_defaults(run=generate_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moe-uvm",
                      description="MoE expert offloading through CUDA managed memory.")
@@ -238,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _simulate_parser(sub)
     _plan_parser(sub)
     _bench_parser(sub)
+    _generate_parser(sub)
     return parser
 
 

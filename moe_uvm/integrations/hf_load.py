@@ -6,6 +6,7 @@ FusedMoE's weight_loader into the stores, everything else is materialised on the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -108,6 +109,57 @@ def checkpoint_files(path: Path) -> list[Path]:
     )
 
 
+class _Safetensors:
+    """Tensors of a safetensors checkpoint: headers first (no data read), then one shard at a
+    time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.files = path, checkpoint_files(path)
+
+    def headers(self) -> Iterator[tuple[Path, list[tuple[str, tuple[int, ...]]]]]:
+        for file in self.files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                yield file, [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+
+    @contextmanager
+    def open(self, file: Path) -> Iterator[Callable[[str], torch.Tensor]]:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f.get_tensor
+
+
+class _RandomWeights:
+    """Seeded random tensors in place of a checkpoint, named and shaped as the model's own state
+    dict (routed experts as fused 3-D tensors), built on `device` one tensor at a time: N(0,
+    initializer_range) for weights, ones for norm weights, zeros for biases. Each tensor's
+    values depend only on the seed and its name."""
+
+    def __init__(self, model: nn.Module, seed: int, device: torch.device, std: float) -> None:
+        self.model, self.seed, self.device, self.std = model, seed, device, std
+        self.shapes = {key: tuple(t.shape) for key, t in model.state_dict(keep_vars=True).items()}
+
+    def headers(self) -> Iterator[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+        yield "random", list(self.shapes.items())
+
+    @contextmanager
+    def open(self, _name: str) -> Iterator[Callable[[str], torch.Tensor]]:
+        yield self.tensor
+
+    def tensor(self, key: str) -> torch.Tensor:
+        shape = self.shapes[key]
+        if key.endswith("bias"):
+            return torch.zeros(shape, device=self.device)
+        parts = key.split(".")
+        if len(shape) == 1 and len(parts) > 1 and "norm" in parts[-2]:
+            return torch.ones(shape, device=self.device)
+        gen = torch.Generator(self.device)
+        gen.manual_seed(int.from_bytes(
+            hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest(), "little"
+        ) >> 1)
+        out = torch.empty(shape, device=self.device, dtype=torch.bfloat16
+                          if self.device.type == "cuda" else torch.float32)
+        return out.normal_(0.0, self.std, generator=gen)
+
+
 @dataclass
 class _Slot:
     """One non-expert tensor of the model and every (module, attribute) name sharing it."""
@@ -128,7 +180,7 @@ class _Plan:
     blocks: list[MoeBlock]
     materialize: Callable[[_Slot, torch.Tensor], None]
     slots: dict[str, _Slot] = field(default_factory=dict)
-    actions: list[tuple[Path, list[tuple[str, Callable[[torch.Tensor], None]]]]] = field(
+    actions: list[tuple[Path | str, list[tuple[str, Callable[[torch.Tensor], None]]]]] = field(
         default_factory=list
     )
     covered: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -160,15 +212,14 @@ class _Plan:
         model_ignores = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()
         self.ignored = [re.compile(p) for p in (*IGNORED_UNEXPECTED, *model_ignores)]
 
-    def add_file(self, file: Path) -> None:
+    def add_shard(self, name: Path | str, header: list[tuple[str, tuple[int, ...]]]) -> None:
         """Plan every tensor of one shard from its header (no tensor data is read)."""
         entries = []
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                action = self._resolve(key, tuple(f.get_slice(key).get_shape()))
-                if action is not None:
-                    entries.append((key, action))
-        self.actions.append((file, entries))
+        for key, shape in header:
+            action = self._resolve(key, shape)
+            if action is not None:
+                entries.append((key, action))
+        self.actions.append((name, entries))
 
     def _resolve(self, key: str, shape: tuple[int, ...]):
         name = key
@@ -359,6 +410,7 @@ def load_offloaded(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     dense_config: DenseOffloadConfig | None = None,
+    random_weights: int | None = None,
 ) -> LoadedModel:
     """Build the causal LM of a local transformers checkpoint without materialising its weights,
     put its routed experts in managed memory per `config`, and read the safetensors shards once:
@@ -367,12 +419,16 @@ def load_offloaded(
     the checkpoint config's dtype (fp32 if it names none). Everything the load puts on the GPU
     (stores, slot caches, counters, non-expert weights, the dense pool) is checked against its
     free memory and reserved before the first allocation, unless the config opts in to
-    oversubscription."""
+    oversubscription.
+
+    `random_weights=SEED`: the directory needs only config.json; every tensor is built in place
+    from the seed instead of read (N(0, initializer_range), norms 1, biases 0), the experts
+    straight into their stores, for benchmarks and demos of models too large to download."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a local checkpoint directory")
     config = config or ExpertOffloadConfig()
-    files = checkpoint_files(path)
+    source = None if random_weights is not None else _Safetensors(path)
     hf_config = AutoConfig.from_pretrained(path)
     family = family_of(hf_config.model_type)
     dtype = dtype or getattr(hf_config, "dtype", None) or torch.float32
@@ -394,8 +450,11 @@ def load_offloaded(
             (module._parameters if slot.is_param else module._buffers)[attr] = value
 
     plan = _Plan(model, family, blocks, materialize)
-    for file in files:
-        plan.add_file(file)
+    if source is None:
+        std = float(getattr(hf_config, "initializer_range", 0.02))
+        source = _RandomWeights(model, random_weights, device, std)
+    for name, header in source.headers():
+        plan.add_shard(name, header)
     plan.check(path)
     dense = None if dense_config is None else (layers, dense_config)
     config, split = _experts_share(plan, config, device, fp32, host_ids, dense)
@@ -407,10 +466,10 @@ def load_offloaded(
         try:
             # The initial advice prefetches on the manager's stream; let it finish first.
             manager.synchronize()
-            for file, entries in plan.actions:
-                with safe_open(file, framework="pt", device="cpu") as f:
+            for name, entries in plan.actions:
+                with source.open(name) as read:
                     for key, action in entries:
-                        action(f.get_tensor(key))
+                        action(read(key))
             for module in model.modules():
                 for attr in module._non_persistent_buffers_set:
                     if module._buffers.get(attr) is not None:

@@ -373,3 +373,83 @@ def _bench_simulation(cfg: BenchConfig, out: Path, reason: str) -> int:
     print(format_table(result["records"]))
     print(f"results in {out}: {path.name}")
     return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """`moe-uvm generate`: every input checked before the load, then load, decode, report."""
+    import torch
+
+    if args.max_new_tokens < 1 or args.batch < 1:
+        raise CLIError(f"--max-new-tokens and --batch must be >= 1, got {args.max_new_tokens} "
+                       f"and {args.batch}")
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        raise CLIError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"--model {model_dir}: no config.json there (give a local checkpoint "
+                       "folder; with --random-weights, a folder holding its config.json)")
+    if args.json is not None:
+        _output_file(args.json, "--json")
+    if args.profile is not None:
+        load_profile(args.profile)  # a bad profile is refused before anything is allocated
+    try:
+        from transformers import AutoConfig
+
+        from moe_uvm.config import ExpertOffloadConfig
+        from moe_uvm.generate import DTYPES, generate, load_model, prompt_ids
+    except ImportError as exc:
+        raise CLIError(f"generate needs the hf extra (pip install moe-uvm[hf]): {exc}") from None
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA GPU is usable here")
+    device = torch.device("cuda" if cuda else "cpu")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    dtype = DTYPES.get(args.dtype) or (None if cuda else torch.float32)
+    ids = prompt_ids(model_dir, prompt=args.prompt, prompts_file=args.prompts,
+                     prompt_tokens=args.prompt_tokens or 32, batch=args.batch,
+                     vocab_size=hf_config.vocab_size, seed=args.random_weights or 0)
+    config = ExpertOffloadConfig(
+        gpu_budget_gb=args.gpu_budget_gb,
+        resident_selection="profile" if args.profile else "first_n",
+        profile_path=args.profile,
+    )
+    free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
+    what = "random weights" if args.random_weights is not None else "checkpoint"
+    print(f"loading {model_dir} ({what}) onto {device}...", file=sys.stderr, flush=True)
+    loaded = load_model(model_dir, config, random_weights=args.random_weights, dtype=dtype,
+                        device=device)
+    try:
+        text = args.batch == 1 and args.prompt is not None
+        tokenizer = None
+        if text:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        shown, new = [0], []
+
+        def on_token(step: torch.Tensor) -> None:
+            new.append(step[0].item())
+            if tokenizer is not None:
+                so_far = tokenizer.decode(new)
+                sys.stdout.write(so_far[shown[0]:])
+                sys.stdout.flush()
+                shown[0] = len(so_far)
+            elif len(new) % 16 == 0 or len(new) == args.max_new_tokens:
+                print(f"\r{len(new)}/{args.max_new_tokens} tokens", end="", file=sys.stderr,
+                      flush=True)
+
+        if tokenizer is not None:
+            sys.stdout.write(args.prompt)
+        outputs, report = generate(
+            loaded, ids, max_new_tokens=args.max_new_tokens, batch=args.batch,
+            ignore_eos=args.ignore_eos or args.random_weights is not None, on_token=on_token,
+            free_before=free_before)
+        print(file=sys.stderr if tokenizer is None else sys.stdout)
+        for line in report.lines():
+            print(line)
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(
+                {"report": report.to_dict(), "prompts": ids, "new_tokens": outputs}) + "\n")
+            print(f"wrote {args.json}")
+    finally:
+        loaded.manager.close()
+    return 0

@@ -1,0 +1,306 @@
+"""Generate with a whole Hugging Face MoE model through moe-uvm: `moe-uvm generate` and the same
+from Python. The checkpoint is streamed into managed memory (`hf.load_offloaded`, or built in
+place from a seed with `random_weights`), the one knob `gpu_budget_gb` is split by the planner,
+and greedy decoding runs through transformers' `generate`. The report says what a run cost:
+decode tokens/s, time to first token, peak device memory (allocator peak + advised-resident
+managed bytes; the driver's figure beside it), hit rate, distinct experts per layer, PCIe bytes
+per token and the split used.
+
+Decode here is transformers' eager loop (dynamic KV cache, no CUDA graph); graph-captured decode
+with a static cache is the next step of this work (README, Known limits)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_uvm.config import ExpertOffloadConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class GenerateReport:
+    """What one `generate` call cost. Rates per token count every sequence of the batch.
+    `pcie_gb_per_token`: offloaded expert bytes read over PCIe (distinct experts per layer and
+    forward, less slot hits, prefill included) per generated token. `hit_rate`: share of those
+    expert reads served from HBM (resident or a slot). `distinct_experts_per_layer`: experts
+    used at least once per layer over the call."""
+
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    total_s: float
+    peak_device_gb: float
+    peak_allocator_gb: float
+    resident_gb: float
+    driver_used_gb: float | None
+    hit_rate: float
+    distinct_experts_per_layer: float
+    pcie_gb_per_token: float
+    split: dict | None
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        driver = ("" if self.driver_used_gb is None
+                  else f" (the driver: {self.driver_used_gb:.2f} GB)")
+        out = [
+            f"{self.new_tokens} new tokens x batch {self.batch} after a {self.prompt_tokens}-token "
+            f"prompt on {self.device}: decode {self.decode_tokens_per_s:.2f} tokens/s, time to "
+            f"first token {self.time_to_first_token_s * 1e3:.1f} ms, {self.total_s:.2f} s in all",
+            f"peak device memory {self.peak_device_gb:.2f} GB = allocator peak "
+            f"{self.peak_allocator_gb:.2f} + advised-resident managed {self.resident_gb:.2f}"
+            + driver,
+            f"experts: hit rate {self.hit_rate:.3f}, "
+            f"{self.distinct_experts_per_layer:.1f} distinct per layer, "
+            f"PCIe {self.pcie_gb_per_token * 1e3:.3g} MB per token",
+        ]
+        if self.split is not None:
+            s = self.split
+            slots = (f" + {s['slots']} slots ({s['eviction']} eviction, prefetch "
+                     f"{s['prefetch']})" if s["slots"] else ", no slots")
+            out.append(
+                f"split (planner): {sum(s['resident']) / len(s['resident']):.1f} resident experts "
+                f"per layer{slots}; predicted {s['tokens_per_s']:.1f} tokens/s for the MoE "
+                "layers alone")
+        out.extend(self.notes)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Clock:
+    """A transformers streamer that times the first new token and each step after it, and hands
+    each step's new token ids to `on_token`."""
+
+    def __init__(self, on_token: Callable[[torch.Tensor], None] | None) -> None:
+        self.on_token, self.start, self.first, self.last, self.steps = on_token, 0.0, None, 0.0, 0
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() hands the prompt over first
+            self._prompt_seen = True
+            return
+        if value.device.type == "cuda":
+            torch.cuda.synchronize(value.device)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last, self.steps = now, self.steps + 1
+        if self.on_token is not None:
+            self.on_token(value.reshape(-1))
+
+    def end(self) -> None:
+        pass
+
+
+def load_model(
+    model: str | Path,
+    config: ExpertOffloadConfig | None = None,
+    *,
+    random_weights: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
+    """`hf.load_offloaded` for generation: a local checkpoint, or with `random_weights=SEED`
+    a folder holding only config.json (weights built in place)."""
+    from moe_uvm.integrations import hf
+
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (give a local checkpoint folder)")
+    return hf.load_offloaded(path, config, dtype=dtype, device=device,
+                             random_weights=random_weights)
+
+
+def prompt_ids(
+    model_dir: str | Path,
+    *,
+    prompt: str | None = None,
+    prompts_file: str | Path | None = None,
+    prompt_tokens: int = 32,
+    batch: int = 1,
+    vocab_size: int,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Token ids of `batch` prompts: the text prompt (repeated), the lines of a prompts file
+    (text needs the checkpoint's tokenizer; JSONL input_ids do not), or `prompt_tokens` seeded
+    random ids per sequence (benchmarks on random weights)."""
+    from moe_uvm.integrations.hf_calibrate import _tokenizer, read_prompts
+
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if prompt is not None and prompts_file is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    if prompts_file is not None:
+        items = [item for _, item in read_prompts(prompts_file)]
+        where = Path(prompts_file)
+    elif prompt is not None:
+        items, where = [prompt] * batch, Path("--prompt")
+    else:
+        if prompt_tokens < 1:
+            raise ValueError(f"prompt tokens must be >= 1, got {prompt_tokens}")
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, vocab_size, (batch, prompt_tokens)).tolist()
+    tokenizer = None
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            tokenizer = tokenizer or _tokenizer(Path(model_dir), where, 1)
+            item = tokenizer.encode(item)
+        if not item:
+            raise ValueError(f"{where}: a prompt has no tokens")
+        bad = [i for i in item if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        out.append(list(item))
+    return out
+
+
+def _batches(ids: list[list[int]], batch: int, pad: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Left-padded (input_ids, attention_mask) batches of at most `batch` prompts."""
+    out = []
+    for start in range(0, len(ids), batch):
+        group = ids[start:start + batch]
+        width = max(len(p) for p in group)
+        tokens = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, p in enumerate(group):
+            tokens[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out.append((tokens, mask))
+    return out
+
+
+class _ReadCounter:
+    """Counts, on the device and without a host sync, the distinct experts each layer reads per
+    forward (a decode step, or a whole prefill chunk): from HBM when resident (as advised when
+    the count started), else over PCIe, less the slot cache's hits. Wraps each layer's routing
+    hook for the duration of a `with` block."""
+
+    def __init__(self, manager) -> None:
+        self.manager, self.layers = manager, list(manager.layers)
+        E = self.layers[0].num_experts
+        device = self.layers[0].w13_weight.device
+        self.resident = torch.zeros(len(self.layers), E + 1, dtype=torch.bool, device=device)
+        for layer in range(len(self.layers)):
+            self.resident[layer, list(manager.resident_ids(layer))] = True
+        self.hbm = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
+        self.offloaded = torch.zeros_like(self.hbm)
+        self.seen = torch.zeros(len(self.layers), E + 1, dtype=torch.bool, device=device)
+        self._saved: list = []
+
+    def _hook(self, layer: int, inner):
+        E = self.resident.shape[1] - 1
+
+        def record(topk_ids: torch.Tensor) -> None:
+            used = torch.zeros(E + 1, dtype=torch.bool, device=topk_ids.device)
+            used[topk_ids.reshape(-1).long().where(topk_ids.reshape(-1) >= 0, E)] = True
+            used[E] = False
+            self.hbm[layer] += (used & self.resident[layer]).sum()
+            self.offloaded[layer] += (used & ~self.resident[layer]).sum()
+            self.seen[layer] |= used
+            if inner is not None:
+                inner(topk_ids)
+
+        return record
+
+    def __enter__(self) -> _ReadCounter:
+        self._saved = [m.record_routing for m in self.layers]
+        for index, module in enumerate(self.layers):
+            module.record_routing = self._hook(index, module.record_routing)
+        if self.manager.slot_cache is not None:
+            self.manager.slot_cache.stats.reset()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, saved in zip(self.layers, self._saved, strict=True):
+            module.record_routing = saved
+
+    def totals(self) -> dict[str, float]:
+        """hbm / pcie: expert reads over all layers and forwards; distinct: experts used per
+        layer over the whole count (a host sync)."""
+        hbm, offloaded = int(self.hbm.sum()), int(self.offloaded.sum())
+        hits = 0
+        if self.manager.slot_cache is not None:
+            hits = int(self.manager.slot_cache.stats.summary()["slot_hits"])
+        return {"hbm": hbm + hits, "pcie": offloaded - hits,
+                "distinct": float(self.seen.sum(1).float().mean())}
+
+
+def generate(
+    loaded,
+    ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    batch: int = 1,
+    ignore_eos: bool = False,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    free_before: int | None = None,
+) -> tuple[list[list[int]], GenerateReport]:
+    """Greedy generation of `max_new_tokens` after each prompt of `ids`, `batch` prompts at a
+    time (left-padded), through `loaded` (from `load_model`). Returns the new tokens of every
+    prompt and the report of the whole call (times summed over batches). `ignore_eos` keeps
+    going past end-of-sequence (benchmarks); `on_token` gets each step's new ids;
+    `free_before`: the GPU's free bytes before the load, for the driver's figure."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    model, manager = loaded.model, loaded.manager
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    cfg = model.config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    outputs, first, decode_s, steps, started = [], 0.0, 0.0, 0, time.perf_counter()
+    extra = {"eos_token_id": None} if ignore_eos else {}
+    with _ReadCounter(manager) as counter:
+        for tokens, mask in _batches([list(p) for p in ids], batch, pad):
+            clock = _Clock(on_token)
+            clock.start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     streamer=clock, pad_token_id=pad, **extra)
+            first += (clock.first or clock.start) - clock.start
+            decode_s += clock.last - (clock.first or clock.last)
+            steps += max(clock.steps - 1, 0) * tokens.shape[0]
+            outputs.extend(out[:, tokens.shape[1]:].tolist())
+    total = time.perf_counter() - started
+    new_tokens = sum(len(o) for o in outputs)
+    blocks = max(1, -(-len(ids) // batch))
+    reads = counter.totals()
+    layer = manager.layers[0]
+    nbytes = (layer.w13_weight[0].nbytes + layer.w2_weight[0].nbytes) if manager.layers else 0
+    allocator = torch.cuda.max_memory_allocated(device) if cuda else 0
+    resident = manager.resident_bytes() if cuda else 0
+    driver = None
+    if cuda and free_before is not None:
+        driver = (free_before - torch.cuda.mem_get_info(device)[0]) / 1e9
+    report = GenerateReport(
+        batch=batch, prompt_tokens=max(len(p) for p in ids), new_tokens=new_tokens // len(ids),
+        time_to_first_token_s=first / blocks,
+        decode_tokens_per_s=steps / decode_s if decode_s > 0 else float("nan"),
+        total_s=total, peak_device_gb=(allocator + resident) / 1e9,
+        peak_allocator_gb=allocator / 1e9, resident_gb=resident / 1e9, driver_used_gb=driver,
+        hit_rate=reads["hbm"] / max(reads["hbm"] + reads["pcie"], 1),
+        distinct_experts_per_layer=reads["distinct"],
+        pcie_gb_per_token=reads["pcie"] * nbytes / max(new_tokens, 1) / 1e9,
+        split=None if manager.split is None else manager.split.to_dict(),
+        device=torch.cuda.get_device_name(device) if cuda else "cpu",
+    )
+    if not cuda:
+        report.notes.append("CPU: experts stay in host memory; timings are not the GPU's and "
+                            "nothing crosses PCIe (the counts are what a GPU run would read)")
+    return outputs, report
+

@@ -1,0 +1,123 @@
+"""Whole-model generation (moe_uvm.generate, `moe-uvm generate`) on CPU: random weights built in
+place are deterministic and load for every family; greedy tokens do not depend on the budget's
+split; on the trained tiny checkpoint they equal transformers' own fp32 greedy tokens."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from moe_uvm.cli import main  # noqa: E402
+from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
+from moe_uvm.generate import generate, load_model, prompt_ids  # noqa: E402
+
+from helpers import FAMILY_CONFIGS, tiny_model, use_reference_kernels  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ROOT.parent / "shared" / "models" / "tiny-qwen3moe-bytes"
+needs_tiny = pytest.mark.skipif(not (TINY / "config.json").is_file(),
+                                reason=f"the trained tiny checkpoint is not here ({TINY})")
+
+
+def saved_config(family, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"{family}-config")
+    tiny_model(family, 0).config.save_pretrained(path)
+    assert not list(path.glob("*.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
+def config_dir(request, tmp_path_factory):
+    return saved_config(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "deepseek_v3"])
+def some_config_dir(request, tmp_path_factory):
+    """Two families for the slower decode tests: plain routed experts, and shared experts with
+    grouped routing."""
+    return saved_config(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen_config_dir(tmp_path_factory):
+    return saved_config("qwen3_moe", tmp_path_factory)
+
+
+def test_random_weights_are_built_in_place_and_deterministic(config_dir):
+    ids = torch.randint(0, 64, (1, 7))
+    logits = []
+    for _ in range(2):
+        loaded = load_model(config_dir, random_weights=5, device="cpu", dtype=torch.float32)
+        with torch.no_grad():
+            logits.append(loaded.model(ids).logits)
+        loaded.manager.close()
+    assert torch.equal(logits[0], logits[1])
+    assert torch.isfinite(logits[0]).all() and logits[0].std() > 0
+    other = load_model(config_dir, random_weights=6, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        assert not torch.equal(other.model(ids).logits, logits[0])
+    other.manager.close()
+
+
+def test_tokens_do_not_depend_on_the_split(some_config_dir):
+    """A budget of one resident expert's worth against everything resident: same tokens, and
+    the report counts expert reads."""
+    config_dir = some_config_dir
+    ids = prompt_ids(config_dir, prompt_tokens=9, batch=2, vocab_size=64, seed=1)
+    runs = []
+    for config in (ExpertOffloadConfig(), ExpertOffloadConfig(num_resident=1, prefetch_slots=1)):
+        loaded = load_model(config_dir, config, random_weights=2, device="cpu",
+                            dtype=torch.float32)
+        out, report = generate(loaded, ids, max_new_tokens=6, batch=2, ignore_eos=True)
+        loaded.manager.close()
+        runs.append((out, report))
+    (full, all_in), (split, some) = runs
+    assert full == split and all(len(o) == 6 for o in full)
+    assert all_in.hit_rate == 1.0 and all_in.pcie_gb_per_token == 0
+    assert 0 <= some.hit_rate < 1 and some.pcie_gb_per_token > 0
+    assert some.new_tokens == 6 and some.batch == 2 and some.distinct_experts_per_layer >= 1
+
+
+@needs_tiny
+def test_tiny_checkpoint_generates_transformers_greedy_tokens(tmp_path, capsys, monkeypatch):
+    prompt = "def forward(self, x):\n"
+    ref = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    use_reference_kernels(monkeypatch)
+    ids = list(prompt.encode())
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    want = want[0, len(ids):].tolist()
+    out = tmp_path / "g.json"
+    code = main(["generate", "--model", str(TINY), "--prompt", prompt, "--max-new-tokens", "24",
+                 "--gpu-budget-gb", "0.01", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["prompts"] == [ids] and result["new_tokens"][0] == want
+    shown = capsys.readouterr().out
+    assert shown.startswith(prompt + bytes(want).decode())  # streamed as they came
+    assert "tokens/s" in shown and "split (planner)" in shown
+    assert result["report"]["split"] is not None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{tmp}"], "no config.json"),
+    (["--model", "{cfg}", "--batch", "0"], "--batch must be >= 1"),
+    (["--model", "{cfg}", "--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
+    (["--model", "{cfg}", "--prompt", "hi", "--prompts", "p.txt"], "not allowed with"),
+    (["--model", "{cfg}", "--profile", "{tmp}/missing.json"], "missing.json"),
+    (["--model", "{cfg}", "--prompt", "hi", "--device", "cpu"], "no tokenizer"),
+])
+def test_generate_command_refuses_bad_input_before_loading(argv, message, tmp_path, capsys,
+                                                           qwen_config_dir):
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{cfg}", str(qwen_config_dir))
+            for a in argv]
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "loading" not in err
