@@ -261,6 +261,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="decode all --max-new-tokens (default with --random-weights)")
+    gen.add_argument("--decode", choices=("static", "hf"), default="static",
+                     help="static: static KV cache, chunked prefill, the decode step in a CUDA "
+                     "graph on a GPU (default); hf: transformers' own generate loop (eager)")
+    gen.add_argument("--no-graphs", action="store_true",
+                     help="with --decode static: run the decode steps eagerly")
+    gen.add_argument("--prefill-chunk", type=int, default=512,
+                     help="prompt tokens per prefill forward (default 512)")
     gen.add_argument("--json", help="also write the report and the tokens to this file")
     gen.set_defaults(run=generate_command)
 

@@ -22,6 +22,18 @@ import torch
 from moe_uvm.config import ExpertOffloadConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DECODES = ("static", "hf")
+
+
+def _until(tokens: list[int], eos: int | list[int] | None) -> list[int]:
+    """`tokens` up to and including the first end-of-sequence token."""
+    if eos is None:
+        return tokens
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:index + 1]
+    return tokens
 
 
 @dataclass
@@ -47,6 +59,7 @@ class GenerateReport:
     pcie_gb_per_token: float
     split: dict | None
     device: str
+    decode: str = ""
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -55,7 +68,8 @@ class GenerateReport:
         out = [
             f"{self.new_tokens} new tokens x batch {self.batch} after a {self.prompt_tokens}-token "
             f"prompt on {self.device}: decode {self.decode_tokens_per_s:.2f} tokens/s, time to "
-            f"first token {self.time_to_first_token_s * 1e3:.1f} ms, {self.total_s:.2f} s in all",
+            f"first token {self.time_to_first_token_s * 1e3:.1f} ms, {self.total_s:.2f} s in all "
+            f"({self.decode})",
             f"peak device memory {self.peak_device_gb:.2f} GB = allocator peak "
             f"{self.peak_allocator_gb:.2f} + advised-resident managed {self.resident_gb:.2f}"
             + driver,
@@ -246,14 +260,23 @@ def generate(
     ignore_eos: bool = False,
     on_token: Callable[[torch.Tensor], None] | None = None,
     free_before: int | None = None,
+    decode: str = "static",
+    graphs: bool | None = None,
+    prefill_chunk: int = 512,
 ) -> tuple[list[list[int]], GenerateReport]:
     """Greedy generation of `max_new_tokens` after each prompt of `ids`, `batch` prompts at a
     time (left-padded), through `loaded` (from `load_model`). Returns the new tokens of every
     prompt and the report of the whole call (times summed over batches). `ignore_eos` keeps
     going past end-of-sequence (benchmarks); `on_token` gets each step's new ids;
-    `free_before`: the GPU's free bytes before the load, for the driver's figure."""
+    `free_before`: the GPU's free bytes before the load, for the driver's figure.
+    `decode`: "static" (moe_uvm.decode.StaticDecoder: static KV cache, the prompt prefilled in
+    chunks of `prefill_chunk` tokens, the step in a CUDA graph per batch size on CUDA unless
+    `graphs=False`; it stops at end-of-sequence only in what it returns) or "hf" (transformers'
+    own `generate` loop, eager, dynamic cache)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     model, manager = loaded.model, loaded.manager
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     cfg = model.config
@@ -264,8 +287,24 @@ def generate(
         torch.cuda.reset_peak_memory_stats(device)
     outputs, first, decode_s, steps, started = [], 0.0, 0.0, 0, time.perf_counter()
     extra = {"eos_token_id": None} if ignore_eos else {}
+    decoder = None
+    if decode == "static":
+        from moe_uvm.decode import StaticDecoder
+
+        decoder = StaticDecoder(model, max_len=max(len(p) for p in ids) + max_new_tokens,
+                                prefill_chunk=prefill_chunk, graphs=graphs)
     with _ReadCounter(manager) as counter:
         for tokens, mask in _batches([list(p) for p in ids], batch, pad):
+            if decoder is not None:
+                new = decoder.generate(tokens, mask, max_new_tokens=max_new_tokens,
+                                       on_token=on_token).tolist()
+                start, first_at, end = decoder.times
+                first += first_at - start
+                decode_s += end - first_at
+                steps += (max_new_tokens - 1) * tokens.shape[0]
+                eos = None if ignore_eos else cfg.eos_token_id
+                outputs.extend(_until(row, eos) for row in new)
+                continue
             clock = _Clock(on_token)
             clock.start = time.perf_counter()
             with torch.no_grad():
@@ -277,7 +316,9 @@ def generate(
             steps += max(clock.steps - 1, 0) * tokens.shape[0]
             outputs.extend(out[:, tokens.shape[1]:].tolist())
     total = time.perf_counter() - started
-    new_tokens = sum(len(o) for o in outputs)
+    # Tokens computed: the static decoder always runs max_new_tokens steps.
+    new_tokens = (max_new_tokens * len(ids) if decoder is not None
+                  else sum(len(o) for o in outputs))
     blocks = max(1, -(-len(ids) // batch))
     reads = counter.totals()
     layer = manager.layers[0]
@@ -297,6 +338,8 @@ def generate(
         distinct_experts_per_layer=reads["distinct"],
         pcie_gb_per_token=reads["pcie"] * nbytes / max(new_tokens, 1) / 1e9,
         split=None if manager.split is None else manager.split.to_dict(),
+        decode=("transformers generate (eager)" if decoder is None else
+                f"static cache, {'CUDA graph' if decoder.graphs else 'eager'} steps"),
         device=torch.cuda.get_device_name(device) if cuda else "cpu",
     )
     if not cuda:

@@ -382,6 +382,10 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.batch < 1:
         raise CLIError(f"--max-new-tokens and --batch must be >= 1, got {args.max_new_tokens} "
                        f"and {args.batch}")
+    if args.prefill_chunk < 1:
+        raise CLIError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if args.no_graphs and args.decode != "static":
+        raise CLIError("--no-graphs goes with --decode static")
     if args.prompt_tokens is not None and args.prompt_tokens < 1:
         raise CLIError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
     model_dir = Path(args.model)
@@ -442,7 +446,8 @@ def generate_command(args: argparse.Namespace) -> int:
         outputs, report = generate(
             loaded, ids, max_new_tokens=args.max_new_tokens, batch=args.batch,
             ignore_eos=args.ignore_eos or args.random_weights is not None, on_token=on_token,
-            free_before=free_before)
+            free_before=free_before, decode=args.decode,
+            graphs=False if args.no_graphs else None, prefill_chunk=args.prefill_chunk)
         print(file=sys.stderr if tokenizer is None else sys.stdout)
         for line in report.lines():
             print(line)
