@@ -54,14 +54,20 @@ class Costs:
     kernel_hbm_gbps: float = 3000.0
     launch_us: float = 12.0
     source: str = "defaults (H200, measured 2026-11-30)"
+    dense_us_per_layer: float = 30.0
+    """Whole-model decode only: fixed time per decoder layer for attention, norms and router
+    (launches and small kernels), besides reading their weights. An estimate until a
+    whole-model run on the machine measures it."""
 
     def __post_init__(self) -> None:
         for name in ("hbm_gbps", "read_through_gbps", "kernel_hbm_gbps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Costs.{name} must be a finite number > 0 GB/s, got {value}")
-        if not (math.isfinite(self.launch_us) and self.launch_us >= 0):
-            raise ValueError(f"Costs.launch_us must be >= 0, got {self.launch_us}")
+        for name in ("launch_us", "dense_us_per_layer"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Costs.{name} must be >= 0, got {value}")
 
     def step_ms(self, layers: int, hbm_bytes: float, pcie_bytes: float, batch: int = 1) -> float:
         """Predicted step time: launches plus the kernels' HBM and PCIe reads, summed at batch 1
@@ -72,6 +78,14 @@ class Costs:
         hbm = hbm_bytes / (self.kernel_hbm_gbps * 1e6)
         pcie = pcie_bytes / (self.read_through_gbps * 1e6)
         return layers * self.launch_us * 1e-3 + (hbm + pcie if batch == 1 else max(hbm, pcie))
+
+    def dense_step_ms(self, num_layers: int, read_bytes: float, kv_bytes: float) -> float:
+        """Predicted time of everything but the routed experts in one decode step: the
+        non-expert weights it reads (attention, shared experts, routers, the output head) at
+        the kernel's HBM rate, the KV cache it reads at the HBM read bandwidth, and the fixed
+        time per decoder layer."""
+        return (num_layers * self.dense_us_per_layer * 1e-3
+                + read_bytes / (self.kernel_hbm_gbps * 1e6) + kv_bytes / (self.hbm_gbps * 1e6))
 
     def floor_ms(self, hbm_bytes: float, pcie_bytes: float) -> float:
         """The floor: resident bytes / HBM read + offloaded bytes / read-through."""

@@ -169,9 +169,14 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--gpu-budget-gb", required=True, type=positive_gb,
                       help="GPU memory moe-uvm may allocate for the model, GB (1e9 bytes), a "
                       "number > 0")
-    plan.add_argument("--fixed-gb", type=float, default=0.0,
+    plan.add_argument("--fixed-gb", type=float, default=None,
                       help="of the budget, GB taken by non-expert weights and workspaces "
-                      "(default 0: experts only, as in `moe-uvm bench`)")
+                      "(default: with --model, its non-expert weights + the KV cache; else 0, "
+                      "experts only, as in `moe-uvm bench`)")
+    plan.add_argument("--model", help="a Hugging Face checkpoint folder (config.json is "
+                      "enough): expert size, fixed parts and whole-model decode time from it")
+    plan.add_argument("--context", type=int, default=512,
+                      help="with --model: tokens in the KV cache per sequence (default 512)")
     plan.add_argument("--batch", type=int, default=1, help="decode batch (default 1)")
     plan.add_argument("--min-per-layer", type=int, default=0,
                       help="with --profile: experts every layer keeps resident in the static "

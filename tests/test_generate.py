@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from moe_uvm.cli import main  # noqa: E402
 from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.generate import generate, load_model, prompt_ids  # noqa: E402
+from moe_uvm.integrations.hf_blocks import find_moe_blocks  # noqa: E402
 
 from helpers import FAMILY_CONFIGS, tiny_model, use_reference_kernels  # noqa: E402
 
@@ -121,3 +122,32 @@ def test_generate_command_refuses_bad_input_before_loading(argv, message, tmp_pa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert "loading" not in err
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_describe_measures_a_config_without_weights(family, tmp_path):
+    from moe_uvm.integrations.hf_shape import describe
+
+    model = tiny_model(family, 0)
+    model.config.save_pretrained(tmp_path)
+    info = describe(tmp_path, torch.float32)
+    routed = {id(p) for n, p in model.named_parameters()
+              if ".experts." in n and "shared" not in n}
+    params = {id(p): p for p in model.parameters()}
+    assert info.non_expert_bytes == sum(p.numel() * 4 for i, p in params.items()
+                                        if i not in routed)
+    assert info.shape.num_layers == model.config.num_hidden_layers
+    assert info.shape.num_moe_layers == len(find_moe_blocks(model))  # DeepSeek: first dense
+    assert info.kv_bytes_per_token > 0 and info.step_read_bytes <= info.non_expert_bytes
+
+
+def test_plan_predicts_whole_model_decode_from_a_config(qwen_config_dir, capsys):
+    assert main(["plan", "--model", str(qwen_config_dir), "--gpu-budget-gb", "0.01",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    whole = result["whole_model"]
+    assert whole["step_ms"] > result["auto"]["model_step_ms"] > 0
+    assert result["fixed_gb"] == pytest.approx(whole["non_expert_gb"] + whole["kv_cache_gb"])
+    assert main(["plan", "--model", str(qwen_config_dir), "--model-shape", "mixtral-8x7b",
+                 "--gpu-budget-gb", "1"]) == 2
+    assert "--model sets the expert size" in capsys.readouterr().err

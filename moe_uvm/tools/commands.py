@@ -204,8 +204,24 @@ def plan_command(args: argparse.Namespace) -> int:
         trace_from_profile,
     )
 
-    if args.batch < 1:
-        raise CLIError(f"--batch must be >= 1, got {args.batch}")
+    if args.batch < 1 or args.context < 1:
+        raise CLIError(f"--batch and --context must be >= 1, got {args.batch} and "
+                       f"{args.context}")
+    info = None
+    if args.model is not None:
+        if args.model_shape is not None or args.hidden_size is not None:
+            raise CLIError("--model sets the expert size: it cannot go with --model-shape or "
+                           "explicit sizes")
+        try:
+            from moe_uvm.integrations.hf_shape import describe
+        except ImportError as exc:
+            raise CLIError(f"--model needs the hf extra (pip install moe-uvm[hf]): {exc}") \
+                from None
+        info = describe(args.model)
+        kv = info.kv_bytes_per_token * args.batch * args.context
+        if args.fixed_gb is None:
+            args.fixed_gb = (info.non_expert_bytes + kv) / 1e9
+    args.fixed_gb = args.fixed_gb or 0.0
     if not 0 <= args.fixed_gb < args.gpu_budget_gb:
         raise CLIError(f"--fixed-gb must be >= 0 and below --gpu-budget-gb "
                        f"({args.gpu_budget_gb:g}), got {args.fixed_gb:g}")
@@ -213,7 +229,7 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.profile is not None:
         profile = load_profile(args.profile)
         L, E, k = profile.num_layers, profile.num_experts, profile.top_k
-        shape = _model_shape(args, L, E, k)
+        shape = info.shape if info is not None else _model_shape(args, L, E, k)
         if shape is None:
             raise CLIError("plan needs the expert size: --model-shape NAME, or --hidden-size "
                            "and --moe-intermediate-size")
@@ -229,7 +245,8 @@ def plan_command(args: argparse.Namespace) -> int:
     else:
         name = args.trace or LONG_NAME
         routing = load_trace(name)
-        shape = _model_shape(args, routing.num_layers, routing.num_experts, routing.top_k)
+        shape = (info.shape if info is not None else
+                 _model_shape(args, routing.num_layers, routing.num_experts, routing.top_k))
         shape = shape or ModelShape.from_name("qwen3-30b-a3b")
         model_layers = shape.num_moe_layers
         if (shape.num_experts, shape.top_k) != (routing.num_experts, routing.top_k):
@@ -261,6 +278,14 @@ def plan_command(args: argparse.Namespace) -> int:
                        "model_pcie_bytes_per_token": best.pcie_bytes_per_token * scale,
                        "model_floor_ms": best.floor_ms * scale},
               "candidates": [c.to_dict() for c in candidates]}
+    if info is not None:
+        kv = info.kv_bytes_per_token * args.batch * args.context
+        dense_ms = costs.dense_step_ms(shape.num_layers, info.step_read_bytes, kv)
+        whole = step_ms + dense_ms
+        result["whole_model"] = {
+            "dense_step_ms": dense_ms, "step_ms": whole, "tokens_per_s": args.batch / whole * 1e3,
+            "non_expert_gb": info.non_expert_bytes / 1e9, "kv_cache_gb": kv / 1e9,
+            "context": args.context, "layers": shape.num_layers}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -283,9 +308,18 @@ def plan_command(args: argparse.Namespace) -> int:
           f"PCIe {auto['model_pcie_bytes_per_token'] / 1e6:.1f} MB per token, hit rate "
           f"{best.hit_rate:.3f}; floor {auto['model_floor_ms']:.2f} ms (resident bytes / HBM "
           "read + offloaded bytes / read-through)")
+    if info is not None:
+        w = result["whole_model"]
+        print(f"  whole model ({shape.num_layers} layers, {args.context}-token context): "
+              f"{w['tokens_per_s']:.1f} tokens/s predicted ({w['step_ms']:.2f} ms per step = "
+              f"{step_ms:.2f} experts + {w['dense_step_ms']:.2f} attention, shared weights, KV "
+              f"cache and output head); fixed parts {w['non_expert_gb']:.2f} GB weights + "
+              f"{w['kv_cache_gb']:.2f} GB KV cache")
     print(f"  costs: {costs.source}: HBM {costs.hbm_gbps:.0f} GB/s, read-through "
           f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s, "
-          f"{costs.launch_us:.1f} us per layer")
+          f"{costs.launch_us:.1f} us per layer"
+          + (f"; attention etc. {costs.dense_us_per_layer:.0f} us per decoder layer (an "
+             "estimate until measured)" if info is not None else ""))
     return 0
 
 

@@ -1,0 +1,79 @@
+"""What a Hugging Face MoE checkpoint's config implies for planning, without loading a weight:
+the routed experts' shape, the bytes of everything else, and the KV cache per token. The model
+is built on the meta device (no memory) and measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_uvm.integrations.hf_blocks import family_of, find_moe_blocks
+from moe_uvm.integrations.hf_load import parameters_on_meta
+from moe_uvm.presets import ModelShape
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """shape: the routed experts (ModelShape); non_expert_bytes: every other weight on the
+    device; embedding_bytes: the input embedding among them (a decode step reads only its rows,
+    unless it is tied to the output head); kv_bytes_per_token: the KV cache of one token over
+    all layers."""
+
+    shape: ModelShape
+    non_expert_bytes: int
+    embedding_bytes: int
+    kv_bytes_per_token: int
+
+    @property
+    def step_read_bytes(self) -> int:
+        """Non-expert bytes one decode step reads: all but an untied input embedding."""
+        return self.non_expert_bytes - self.embedding_bytes
+
+
+def kv_bytes_per_token(config, num_layers: int, dtype: torch.dtype) -> int:
+    """K and V of one token over `num_layers` layers, as transformers caches them: with MLA
+    (DeepSeek) the decompressed per-head keys (nope + rope dims) and values."""
+    size = torch.empty((), dtype=dtype).element_size()
+    heads = config.num_attention_heads
+    if getattr(config, "kv_lora_rank", None):
+        k = heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+        v = heads * config.v_head_dim
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        k = v = getattr(config, "num_key_value_heads", heads) * head_dim
+    return (k + v) * num_layers * size
+
+
+def describe(model_dir: str | Path, dtype: torch.dtype | None = None) -> ModelInfo:
+    """The ModelInfo of the checkpoint (or bare config.json) in `model_dir`, at `dtype` (default
+    the config's, bf16 if it names none)."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (give a local checkpoint folder)")
+    config = AutoConfig.from_pretrained(path)
+    family_of(config.model_type)  # an unsupported model is refused by name
+    dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks = find_moe_blocks(model)
+    E, H, I = blocks[0].shape
+    experts = {id(p) for b in blocks for p in b.module.experts.parameters()}
+    size = torch.empty((), dtype=dtype).element_size()
+    params = {id(p): p for p in model.parameters()}  # tied weights once
+    non_expert = sum(p.numel() for i, p in params.items() if i not in experts) * size
+    embed = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embed
+    top_k = (getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", None)
+             or getattr(config, "moe_topk", None))
+    layers = config.num_hidden_layers
+    shared = getattr(config, "n_shared_experts", None) or 0
+    shape = ModelShape(f"{config.model_type} ({path.name})", layers, len(blocks), E, top_k, H, I,
+                       shared, size)
+    return ModelInfo(shape, non_expert, 0 if tied else embed.numel() * size,
+                     kv_bytes_per_token(config, layers, dtype))
