@@ -14,7 +14,7 @@ the JSON and is skipped when the JSON already has it, so a sweep can span sessio
 
     python benchmarks/generate.py --model-shape qwen3-30b-a3b [--layers 48] [--budgets 25,50,75,100]
         [--batches 1,16] [--methods moe-uvm,uva,hf-eager,accelerate] [--new-tokens 64]
-        [--prompt-tokens 32] [--out benchmarks/results/h200/generate.json]
+        [--prompt-tokens 32] [--trace T.npz] [--out benchmarks/results/h200/generate.json]
     python benchmarks/generate.py --tiny      # CPU smoke run of the harness on a tiny config
 """
 
@@ -91,9 +91,14 @@ def run_one(spec: dict) -> dict:
             config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, prefetch_slots=0)
         loaded = load_model(model_dir, config, random_weights=SEED,
                             dtype=None if cuda else torch.float32, device=device)
+        trace = None
+        if spec.get("trace"):
+            from moe_uvm.trace import load_trace
+
+            trace = load_trace(spec["trace"])
         tokens, report = generate(loaded, ids, max_new_tokens=spec["new_tokens"],
                                   batch=spec["batch"], ignore_eos=True,
-                                  free_before=free_before)
+                                  free_before=free_before, routing_trace=trace)
         loaded.manager.close()
         record.update(report.to_dict(), tokens=tokens)
         return record
@@ -144,7 +149,7 @@ def run_one(spec: dict) -> dict:
 
 def key(record: dict) -> tuple:
     return (record["shape"], record["layers"], record["method"], record["budget"],
-            record["batch"], record["new_tokens"], record["prompt_tokens"])
+            record["batch"], record["new_tokens"], record["prompt_tokens"], record.get("trace"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("benchmarks/results/generate.json"))
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--trace", help="routing trace (.npz) replacing the routers' choices "
+                        "(moe-uvm and uva only; speed and expert reads, not quality)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a run's spec, in a child process
     args = parser.parse_args(argv)
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for budget in (int(b) for b in args.budgets.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for method in args.methods.split(","):
+                if args.trace and method not in ("moe-uvm", "uva"):
+                    continue  # only moe-uvm's expert modules can take trace routing
                 if method == "hf-eager" and budget != 100:
                     continue  # all on the GPU: the 100% row only
                 if method == "accelerate" and (budget != 50 and not args.tiny):
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 new = 8 if method == "accelerate" and not args.tiny else args.new_tokens
                 spec = dict(shape=args.model_shape, layers=args.layers, method=method,
                             budget=budget, batch=batch, new_tokens=new,
-                            prompt_tokens=args.prompt_tokens, model_dir=str(model_dir))
+                            prompt_tokens=args.prompt_tokens, model_dir=str(model_dir),
+                            trace=args.trace)
                 if key(spec) in done:
                     print(f"have {method} {budget}% batch {batch}")
                     continue

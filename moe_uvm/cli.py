@@ -273,6 +273,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="with --decode static: run the decode steps eagerly")
     gen.add_argument("--prefill-chunk", type=int, default=512,
                      help="prompt tokens per prefill forward (default 512)")
+    gen.add_argument("--routing-trace", metavar="T.npz",
+                     help="benchmarks: replace the routers' expert choices with this trace's "
+                     "(same experts and top-k; its layers repeat over the model's), to measure "
+                     "speed and expert reads with realistic routing on random weights; the "
+                     "tokens are then meaningless")
     gen.add_argument("--json", help="also write the report and the tokens to this file")
     gen.set_defaults(run=generate_command)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,18 @@ def _batches(ids: list[list[int]], batch: int, pad: int) -> list[tuple[torch.Ten
     return out
 
 
+@contextmanager
+def _detached(blocks):
+    """Detach trace routing from `blocks` (if any) when the block ends."""
+    try:
+        yield
+    finally:
+        if blocks is not None:
+            from moe_uvm.integrations.hf_blocks import TraceRouting
+
+            TraceRouting.detach(blocks)
+
+
 class _ReadCounter:
     """Counts, on the device and without a host sync, the distinct experts each layer reads per
     forward (a decode step, or a whole prefill chunk): from HBM when resident (as advised when
@@ -263,6 +276,7 @@ def generate(
     decode: str = "static",
     graphs: bool | None = None,
     prefill_chunk: int = 512,
+    routing_trace=None,
 ) -> tuple[list[list[int]], GenerateReport]:
     """Greedy generation of `max_new_tokens` after each prompt of `ids`, `batch` prompts at a
     time (left-padded), through `loaded` (from `load_model`). Returns the new tokens of every
@@ -272,7 +286,10 @@ def generate(
     `decode`: "static" (moe_uvm.decode.StaticDecoder: static KV cache, the prompt prefilled in
     chunks of `prefill_chunk` tokens, the step in a CUDA graph per batch size on CUDA unless
     `graphs=False`; it stops at end-of-sequence only in what it returns) or "hf" (transformers'
-    own `generate` loop, eager, dynamic cache)."""
+    own `generate` loop, eager, dynamic cache). `routing_trace` (a RoutingTrace of the model's
+    experts and top-k): the routers' expert choices are replaced by the trace's
+    (hf_blocks.TraceRouting), for speed and expert-read measurements with realistic routing on
+    random weights; the tokens are then meaningless."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode not in DECODES:
@@ -293,7 +310,13 @@ def generate(
 
         decoder = StaticDecoder(model, max_len=max(len(p) for p in ids) + max_new_tokens,
                                 prefill_chunk=prefill_chunk, graphs=graphs)
-    with _ReadCounter(manager) as counter:
+    blocks = None
+    if routing_trace is not None:
+        from moe_uvm.integrations.hf_blocks import TraceRouting, find_moe_blocks
+
+        blocks = find_moe_blocks(model)
+        TraceRouting(routing_trace, device).attach(blocks)
+    with _ReadCounter(manager) as counter, _detached(blocks):
         for tokens, mask in _batches([list(p) for p in ids], batch, pad):
             if decoder is not None:
                 new = decoder.generate(tokens, mask, max_new_tokens=max_new_tokens,

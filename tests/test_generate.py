@@ -5,6 +5,7 @@ split; on the trained tiny checkpoint they equal transformers' own fp32 greedy t
 import json
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,31 @@ def test_plan_predicts_whole_model_decode_from_a_config(qwen_config_dir, capsys)
     assert main(["plan", "--model", str(qwen_config_dir), "--model-shape", "mixtral-8x7b",
                  "--gpu-budget-gb", "1"]) == 2
     assert "--model sets the expert size" in capsys.readouterr().err
+
+
+def test_routing_from_a_trace_replaces_the_routers_choice(qwen_config_dir, tmp_path, capsys):
+    """A trace that sends every token of layer 0 to experts 0 and 1, of layer 1 to 2 and 3:
+    the report sees exactly those (the tiny qwen3 config: 4 experts, top-2, 2 layers)."""
+    from moe_uvm.trace import RoutingTrace
+
+    ids = np.zeros((2, 50, 2), np.int16)
+    ids[0] = [0, 1]
+    ids[1] = [2, 3]
+    trace = RoutingTrace(ids, 4, 2, np.zeros(1, np.int32), None)
+    loaded = load_model(qwen_config_dir, ExpertOffloadConfig(num_resident=2), random_weights=1,
+                        device="cpu", dtype=torch.float32)
+    prompts = prompt_ids(qwen_config_dir, prompt_tokens=5, batch=2, vocab_size=64)
+    _, report = generate(loaded, prompts, max_new_tokens=4, batch=2, routing_trace=trace)
+    assert report.distinct_experts_per_layer == 2
+    assert 0 < report.hit_rate < 1  # layer 0's experts resident (first_n), layer 1's not
+    assert all(b.module.experts.routing_override is None
+               for b in find_moe_blocks(loaded.model))  # detached afterwards
+    _, plain = generate(loaded, prompts, max_new_tokens=4, batch=2)
+    assert plain.distinct_experts_per_layer > 2  # the routers' own choice again
+    loaded.manager.close()
+    path = tmp_path / "t.npz"
+    np.savez(path, topk_ids=np.zeros((1, 4, 3), np.int16) + [[0, 1, 2]], num_experts=8,
+             top_k=3)
+    assert main(["generate", "--model", str(qwen_config_dir), "--random-weights", "1",
+                 "--routing-trace", str(path), "--device", "cpu"]) == 2
+    assert "--routing-trace has 8 experts, top-3; the model 4, top-2" in capsys.readouterr().err

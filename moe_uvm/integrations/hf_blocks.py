@@ -126,7 +126,57 @@ class FusedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        override = getattr(self, "routing_override", None)
+        if override is not None:
+            top_k_index = override(top_k_index)
         return self.moe.experts(hidden_states, top_k_weights, top_k_index)
+
+
+class TraceRouting:
+    """Replaces the routers' expert choices with a routing trace's, for benchmarks of random-
+    weight models whose routers route almost uniformly: MoE layer l of a model takes its ids
+    from trace layer l % L, token after token through the trace (wrapping around), each row of
+    a batch at its own offset, all on the device (CUDA-graph safe). The router's weights stay,
+    so outputs are meaningless: measure speed and expert reads with it, never quality."""
+
+    STRIDE = 7919
+    """Trace tokens between the rows of one forward (a prime, so rows spread over the trace)."""
+
+    def __init__(self, trace, device: torch.device | str) -> None:
+        self.num_experts, self.top_k = trace.num_experts, trace.top_k
+        self.ids = torch.as_tensor(trace.topk_ids, dtype=torch.long).to(device)
+        self.position = torch.zeros(self.ids.shape[0], dtype=torch.long, device=device)
+
+    def attach(self, blocks: list[MoeBlock]) -> None:
+        """Route every wrapped block of `blocks` from the trace (detach with `detach`)."""
+        for index, block in enumerate(blocks):
+            experts = block.module.experts
+            if not isinstance(experts, FusedExperts):
+                raise ValueError(f"{block.name}: experts not offloaded by moe-uvm")
+            if (experts.moe.num_experts, experts.moe.top_k) != (self.num_experts, self.top_k):
+                raise ValueError(
+                    f"{block.name}: {experts.moe.num_experts} experts, top-{experts.moe.top_k}; "
+                    f"the trace has {self.num_experts} experts, top-{self.top_k}")
+            experts.routing_override = self._layer(index % self.ids.shape[0])
+
+    @staticmethod
+    def detach(blocks: list[MoeBlock]) -> None:
+        for block in blocks:
+            block.module.experts.routing_override = None
+
+    def _layer(self, layer: int):
+        """Row i of a forward reads trace token (position + i x STRIDE) mod T; position moves
+        one token per forward, so each sequence of a decode batch walks the trace in order."""
+        table, T = self.ids[layer], self.ids.shape[1]
+        position = self.position[layer:layer + 1]
+
+        def route(top_k_index: torch.Tensor) -> torch.Tensor:
+            n = top_k_index.shape[0]
+            rows = (position + torch.arange(n, device=position.device) * self.STRIDE) % T
+            position.add_(1)
+            return table.index_select(0, rows).to(top_k_index.dtype)
+
+        return route
 
 
 @dataclass(frozen=True)

@@ -430,6 +430,7 @@ def generate_command(args: argparse.Namespace) -> int:
         _output_file(args.json, "--json")
     if args.profile is not None:
         load_profile(args.profile)  # a bad profile is refused before anything is allocated
+    trace = None if args.routing_trace is None else load_trace(args.routing_trace)
     try:
         from transformers import AutoConfig
 
@@ -442,6 +443,13 @@ def generate_command(args: argparse.Namespace) -> int:
         raise CLIError("--device cuda: no CUDA GPU is usable here")
     device = torch.device("cuda" if cuda else "cpu")
     hf_config = AutoConfig.from_pretrained(model_dir)
+    if trace is not None:
+        from moe_uvm.integrations.hf_shape import describe
+
+        shape = describe(model_dir).shape
+        if (trace.num_experts, trace.top_k) != (shape.num_experts, shape.top_k):
+            raise CLIError(f"--routing-trace has {trace.num_experts} experts, top-{trace.top_k}; "
+                           f"the model {shape.num_experts}, top-{shape.top_k}")
     dtype = DTYPES.get(args.dtype) or (None if cuda else torch.float32)
     ids = prompt_ids(model_dir, prompt=args.prompt, prompts_file=args.prompts,
                      prompt_tokens=args.prompt_tokens or 32, batch=args.batch,
@@ -481,7 +489,8 @@ def generate_command(args: argparse.Namespace) -> int:
             loaded, ids, max_new_tokens=args.max_new_tokens, batch=args.batch,
             ignore_eos=args.ignore_eos or args.random_weights is not None, on_token=on_token,
             free_before=free_before, decode=args.decode,
-            graphs=False if args.no_graphs else None, prefill_chunk=args.prefill_chunk)
+            graphs=False if args.no_graphs else None, prefill_chunk=args.prefill_chunk,
+            routing_trace=trace)
         print(file=sys.stderr if tokenizer is None else sys.stdout)
         for line in report.lines():
             print(line)
