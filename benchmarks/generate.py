@@ -90,7 +90,8 @@ def run_one(spec: dict) -> dict:
         else:  # a static first-N split of the same bytes, no slots
             config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, prefetch_slots=0)
         loaded = load_model(model_dir, config, random_weights=SEED,
-                            dtype=None if cuda else torch.float32, device=device)
+                            dtype=None if cuda else torch.float32, device=device,
+                            kv_tokens=spec["batch"] * context)
         trace = None
         if spec.get("trace"):
             from moe_uvm.trace import load_trace

@@ -24,6 +24,8 @@ from moe_uvm.config import ExpertOffloadConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DECODES = ("static", "hf")
+KV_CACHE = "KV cache"
+"""The memory-plan part naming the decoder's KV cache."""
 
 
 def _until(tokens: list[int], eos: int | list[int] | None) -> list[int]:
@@ -125,16 +127,24 @@ def load_model(
     random_weights: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    kv_tokens: int = 0,
 ):
     """`hf.load_offloaded` for generation: a local checkpoint, or with `random_weights=SEED`
-    a folder holding only config.json (weights built in place)."""
+    a folder holding only config.json (weights built in place). `kv_tokens`: KV-cache tokens
+    (batch x (prompt + new tokens)) the decoder will hold, taken out of the budget first."""
     from moe_uvm.integrations import hf
 
     path = Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (give a local checkpoint folder)")
+    workspace = {}
+    if kv_tokens:
+        from moe_uvm.integrations.hf_shape import describe
+
+        info = describe(path, dtype)
+        workspace[KV_CACHE] = info.kv_bytes_per_token * kv_tokens
     return hf.load_offloaded(path, config, dtype=dtype, device=device,
-                             random_weights=random_weights)
+                             random_weights=random_weights, workspace=workspace)
 
 
 def prompt_ids(

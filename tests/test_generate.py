@@ -180,3 +180,18 @@ def test_routing_from_a_trace_replaces_the_routers_choice(qwen_config_dir, tmp_p
     assert main(["generate", "--model", str(qwen_config_dir), "--random-weights", "1",
                  "--routing-trace", str(path), "--device", "cpu"]) == 2
     assert "--routing-trace has 8 experts, top-3; the model 4, top-2" in capsys.readouterr().err
+
+
+def test_the_kv_cache_comes_out_of_the_budget(qwen_config_dir):
+    from moe_uvm.integrations.hf_shape import describe
+
+    info = describe(qwen_config_dir, torch.float32)
+    tokens = 4096
+    kv = info.kv_bytes_per_token * tokens
+    budget = (info.non_expert_bytes + kv / 2) / 1e9  # the weights fit, weights + cache do not
+    with pytest.raises(ValueError, match="KV cache"):
+        load_model(qwen_config_dir, ExpertOffloadConfig(gpu_budget_gb=budget), random_weights=0,
+                   device="cpu", dtype=torch.float32, kv_tokens=tokens)
+    loaded = load_model(qwen_config_dir, ExpertOffloadConfig(gpu_budget_gb=budget),
+                        random_weights=0, device="cpu", dtype=torch.float32)
+    loaded.manager.close()

@@ -378,6 +378,7 @@ FIXED_PARTS = (NON_EXPERT_WEIGHTS, DENSE_POOL, ROUTING_COUNTERS)
 def _experts_share(
     plan: _Plan, config: ExpertOffloadConfig, device: torch.device, fp32: list[re.Pattern],
     host_ids: set[int], dense: tuple[nn.ModuleList, DenseOffloadConfig] | None,
+    workspace: dict[str, int],
 ) -> tuple[ExpertOffloadConfig, Split | None]:
     """The config the experts get: gpu_budget_gb less the fixed parts (non-expert weights,
     the dense pool, routing counters), then the planner's split of what is left when the
@@ -389,6 +390,7 @@ def _experts_share(
                    adaptive=False)
     parts = _plan_memory(plan, bare, device, fp32, host_ids, dense).parts
     fixed = {name: parts[name] for name in FIXED_PARTS if parts.get(name)}
+    fixed.update((name, nbytes) for name, nbytes in workspace.items() if nbytes)
     left = config.gpu_budget_gb * 1e9 - sum(fixed.values())
     if left <= 0:
         named = ", ".join(f"{name} {nbytes / 1e9:.3f} GB" for name, nbytes in fixed.items())
@@ -411,6 +413,7 @@ def load_offloaded(
     device: torch.device | str | None = None,
     dense_config: DenseOffloadConfig | None = None,
     random_weights: int | None = None,
+    workspace: dict[str, int] | None = None,
 ) -> LoadedModel:
     """Build the causal LM of a local transformers checkpoint without materialising its weights,
     put its routed experts in managed memory per `config`, and read the safetensors shards once:
@@ -423,7 +426,11 @@ def load_offloaded(
 
     `random_weights=SEED`: the directory needs only config.json; every tensor is built in place
     from the seed instead of read (N(0, initializer_range), norms 1, biases 0), the experts
-    straight into their stores, for benchmarks and demos of models too large to download."""
+    straight into their stores, for benchmarks and demos of models too large to download.
+
+    `workspace`: device bytes the caller allocates after the load, by name (the decoder's KV
+    cache): taken out of gpu_budget_gb with the fixed parts, and counted in the free-memory
+    check."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a local checkpoint directory")
@@ -457,8 +464,10 @@ def load_offloaded(
         plan.add_shard(name, header)
     plan.check(path)
     dense = None if dense_config is None else (layers, dense_config)
-    config, split = _experts_share(plan, config, device, fp32, host_ids, dense)
+    config, split = _experts_share(plan, config, device, fp32, host_ids, dense, workspace or {})
     memory = _plan_memory(plan, config, device, fp32, host_ids, dense)
+    for name, nbytes in (workspace or {}).items():
+        memory.add(name, nbytes)
     # Stores are allocated (and advised) only for a checkpoint that matches and fits.
     with memory.reserve(allow_oversubscription=config.allow_oversubscription):
         manager = attach_experts(blocks, config, device)

@@ -462,8 +462,9 @@ def generate_command(args: argparse.Namespace) -> int:
     free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
     what = "random weights" if args.random_weights is not None else "checkpoint"
     print(f"loading {model_dir} ({what}) onto {device}...", file=sys.stderr, flush=True)
+    kv_tokens = args.batch * (max(len(p) for p in ids) + args.max_new_tokens)
     loaded = load_model(model_dir, config, random_weights=args.random_weights, dtype=dtype,
-                        device=device)
+                        device=device, kv_tokens=kv_tokens)
     try:
         text = args.batch == 1 and args.prompt is not None
         tokenizer = None
