@@ -195,3 +195,24 @@ def test_the_kv_cache_comes_out_of_the_budget(qwen_config_dir):
     loaded = load_model(qwen_config_dir, ExpertOffloadConfig(gpu_budget_gb=budget),
                         random_weights=0, device="cpu", dtype=torch.float32)
     loaded.manager.close()
+
+
+@needs_tiny
+def test_calibrate_from_the_tiny_checkpoint_writes_a_skewed_profile(tmp_path, capsys,
+                                                                    monkeypatch):
+    from moe_uvm.profile import load_profile
+
+    AutoModelForCausalLM.from_pretrained(TINY)  # transformers imports what it imports
+    use_reference_kernels(monkeypatch)
+    prompts = tmp_path / "prompts.txt"
+    text = (ROOT / "README.md").read_text().splitlines()
+    prompts.write_text("\n".join(line for line in text[:200] if len(line) > 40) + "\n")
+    out = tmp_path / "tiny.profile.json"
+    assert main(["calibrate", "--model", str(TINY), "--prompts", str(prompts), "--max-tokens",
+                 "2000", "--out", str(out)]) == 0
+    profile = load_profile(out)
+    assert (profile.num_layers, profile.num_experts, profile.top_k) == (6, 32, 4)
+    assert 0 < profile.num_tokens <= 2000
+    counts = np.sort(profile.counts, axis=1)[:, ::-1]
+    share = counts[:, :8].sum(1) / counts.sum(1)  # the top quarter's share of routings
+    assert (share > 0.4).all(), share  # learned routing is skewed (uniform: 0.25)
