@@ -152,3 +152,17 @@ def use_reference_kernels(patch) -> None:
         patch.setattr(importlib.import_module(f"moe_uvm.kernels.{name}"), "_INTERPRETED", False)
         if f"kernels.{name}" in sys.modules:
             patch.setattr(sys.modules[f"kernels.{name}"], "_INTERPRETED", False)
+
+
+def tiny_checkpoint():
+    """The trained tiny Qwen3-MoE checkpoint: the workspace's shared copy, else a git-ignored
+    copy under local/ (what the GPU machine gets through the device tool's carry); None when
+    neither is there."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for path in (root.parent / "shared" / "models" / "tiny-qwen3moe-bytes",
+                 root / "local" / "models" / "tiny-qwen3moe-bytes"):
+        if (path / "config.json").is_file():
+            return path
+    return None

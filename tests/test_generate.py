@@ -19,12 +19,17 @@ from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.generate import generate, load_model, prompt_ids  # noqa: E402
 from moe_uvm.integrations.hf_blocks import find_moe_blocks  # noqa: E402
 
-from helpers import FAMILY_CONFIGS, tiny_model, use_reference_kernels  # noqa: E402
+from helpers import (  # noqa: E402
+    FAMILY_CONFIGS,
+    tiny_checkpoint,
+    tiny_model,
+    use_reference_kernels,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ROOT.parent / "shared" / "models" / "tiny-qwen3moe-bytes"
-needs_tiny = pytest.mark.skipif(not (TINY / "config.json").is_file(),
-                                reason=f"the trained tiny checkpoint is not here ({TINY})")
+TINY = tiny_checkpoint()
+needs_tiny = pytest.mark.skipif(TINY is None, reason="the trained tiny checkpoint is not here "
+                                "(../shared/models or local/models/tiny-qwen3moe-bytes)")
 
 
 def saved_config(family, tmp_path_factory):
@@ -216,3 +221,20 @@ def test_calibrate_from_the_tiny_checkpoint_writes_a_skewed_profile(tmp_path, ca
     counts = np.sort(profile.counts, axis=1)[:, ::-1]
     share = counts[:, :8].sum(1) / counts.sum(1)  # the top quarter's share of routings
     assert (share > 0.4).all(), share  # learned routing is skewed (uniform: 0.25)
+
+
+@needs_tiny
+@pytest.mark.gpu
+def test_gpu_quarter_resident_generates_the_all_resident_tokens():
+    """bf16 on the GPU, graph-captured decode: a quarter of the experts resident (plus slots)
+    and every expert resident give the same greedy tokens on the trained checkpoint."""
+    ids = [list(b"def forward(self, x):\n"), list(b"The cache keeps the experts ")]
+    runs = []
+    for config in (ExpertOffloadConfig(), ExpertOffloadConfig(num_resident=8, prefetch_slots=4)):
+        loaded = load_model(TINY, config, device="cuda", dtype=torch.bfloat16)
+        out, report = generate(loaded, ids, max_new_tokens=64, batch=2, ignore_eos=True)
+        assert "CUDA graph" in report.decode
+        loaded.manager.close()
+        runs.append((out, report))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].hit_rate == 1.0 and runs[1][1].hit_rate < 1.0

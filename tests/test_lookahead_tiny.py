@@ -16,14 +16,12 @@ from transformers import DynamicCache  # noqa: E402
 from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.integrations import hf  # noqa: E402
 
-from helpers import use_reference_kernels  # noqa: E402
+from helpers import tiny_checkpoint, use_reference_kernels  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODEL = ROOT.parent / "shared" / "models" / "tiny-qwen3moe-bytes"
-pytestmark = pytest.mark.skipif(
-    not (MODEL / "config.json").is_file(),
-    reason=f"the trained tiny checkpoint is not here ({MODEL})",
-)
+MODEL = tiny_checkpoint()
+pytestmark = pytest.mark.skipif(MODEL is None, reason="the trained tiny checkpoint is not here "
+                                "(../shared/models or local/models/tiny-qwen3moe-bytes)")
 
 RESIDENT, SLOTS, TOKENS = 8, 8, 160
 """25% of the 32 experts resident (first_n), 8 slots, 160 bytes (= tokens) of held-out text."""
