@@ -12,6 +12,7 @@ come."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -59,6 +60,9 @@ class StaticDecoder:
             raise ValueError("graphs=True needs the model on a CUDA device")
         self._batches: dict[int, _Batch] = {}
         self._pool = None
+        # transformers renames forward's past_key_values to cache (deprecated from 5.2x).
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.times: tuple[float, float, float] | None = None
 
     def _batch(self, size: int) -> _Batch:
@@ -75,8 +79,8 @@ class StaticDecoder:
     def _forward(self, state: _Batch, ids: torch.Tensor, positions: torch.Tensor,
                  cache_position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=state.mask, position_ids=positions,
-                         cache_position=cache_position, past_key_values=state.cache,
-                         use_cache=True, logits_to_keep=1)
+                         cache_position=cache_position, use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: state.cache})
         return out.logits[:, -1]
 
     def _step(self, state: _Batch) -> None:
