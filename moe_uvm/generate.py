@@ -222,30 +222,30 @@ class _ReadCounter:
     """Counts, on the device and without a host sync, the distinct experts each layer reads per
     forward (a decode step, or a whole prefill chunk): from HBM when resident (as advised when
     the count started), else over PCIe, less the slot cache's hits. Wraps each layer's routing
-    hook for the duration of a `with` block."""
+    hook for the duration of a `with` block; per layer and forward it adds four small device
+    ops into preallocated buffers (no allocation), and the totals are formed once at the end."""
 
     def __init__(self, manager) -> None:
         self.manager, self.layers = manager, list(manager.layers)
-        E = self.layers[0].num_experts
+        L, E = len(self.layers), self.layers[0].num_experts
         device = self.layers[0].w13_weight.device
-        self.resident = torch.zeros(len(self.layers), E + 1, dtype=torch.bool, device=device)
-        for layer in range(len(self.layers)):
+        self.resident = torch.zeros(L, E, dtype=torch.bool, device=device)
+        for layer in range(L):
             self.resident[layer, list(manager.resident_ids(layer))] = True
-        self.hbm = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
-        self.offloaded = torch.zeros_like(self.hbm)
-        self.seen = torch.zeros(len(self.layers), E + 1, dtype=torch.bool, device=device)
+        # used: scratch (column E takes padding ids); reads[l, e]: forwards that read e.
+        self.used = torch.zeros(L, E + 1, dtype=torch.bool, device=device)
+        self.reads = torch.zeros(L, E + 1, dtype=torch.int64, device=device)
         self._saved: list = []
 
     def _hook(self, layer: int, inner):
-        E = self.resident.shape[1] - 1
+        E = self.resident.shape[1]
+        used, reads = self.used[layer], self.reads[layer]
 
         def record(topk_ids: torch.Tensor) -> None:
-            used = torch.zeros(E + 1, dtype=torch.bool, device=topk_ids.device)
-            used[topk_ids.reshape(-1).long().where(topk_ids.reshape(-1) >= 0, E)] = True
-            used[E] = False
-            self.hbm[layer] += (used & self.resident[layer]).sum()
-            self.offloaded[layer] += (used & ~self.resident[layer]).sum()
-            self.seen[layer] |= used
+            flat = topk_ids.reshape(-1)
+            used.zero_()
+            used.index_fill_(0, flat.where(flat >= 0, E).long(), True)
+            reads.add_(used)
             if inner is not None:
                 inner(topk_ids)
 
@@ -266,12 +266,14 @@ class _ReadCounter:
     def totals(self) -> dict[str, float]:
         """hbm / pcie: expert reads over all layers and forwards; distinct: experts used per
         layer over the whole count (a host sync)."""
-        hbm, offloaded = int(self.hbm.sum()), int(self.offloaded.sum())
+        reads = self.reads[:, :-1]
+        hbm = int((reads * self.resident).sum())
+        offloaded = int((reads * ~self.resident).sum())
         hits = 0
         if self.manager.slot_cache is not None:
             hits = int(self.manager.slot_cache.stats.summary()["slot_hits"])
         return {"hbm": hbm + hits, "pcie": offloaded - hits,
-                "distinct": float(self.seen.sum(1).float().mean())}
+                "distinct": float((reads > 0).sum(1).float().mean())}
 
 
 def generate(
