@@ -74,3 +74,58 @@ def screen_expert_ids(topk_ids: torch.Tensor, num_experts: int,
             num_experts, TOP_K=topk_ids.shape[1], BLOCK=_BLOCK,
         )
     return out
+
+
+# --- distinct experts per forward, counted on the device --------------------------------------
+
+_COUNT_IDS = 128  # ids compared per round against every expert lane
+
+
+@triton.jit(do_not_specialize=["num_ids"])
+def _count_distinct_kernel(ids_ptr, reads_ptr, num_ids, num_experts,
+                           BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    experts = tl.arange(0, BLOCK_E)
+    seen = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(0, num_ids, BLOCK_N):
+        at = start + tl.arange(0, BLOCK_N)
+        ids = tl.load(ids_ptr + at, mask=at < num_ids, other=-1).to(tl.int32)
+        seen += tl.sum((ids[None, :] == experts[:, None]).to(tl.int32), axis=1)
+    inside = experts < num_experts
+    reads = tl.load(reads_ptr + experts, mask=inside, other=0)
+    tl.store(reads_ptr + experts, reads + (seen > 0).to(tl.int64), mask=inside)
+
+
+def count_distinct_experts_reference(topk_ids: torch.Tensor, reads: torch.Tensor) -> None:
+    """reads[e] += 1 for every expert e in [0, len(reads)) that `topk_ids` holds at least once
+    (-1 and other ids outside that range count for nothing)."""
+    E = reads.shape[0]
+    flat = topk_ids.reshape(-1).long()
+    flat = flat[(flat >= 0) & (flat < E)]
+    used = torch.zeros(E, dtype=torch.bool, device=reads.device)
+    used[flat] = True
+    reads.add_(used)
+
+
+def count_distinct_experts(topk_ids: torch.Tensor, reads: torch.Tensor) -> None:
+    """One forward's expert reads: reads (int64 [E], contiguous, on the ids' device) gains 1 for
+    every expert the ids [T, k] (contiguous, int32/int64) use at least once; -1 and ids outside
+    [0, E) count for nothing. One launch, a fixed grid, no host sync: capturable. For CPU
+    tensors outside the Triton interpreter, and under torch.compile, the plain-torch reference
+    runs instead."""
+    if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
+        raise ValueError(f"topk_ids is {topk_ids.dtype}, contiguous={topk_ids.is_contiguous()}:"
+                         " expected contiguous int32 or int64")
+    if (reads.dtype != torch.int64 or reads.dim() != 1 or not reads.is_contiguous()
+            or reads.device != topk_ids.device):
+        raise ValueError(f"reads is {reads.dtype} {tuple(reads.shape)} on {reads.device}: "
+                         f"expected a contiguous int64 [E] on {topk_ids.device}")
+    if torch.compiler.is_compiling() or (topk_ids.device.type == "cpu" and not _INTERPRETED):
+        count_distinct_experts_reference(topk_ids, reads)
+        return
+    if topk_ids.numel() == 0:
+        return
+    device = topk_ids.device
+    with torch.cuda.device(device.index if device.type == "cuda" else -1):
+        _count_distinct_kernel[(1,)](
+            topk_ids, reads, topk_ids.numel(), reads.shape[0],
+            BLOCK_E=triton.next_power_of_2(reads.shape[0]), BLOCK_N=_COUNT_IDS)

@@ -232,3 +232,23 @@ def test_screening_makes_no_host_sync_and_replays_in_a_cuda_graph(seed, tokens):
     assert torch.equal(static_out, eager) and torch.equal(eager, moe.experts(x, weights, padded))
     with pytest.raises(RoutingError, match=message(E)):
         moe.check_routing()
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(0, 2, 8), (1, 8, 128), (3, 2, 8), (64, 8, 128),
+                                                 (300, 6, 60), (17, 2, 256)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_count_distinct_matches_reference(seed, tokens, k, experts, dtype, device):
+    """The read counter of `moe_uvm.generate`: each expert used at least once counts 1, padding
+    (-1) and out-of-range ids nothing, added onto what the counts held."""
+    from moe_uvm.kernels.expert_ids import count_distinct_experts, count_distinct_experts_reference
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, experts + 2, (tokens, k), generator=g)
+    start = torch.randint(0, 50, (experts,), generator=g)
+    reads, ref = start.clone().to(device), start.clone()
+    count_distinct_experts(ids.to(device, dtype), reads)
+    count_distinct_experts_reference(ids, ref)
+    assert torch.equal(reads.cpu(), ref)
+    used = {int(i) for i in ids.reshape(-1) if 0 <= i < experts}
+    assert int((ref - start).sum()) == len(used)  # the reference itself, checked by hand
