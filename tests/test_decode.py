@@ -64,7 +64,7 @@ def test_bad_arguments_are_refused(seed):
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_gpu_captured_decode_equals_eager_with_offloaded_experts(family, seed, tmp_path):
     """bf16 on the GPU, a quarter of the experts resident and a slot cache: CUDA-graph decode
-    steps give the same tokens as eager static-cache steps."""
+    steps give the same tokens as eager static-cache steps, with and without torch.compile."""
     model = tiny_model(family, seed)
     model.save_pretrained(tmp_path)
     cfg = model.config
@@ -73,11 +73,49 @@ def test_gpu_captured_decode_equals_eager_with_offloaded_experts(family, seed, t
     config = ExpertOffloadConfig(num_resident=max(experts // 4, 1), prefetch_slots=2)
     loaded = hf.load_offloaded(tmp_path, config, dtype=torch.bfloat16, device="cuda")
     ids, mask = prompts(loaded.model.config.vocab_size, seed)
-    eager = StaticDecoder(loaded.model, max_len=32, prefill_chunk=4, graphs=False)
-    graph = StaticDecoder(loaded.model, max_len=32, prefill_chunk=4, graphs=True)
-    want = eager.generate(ids, mask, max_new_tokens=12)
-    for _ in range(2):  # the second call replays the graph captured in the first
-        got = graph.generate(ids, mask, max_new_tokens=12)
-        assert graph.graphs and graph._batches[2].graph is not None
-        assert torch.equal(got, want)
+    for compile in (False, True):  # plain forward, and torch.compile'd (inductor) steps
+        eager = StaticDecoder(loaded.model, max_len=32, prefill_chunk=4, graphs=False,
+                              compile=compile)
+        graph = StaticDecoder(loaded.model, max_len=32, prefill_chunk=4, graphs=True,
+                              compile=compile)
+        want = eager.generate(ids, mask, max_new_tokens=12)
+        for _ in range(2):  # the second call replays the graph captured in the first
+            got = graph.generate(ids, mask, max_new_tokens=12)
+            assert graph.graphs and graph._batches[2].graph is not None
+            assert graph.compile == ("inductor" if compile else None)  # compiled, no fallback
+            assert torch.equal(got, want)
     loaded.manager.close()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_compiled_decode_step_traces_offloaded_experts_as_one_op(family, seed, tmp_path,
+                                                                 monkeypatch):
+    """torch.compile of the decode step (the aot_eager backend on CPU: dynamo's trace without
+    inductor's code generation) takes each offloaded expert module as one opaque op and gives
+    the eager decoder's tokens."""
+    from helpers import use_reference_kernels
+
+    model = tiny_model(family, seed)
+    model.save_pretrained(tmp_path)
+    cfg = model.config
+    experts = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+               or cfg.n_routed_experts)
+    loaded = hf.load_offloaded(tmp_path, ExpertOffloadConfig(num_resident=max(experts // 4, 1)),
+                               dtype=torch.float32, device="cpu")
+    use_reference_kernels(monkeypatch)
+    torch._dynamo.reset()
+    ids, mask = prompts(loaded.model.config.vocab_size, seed)
+    want = StaticDecoder(loaded.model, max_len=24, compile=False).generate(
+        ids, mask, max_new_tokens=NEW)
+    decoder = StaticDecoder(loaded.model, max_len=24, compile="aot_eager")
+    got = decoder.generate(ids, mask, max_new_tokens=NEW)
+    assert decoder.compile == "aot_eager"  # no fallback to the plain forward
+    assert torch.equal(got, want)
+    loaded.manager.close()
+
+
+def test_compile_argument_is_checked(seed):
+    model = tiny_model("qwen3_moe", seed).eval()
+    with pytest.raises(ValueError, match="compile must be a bool, None or a torch.compile"):
+        StaticDecoder(model, max_len=8, compile=3)
+    assert StaticDecoder(model, max_len=8).compile is None  # CPU: no graphs, no compile

@@ -5,6 +5,8 @@ only the routed-expert GEMMs move to FusedMoE, with weights in managed memory.""
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,24 @@ def family_of(model_type: str) -> MoeFamily:
     )
 
 
+_LIVE: weakref.WeakValueDictionary[int, FusedExperts] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+# What torch.compile sees of a FusedExperts: one opaque op (its slot cache, routing counts and
+# hooks are Python state the compiler must neither trace nor reorder; its output is fresh).
+@torch.library.custom_op("moe_uvm::hf_experts", mutates_args=())
+def _experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, handle: int) -> torch.Tensor:
+    return _LIVE[handle]._run(hidden_states, top_k_index, top_k_weights)
+
+
+@_experts_op.register_fake
+def _(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+      handle: int) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
 class FusedExperts(nn.Module):
     """Takes the place of a transformers routed-experts module: same call,
     `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`, computed
@@ -84,6 +104,8 @@ class FusedExperts(nn.Module):
             device="meta",
         )
         self.routing_override = None  # TraceRouting's, for benchmarks: ids -> ids
+        self._handle = next(_HANDLES)
+        _LIVE[self._handle] = self
 
     @classmethod
     def replacing(cls, block: MoeBlock) -> FusedExperts:
@@ -125,6 +147,13 @@ class FusedExperts(nn.Module):
 
     # Hot path (every MoE layer of every step): the fused kernel, nothing else.
     def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced: one opaque op (moe_uvm::hf_experts)
+            return _experts_op(hidden_states, top_k_index, top_k_weights, self._handle)
+        return self._run(hidden_states, top_k_index, top_k_weights)
+
+    def _run(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if self.routing_override is not None:
