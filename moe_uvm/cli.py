@@ -271,6 +271,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      "graph on a GPU (default); hf: transformers' own generate loop (eager)")
     gen.add_argument("--no-graphs", action="store_true",
                      help="with --decode static: run the decode steps eagerly")
+    gen.add_argument("--no-compile", action="store_true",
+                     help="with --decode static: no torch.compile of the decode step (on a GPU "
+                     "it fuses attention, norms and routers; the first compile of a model "
+                     "shape takes minutes at full depth, later runs hit inductor's cache)")
     gen.add_argument("--prefill-chunk", type=int, default=512,
                      help="prompt tokens per prefill forward (default 512)")
     gen.add_argument("--routing-trace", metavar="T.npz",
@@ -278,6 +282,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      "(same experts and top-k; its layers repeat over the model's), to measure "
                      "speed and expert reads with realistic routing on random weights; the "
                      "tokens are then meaningless")
+    gen.add_argument("--warmup", action="store_true",
+                     help="first an untimed two-token pass (compiles the kernels, so the report "
+                     "times steady state; the graph is captured before timing either way)")
     gen.add_argument("--json", help="also write the report and the tokens to this file")
     gen.set_defaults(run=generate_command)
 

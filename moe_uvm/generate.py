@@ -6,8 +6,9 @@ decode tokens/s, time to first token, peak device memory (allocator peak + advis
 managed bytes; the driver's figure beside it), hit rate, distinct experts per layer, PCIe bytes
 per token and the split used.
 
-Decode here is transformers' eager loop (dynamic KV cache, no CUDA graph); graph-captured decode
-with a static cache is the next step of this work (README, Known limits)."""
+Decode runs through `moe_uvm.decode.StaticDecoder` by default (static KV cache, chunked prefill,
+the decode step in a CUDA graph per batch size, captured before the timed part), or through
+transformers' own eager `generate` loop with `decode="hf"`."""
 
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ def _until(tokens: list[int], eos: int | list[int] | None) -> list[int]:
 class GenerateReport:
     """What one `generate` call cost. Rates per token count every sequence of the batch.
     `pcie_gb_per_token`: offloaded expert bytes read over PCIe (distinct experts per layer and
-    forward, less slot hits, prefill included) per generated token. `hit_rate`: share of those
-    expert reads served from HBM (resident or a slot). `distinct_experts_per_layer`: experts
-    used at least once per layer over the call."""
+    forward, less slot hits) per decode step and sequence (with decode="hf": the whole call's
+    reads, prefill included, per new token); `hbm_gb_per_token` the same for expert reads
+    served from HBM (resident experts and slot hits); `prefill_pcie_gb`: what the prompts'
+    prefill read over PCIe in all (static decode). `hit_rate`: share of the decode reads
+    served from HBM (resident or a slot). `distinct_experts_per_layer`:
+    experts used at least once per layer over the call."""
 
     batch: int
     prompt_tokens: int
@@ -60,9 +64,12 @@ class GenerateReport:
     hit_rate: float
     distinct_experts_per_layer: float
     pcie_gb_per_token: float
+    hbm_gb_per_token: float
+    prefill_pcie_gb: float
     split: dict | None
     device: str
     decode: str = ""
+    setup_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -72,13 +79,14 @@ class GenerateReport:
             f"{self.new_tokens} new tokens x batch {self.batch} after a {self.prompt_tokens}-token "
             f"prompt on {self.device}: decode {self.decode_tokens_per_s:.2f} tokens/s, time to "
             f"first token {self.time_to_first_token_s * 1e3:.1f} ms, {self.total_s:.2f} s in all "
-            f"({self.decode})",
+            f"({self.decode}; {self.setup_s:.2f} s of warm-up and graph capture before)",
             f"peak device memory {self.peak_device_gb:.2f} GB = allocator peak "
             f"{self.peak_allocator_gb:.2f} + advised-resident managed {self.resident_gb:.2f}"
             + driver,
             f"experts: hit rate {self.hit_rate:.3f}, "
             f"{self.distinct_experts_per_layer:.1f} distinct per layer, "
-            f"PCIe {self.pcie_gb_per_token * 1e3:.3g} MB per token",
+            f"PCIe {self.pcie_gb_per_token * 1e3:.3g} MB per token (prefill "
+            f"{self.prefill_pcie_gb * 1e3:.3g} MB)",
         ]
         if self.split is not None:
             s = self.split
@@ -222,8 +230,9 @@ class _ReadCounter:
     """Counts, on the device and without a host sync, the distinct experts each layer reads per
     forward (a decode step, or a whole prefill chunk): from HBM when resident (as advised when
     the count started), else over PCIe, less the slot cache's hits. Wraps each layer's routing
-    hook for the duration of a `with` block; per layer and forward it adds four small device
-    ops into preallocated buffers (no allocation), and the totals are formed once at the end."""
+    hook for the duration of a `with` block; per layer and forward it adds one launch
+    (kernels.expert_ids.count_distinct_experts) into a preallocated buffer, and the totals are
+    formed where the caller asks (a host sync)."""
 
     def __init__(self, manager) -> None:
         self.manager, self.layers = manager, list(manager.layers)
@@ -232,20 +241,16 @@ class _ReadCounter:
         self.resident = torch.zeros(L, E, dtype=torch.bool, device=device)
         for layer in range(L):
             self.resident[layer, list(manager.resident_ids(layer))] = True
-        # used: scratch (column E takes padding ids); reads[l, e]: forwards that read e.
-        self.used = torch.zeros(L, E + 1, dtype=torch.bool, device=device)
-        self.reads = torch.zeros(L, E + 1, dtype=torch.int64, device=device)
+        self.reads = torch.zeros(L, E, dtype=torch.int64, device=device)  # forwards reading e
         self._saved: list = []
 
     def _hook(self, layer: int, inner):
-        E = self.resident.shape[1]
-        used, reads = self.used[layer], self.reads[layer]
+        from moe_uvm.kernels.expert_ids import count_distinct_experts
+
+        reads = self.reads[layer]
 
         def record(topk_ids: torch.Tensor) -> None:
-            flat = topk_ids.reshape(-1)
-            used.zero_()
-            used.index_fill_(0, flat.where(flat >= 0, E).long(), True)
-            reads.add_(used)
+            count_distinct_experts(topk_ids.contiguous(), reads)
             if inner is not None:
                 inner(topk_ids)
 
@@ -255,9 +260,14 @@ class _ReadCounter:
         self._saved = [m.record_routing for m in self.layers]
         for index, module in enumerate(self.layers):
             module.record_routing = self._hook(index, module.record_routing)
+        self.reset()
+        return self
+
+    def reset(self) -> None:
+        """Start counting from zero (in place: captured graphs keep adding to these buffers)."""
+        self.reads.zero_()
         if self.manager.slot_cache is not None:
             self.manager.slot_cache.stats.reset()
-        return self
 
     def __exit__(self, *exc) -> None:
         for module, saved in zip(self.layers, self._saved, strict=True):
@@ -266,7 +276,7 @@ class _ReadCounter:
     def totals(self) -> dict[str, float]:
         """hbm / pcie: expert reads over all layers and forwards; distinct: experts used per
         layer over the whole count (a host sync)."""
-        reads = self.reads[:, :-1]
+        reads = self.reads
         hbm = int((reads * self.resident).sum())
         offloaded = int((reads * ~self.resident).sum())
         hits = 0
@@ -289,6 +299,8 @@ def generate(
     graphs: bool | None = None,
     prefill_chunk: int = 512,
     routing_trace=None,
+    warmup: bool = False,
+    compile: bool | str | None = None,
 ) -> tuple[list[list[int]], GenerateReport]:
     """Greedy generation of `max_new_tokens` after each prompt of `ids`, `batch` prompts at a
     time (left-padded), through `loaded` (from `load_model`). Returns the new tokens of every
@@ -301,7 +313,12 @@ def generate(
     own `generate` loop, eager, dynamic cache). `routing_trace` (a RoutingTrace of the model's
     experts and top-k): the routers' expert choices are replaced by the trace's
     (hf_blocks.TraceRouting), for speed and expert-read measurements with realistic routing on
-    random weights; the tokens are then meaningless."""
+    random weights; the tokens are then meaningless. `warmup`: first an untimed pass of two
+    new tokens over the first batch (compiles the kernels for these shapes; benchmarks). The
+    graphs are captured before timing starts either way; `report.setup_s` says how long
+    warm-up and capture took (not counted in the rates or in `total_s`). `compile`: the
+    decoder's torch.compile of the decode step (default: with CUDA graphs; the first compile
+    of a model shape takes minutes at full depth, later ones hit inductor's cache)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode not in DECODES:
@@ -314,25 +331,51 @@ def generate(
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    outputs, first, decode_s, steps, started = [], 0.0, 0.0, 0, time.perf_counter()
     extra = {"eos_token_id": None} if ignore_eos else {}
     decoder = None
+    groups = _batches([list(p) for p in ids], batch, pad)
+    setup = time.perf_counter()
     if decode == "static":
         from moe_uvm.decode import StaticDecoder
 
         decoder = StaticDecoder(model, max_len=max(len(p) for p in ids) + max_new_tokens,
-                                prefill_chunk=prefill_chunk, graphs=graphs)
+                                prefill_chunk=prefill_chunk, graphs=graphs, compile=compile)
     blocks = None
     if routing_trace is not None:
         from moe_uvm.integrations.hf_blocks import TraceRouting, find_moe_blocks
 
         blocks = find_moe_blocks(model)
         TraceRouting(routing_trace, device).attach(blocks)
-    with _ReadCounter(manager) as counter, _detached(blocks):
-        for tokens, mask in _batches([list(p) for p in ids], batch, pad):
+    # The counter's hooks go in before any capture, so the graphs hold them.
+    with _detached(blocks), _ReadCounter(manager) as counter:
+        if warmup:
+            tokens, mask = groups[0]
             if decoder is not None:
+                decoder.generate(tokens, mask, max_new_tokens=min(2, max_new_tokens))
+            else:
+                with torch.no_grad():
+                    model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=2, do_sample=False, pad_token_id=pad, **extra)
+        if decoder is not None:
+            for size in sorted({tokens.shape[0] for tokens, _ in groups}):
+                decoder.prepare(size)
+        if cuda:
+            torch.cuda.synchronize(device)
+        setup_s = time.perf_counter() - setup
+        counter.reset()
+        prefill = {"hbm": 0, "pcie": 0}  # reads of the prefill forwards (static decode)
+        outputs, first, decode_s, steps, started = [], 0.0, 0.0, 0, time.perf_counter()
+        for tokens, mask in groups:
+            if decoder is not None:
+                before = counter.totals()
+
+                def prefilled(before=before) -> None:
+                    after = counter.totals()
+                    for key in prefill:
+                        prefill[key] += after[key] - before[key]
+
                 new = decoder.generate(tokens, mask, max_new_tokens=max_new_tokens,
-                                       on_token=on_token).tolist()
+                                       on_token=on_token, on_prefilled=prefilled).tolist()
                 start, first_at, end = decoder.times
                 first += first_at - start
                 decode_s += end - first_at
@@ -343,19 +386,26 @@ def generate(
             clock = _Clock(on_token)
             clock.start = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
+                out = model.generate(input_ids=tokens.to(device),
+                                     attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      streamer=clock, pad_token_id=pad, **extra)
             first += (clock.first or clock.start) - clock.start
             decode_s += clock.last - (clock.first or clock.last)
             steps += max(clock.steps - 1, 0) * tokens.shape[0]
             outputs.extend(out[:, tokens.shape[1]:].tolist())
-    total = time.perf_counter() - started
+        total = time.perf_counter() - started
     # Tokens computed: the static decoder always runs max_new_tokens steps.
     new_tokens = (max_new_tokens * len(ids) if decoder is not None
                   else sum(len(o) for o in outputs))
-    blocks = max(1, -(-len(ids) // batch))
+    runs = max(1, -(-len(ids) // batch))
     reads = counter.totals()
+    if decoder is not None:  # decode steps' reads per decode token; prefill's apart
+        reads["hbm"] -= prefill["hbm"]
+        reads["pcie"] -= prefill["pcie"]
+        per_token = max(steps, 1)
+    else:  # transformers' loop: the whole call's reads per new token
+        per_token = max(new_tokens, 1)
     layer = manager.layers[0]
     nbytes = (layer.w13_weight[0].nbytes + layer.w2_weight[0].nbytes) if manager.layers else 0
     allocator = torch.cuda.max_memory_allocated(device) if cuda else 0
@@ -365,16 +415,19 @@ def generate(
         driver = (free_before - torch.cuda.mem_get_info(device)[0]) / 1e9
     report = GenerateReport(
         batch=batch, prompt_tokens=max(len(p) for p in ids), new_tokens=new_tokens // len(ids),
-        time_to_first_token_s=first / blocks,
+        time_to_first_token_s=first / runs,
         decode_tokens_per_s=steps / decode_s if decode_s > 0 else float("nan"),
         total_s=total, peak_device_gb=(allocator + resident) / 1e9,
         peak_allocator_gb=allocator / 1e9, resident_gb=resident / 1e9, driver_used_gb=driver,
         hit_rate=reads["hbm"] / max(reads["hbm"] + reads["pcie"], 1),
         distinct_experts_per_layer=reads["distinct"],
-        pcie_gb_per_token=reads["pcie"] * nbytes / max(new_tokens, 1) / 1e9,
-        split=None if manager.split is None else manager.split.to_dict(),
+        pcie_gb_per_token=reads["pcie"] * nbytes / per_token / 1e9,
+        hbm_gb_per_token=reads["hbm"] * nbytes / per_token / 1e9,
+        prefill_pcie_gb=prefill["pcie"] * nbytes / 1e9,
+        split=None if manager.split is None else manager.split.to_dict(), setup_s=setup_s,
         decode=("transformers generate (eager)" if decoder is None else
-                f"static cache, {'CUDA graph' if decoder.graphs else 'eager'} steps"),
+                f"static cache, {'CUDA graph' if decoder.graphs else 'eager'} steps"
+                + (f", torch.compile ({decoder.compile})" if decoder.compile else "")),
         device=torch.cuda.get_device_name(device) if cuda else "cpu",
     )
     if not cuda:

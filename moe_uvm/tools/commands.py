@@ -418,8 +418,9 @@ def generate_command(args: argparse.Namespace) -> int:
                        f"and {args.batch}")
     if args.prefill_chunk < 1:
         raise CLIError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
-    if args.no_graphs and args.decode != "static":
-        raise CLIError("--no-graphs goes with --decode static")
+    for flag, given in (("--no-graphs", args.no_graphs), ("--no-compile", args.no_compile)):
+        if given and args.decode != "static":
+            raise CLIError(f"{flag} goes with --decode static")
     if args.prompt_tokens is not None and args.prompt_tokens < 1:
         raise CLIError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
     model_dir = Path(args.model)
@@ -491,7 +492,8 @@ def generate_command(args: argparse.Namespace) -> int:
             ignore_eos=args.ignore_eos or args.random_weights is not None, on_token=on_token,
             free_before=free_before, decode=args.decode,
             graphs=False if args.no_graphs else None, prefill_chunk=args.prefill_chunk,
-            routing_trace=trace)
+            routing_trace=trace, warmup=args.warmup,
+            compile=False if args.no_compile else None)
         print(file=sys.stderr if tokenizer is None else sys.stdout)
         for line in report.lines():
             print(line)
