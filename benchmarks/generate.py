@@ -7,13 +7,14 @@ Methods, each at GPU budgets of the non-expert weights + KV cache + X% of the ex
   uva          the budget's first experts resident, the rest read in place over PCIe, no slots
                (vLLM --cpu-offload-gb style), same decoder
   hf-eager     transformers alone, everything on the GPU (100% only), eager generate
+  hf-static    the same with transformers' static cache, whose generate compiles the forward
   accelerate   transformers + accelerate dispatch_model with max_memory at the budget (50% only,
                8 new tokens: it is slow)
 Every run is its own process (memory-hungry baselines must not share one), appends one record to
 the JSON and is skipped when the JSON already has it, so a sweep can span sessions.
 
     python benchmarks/generate.py --model-shape qwen3-30b-a3b [--layers 48] [--budgets 25,50,75,100]
-        [--batches 1,16] [--methods moe-uvm,uva,hf-eager,accelerate] [--new-tokens 64]
+        [--batches 1,16] [--methods moe-uvm,uva,hf-eager,hf-static,accelerate] [--new-tokens 64]
         [--prompt-tokens 32] [--trace T.npz] [--out benchmarks/results/h200/generate.json]
     python benchmarks/generate.py --tiny      # CPU smoke run of the harness on a tiny config
 """
@@ -83,25 +84,40 @@ def run_one(spec: dict) -> dict:
                      vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"],
                      seed=SEED)
     record = dict(spec, budget_gb=budget_gb, fixed_gb=fixed / 1e9, expert_gb=expert_bytes / 1e9)
+    if cuda:  # the ceilings, in this process, before anything is loaded
+        from moe_uvm.ceilings import hbm_read_gbps, read_through_gbps
+
+        record.update(hbm_read_gbps=hbm_read_gbps(), read_through_gbps=read_through_gbps())
+        torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
     if method in ("moe-uvm", "uva"):
+        trace, profile = None, {}
+        if spec.get("trace"):
+            # The trace's first half is the calibration (a profile, as `moe-uvm calibrate`
+            # would write: moe-uvm plans on it); the run is routed by the second half.
+            from moe_uvm.profile import Profile
+            from moe_uvm.trace import load_trace
+
+            whole = load_trace(spec["trace"])
+            half = whole.num_sequences // 2
+            path = model_dir / "trace_profile.json"
+            if method == "moe-uvm":
+                Profile.from_trace(whole.sequences(0, half), cooccurrence=True).save(path)
+                profile = dict(resident_selection="profile", profile_path=str(path))
+            trace = whole.sequences(half, None)
         if method == "moe-uvm":
-            config = ExpertOffloadConfig(gpu_budget_gb=budget_gb)
+            config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, **profile)
         else:  # a static first-N split of the same bytes, no slots
             config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, prefetch_slots=0)
         loaded = load_model(model_dir, config, random_weights=SEED,
                             dtype=None if cuda else torch.float32, device=device,
                             kv_tokens=spec["batch"] * context)
-        trace = None
-        if spec.get("trace"):
-            from moe_uvm.trace import load_trace
-
-            trace = load_trace(spec["trace"])
         tokens, report = generate(loaded, ids, max_new_tokens=spec["new_tokens"],
-                                  batch=spec["batch"], ignore_eos=True,
+                                  batch=spec["batch"], ignore_eos=True, warmup=True,
                                   free_before=free_before, routing_trace=trace)
-        loaded.manager.close()
         record.update(report.to_dict(), tokens=tokens)
+        record.update(_predictions(loaded.manager, info, spec, record, context))
+        loaded.manager.close()
         return record
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,7 +130,7 @@ def run_one(spec: dict) -> dict:
     # The weights moe-uvm's random load builds (same names, seed and device), so tokens compare;
     # for accelerate they start in host memory, as its offload expects.
     source = _RandomWeights(model, SEED, device, float(getattr(config, "initializer_range", 0.02)))
-    home = device if method == "hf-eager" else torch.device("cpu")
+    home = torch.device("cpu") if method == "accelerate" else device
     model.load_state_dict({key: source.tensor(key).to(home, dtype) for key in source.shapes},
                           assign=True)
     model.to(home).eval()
@@ -130,13 +146,18 @@ def run_one(spec: dict) -> dict:
     inputs = torch.tensor(ids, device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():  # warm-up: one token
-        model.generate(input_ids=inputs, max_new_tokens=1, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)
+    # hf-static: transformers' static cache, with which its generate compiles the forward
+    # (torch.compile) by itself.
+    extra = {"cache_implementation": "static"} if method == "hf-static" else {}
+    with torch.no_grad():  # warm-up (compiles, for hf-static): two passes of two tokens
+        for _ in range(2 if method == "hf-static" else 1):
+            model.generate(input_ids=inputs, max_new_tokens=2, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, **extra)
         clock = _Clock(None)
         clock.start = time.perf_counter()
         out = model.generate(input_ids=inputs, max_new_tokens=spec["new_tokens"],
-                             do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock)
+                             do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock,
+                             **extra)
     decode_s = clock.last - clock.first
     record.update(
         time_to_first_token_s=clock.first - clock.start,
@@ -146,6 +167,67 @@ def run_one(spec: dict) -> dict:
         tokens=out[:, inputs.shape[1]:].tolist(),
         device=torch.cuda.get_device_name(device) if cuda else "cpu")
     return record
+
+
+def _predictions(manager, info, spec: dict, record: dict, context: int) -> dict:
+    """What the plan predicted for this run and the floor of what it read. plan: the planner's
+    split prediction (its own routing assumption: the profile's, flat without one) + the
+    whole-model part (`moe-uvm plan --model`); cost_model: the same cost model on the expert
+    reads this run measured; floor: those reads at the ceilings measured in this process
+    (offloaded bytes / read-through + resident expert and non-expert bytes / HBM read)."""
+    import torch
+
+    from moe_uvm.autosplit import load_costs
+
+    cuda = torch.cuda.is_available()
+    costs = load_costs(torch.cuda.get_device_name() if cuda else None)
+    batch, layers = spec["batch"], info.shape.num_layers
+    kv = info.kv_bytes_per_token * batch * context
+    dense_ms = costs.dense_step_ms(layers, info.step_read_bytes, kv)
+    hbm = record["hbm_gb_per_token"] * 1e9 * batch
+    pcie = record["pcie_gb_per_token"] * 1e9 * batch
+    out = {"dense_step_ms": dense_ms, "costs": costs.source}
+    measured = costs.step_ms(info.shape.num_moe_layers, hbm, pcie, batch) + dense_ms
+    out["cost_model_tokens_per_s"] = batch / measured * 1e3
+    if manager.split is not None:
+        out["plan_tokens_per_s"] = batch / (manager.split.predicted_step_ms + dense_ms) * 1e3
+    if cuda:
+        floor_ms = (pcie / (record["read_through_gbps"] * 1e6)
+                    + (hbm + info.step_read_bytes + kv) / (record["hbm_read_gbps"] * 1e6))
+        out["floor_tokens_per_s"] = batch / floor_ms * 1e3
+    return out
+
+
+def table(results: dict) -> list[str]:
+    """The JSON's records as a table, one block per (shape, routing, prompt, batch), with the
+    ratios the README quotes (measured / plan, measured / floor)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["records"]:
+        groups.setdefault((r["shape"], r.get("trace") or "model's routing", r["prompt_tokens"],
+                           r["batch"]), []).append(r)
+    out = []
+    for (shape, routing, prompt, batch), rows in groups.items():
+        device = next((r["device"] for r in rows if r.get("device")), "?")
+        out.append(f"\n{shape}, {routing}, {prompt}-token prompt, batch {batch} ({device})")
+        out.append("method      budget  decode tok/s  TTFT ms  peak GB  hit    PCIe MB/tok  "
+                   "plan tok/s  meas/plan  floor tok/s  meas/floor")
+        for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
+            if "error" in r:
+                out.append(f"{r['method']:10s} {r['budget']:5d}%  error: {r['error'][:70]}")
+                continue
+            rate = r.get("decode_tokens_per_s") or float("nan")
+            ratio = lambda key, r=r, rate=rate: (  # noqa: E731
+                rate / r[key] if r.get(key) else float("nan"))
+            out.append(
+                f"{r['method']:10s} {r['budget']:5d}%  {rate:12.2f}  "
+                f"{r['time_to_first_token_s'] * 1e3:7.1f}  {r['peak_device_gb']:7.2f}  "
+                f"{r.get('hit_rate', float('nan')):.3f}  "
+                f"{r.get('pcie_gb_per_token', float('nan')) * 1e3:11.1f}  "
+                f"{r.get('plan_tokens_per_s', float('nan')):10.1f}  "
+                f"{ratio('plan_tokens_per_s'):9.2f}"
+                f"  {r.get('floor_tokens_per_s', float('nan')):11.1f}  "
+                f"{ratio('floor_tokens_per_s'):10.2f}")
+    return out
 
 
 def key(record: dict) -> tuple:
@@ -160,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="25,50,75,100",
                         help="percent of expert bytes on top of the fixed parts")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--methods", default="moe-uvm,uva,hf-eager,accelerate")
+    parser.add_argument("--methods", default="moe-uvm,uva,hf-eager,hf-static,accelerate")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--out", type=pathlib.Path,
@@ -169,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", help="routing trace (.npz) replacing the routers' choices "
                         "(moe-uvm and uva only; speed and expert reads, not quality)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape")
+    parser.add_argument("--table", action="store_true",
+                        help="print the JSON's table, run nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a run's spec, in a child process
     args = parser.parse_args(argv)
+    if args.table:
+        print("\n".join(table(json.loads(args.out.read_text()))))
+        return 0
     if args.one is not None:
         print("RECORD " + json.dumps(run_one(json.loads(args.one))))
         return 0
@@ -186,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.methods.split(","):
                 if args.trace and method not in ("moe-uvm", "uva"):
                     continue  # only moe-uvm's expert modules can take trace routing
-                if method == "hf-eager" and budget != 100:
+                if method in ("hf-eager", "hf-static") and budget != 100:
                     continue  # all on the GPU: the 100% row only
                 if method == "accelerate" and (budget != 50 and not args.tiny):
                     continue
@@ -211,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = record.get("decode_tokens_per_s")
                 print(f"{method:10s} {budget:3d}% batch {batch:2d}: "
                       + (f"{rate:.2f} tok/s" if rate else record.get("error", "?")))
+    print("\n".join(table(results)))
     return 0
 
 

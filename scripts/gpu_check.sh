@@ -24,7 +24,8 @@ for b in "${benches[@]}"; do
   echo "== $b"
   bash -c "$b" 2>&1 | tee -a "$out/bench.log" | tail -40
 done
-# only what this run wrote comes back (the transfer takes at most 8 files)
-mkdir -p "$out/results"
-find benchmarks/results moe-uvm-results -type f -newer "$stamp" -exec cp --parents {} "$out/results/" \; 2>/dev/null
+# only what this run wrote comes back, as one archive (the transfer takes at most 8 files,
+# two folders deep): unpack it in the checkout with `tar xzf results.tgz`
+find benchmarks/results moe-uvm-results -type f -newer "$stamp" 2>/dev/null >"$out/new_files.txt"
+[ -s "$out/new_files.txt" ] && tar czf "$out/results.tgz" -T "$out/new_files.txt"
 exit $status
