@@ -203,8 +203,10 @@ def table(results: dict) -> list[str]:
     ratios the README quotes (measured / plan, measured / floor)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results["records"]:
-        groups.setdefault((r["shape"], r.get("trace") or "model's routing", r["prompt_tokens"],
-                           r["batch"]), []).append(r)
+        routing = r.get("trace") or "model's routing"
+        if r.get("trace") and not r.get("trace_use"):
+            routing += " (earlier harness: no profile, routed from its first token)"
+        groups.setdefault((r["shape"], routing, r["prompt_tokens"], r["batch"]), []).append(r)
     out = []
     for (shape, routing, prompt, batch), rows in groups.items():
         device = next((r["device"] for r in rows if r.get("device")), "?")
@@ -230,9 +232,15 @@ def table(results: dict) -> list[str]:
     return out
 
 
+ROUTING = "plan on the trace's first half, route by its second"
+"""How trace runs use the trace (records without it come from an earlier harness that planned
+without a profile and routed from the trace's first token)."""
+
+
 def key(record: dict) -> tuple:
     return (record["shape"], record["layers"], record["method"], record["budget"],
-            record["batch"], record["new_tokens"], record["prompt_tokens"], record.get("trace"))
+            record["batch"], record["new_tokens"], record["prompt_tokens"], record.get("trace"),
+            record.get("trace_use"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = dict(shape=args.model_shape, layers=args.layers, method=method,
                             budget=budget, batch=batch, new_tokens=new,
                             prompt_tokens=args.prompt_tokens, model_dir=str(model_dir),
-                            trace=args.trace)
+                            trace=args.trace, trace_use=ROUTING if args.trace else None)
                 if key(spec) in done:
                     print(f"have {method} {budget}% batch {batch}")
                     continue
