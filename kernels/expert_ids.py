@@ -129,3 +129,51 @@ def count_distinct_experts(topk_ids: torch.Tensor, reads: torch.Tensor) -> None:
         _count_distinct_kernel[(1,)](
             topk_ids, reads, topk_ids.numel(), reads.shape[0],
             BLOCK_E=triton.next_power_of_2(reads.shape[0]), BLOCK_N=_COUNT_IDS)
+
+
+# --- routing counts (the warm-up policy's counters) --------------------------------------------
+
+_ROUTE_BLOCK = 256
+
+
+@triton.jit(do_not_specialize=["num_ids"])
+def _count_routing_kernel(ids_ptr, counts_ptr, num_ids, num_experts, BLOCK: tl.constexpr):
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = at < num_ids
+    ids = tl.load(ids_ptr + at, mask=inside, other=-1).to(tl.int64)
+    column = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    tl.atomic_add(counts_ptr + column, tl.full([BLOCK], 1, tl.int32), mask=inside)
+
+
+def count_routing_reference(topk_ids: torch.Tensor, counts: torch.Tensor) -> None:
+    """counts[e] += how often e occurs in `topk_ids`, for e in [0, E) with E = len(counts) - 1;
+    every other id (-1 padding, out of range) adds to counts[E]."""
+    E = counts.shape[0] - 1
+    ids = topk_ids.reshape(-1).long()
+    ids = torch.where((ids >= 0) & (ids < E), ids, E)
+    counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+
+
+def count_routing(topk_ids: torch.Tensor, counts: torch.Tensor) -> None:
+    """Routing counts of one batch in one launch: counts (int32 [E + 1], contiguous, on the ids'
+    device) gains one per id [T, k] (contiguous int32/int64) at its expert, column E taking -1
+    and anything outside [0, E). Integer atomics: exact, so replays and eager agree. Capturable;
+    the plain-torch reference runs for CPU tensors outside the Triton interpreter and under
+    torch.compile."""
+    if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
+        raise ValueError(f"topk_ids is {topk_ids.dtype}, contiguous={topk_ids.is_contiguous()}:"
+                         " expected contiguous int32 or int64")
+    if (counts.dtype != torch.int32 or counts.dim() != 1 or counts.shape[0] < 2
+            or not counts.is_contiguous() or counts.device != topk_ids.device):
+        raise ValueError(f"counts is {counts.dtype} {tuple(counts.shape)} on {counts.device}: "
+                         f"expected a contiguous int32 [E + 1] on {topk_ids.device}")
+    if torch.compiler.is_compiling() or (topk_ids.device.type == "cpu" and not _INTERPRETED):
+        count_routing_reference(topk_ids, counts)
+        return
+    num_ids = topk_ids.numel()
+    if num_ids == 0:
+        return
+    device = topk_ids.device
+    with torch.cuda.device(device.index if device.type == "cuda" else -1):
+        _count_routing_kernel[(triton.cdiv(num_ids, _ROUTE_BLOCK),)](
+            topk_ids, counts, num_ids, counts.shape[0] - 1, BLOCK=_ROUTE_BLOCK)

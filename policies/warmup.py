@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_uvm.kernels.expert_ids import count_routing
 from moe_uvm.policies.residency import (
     ResidentBudget,
     as_counts,
@@ -192,7 +193,6 @@ class FrequencyWarmup:
         # `_folded` (host, int64). Column E collects padding ids, so every token adds top_k
         # to its layer's row and the row sum gives the tokens recorded.
         self._device_counts: torch.Tensor | None = None
-        self._one: torch.Tensor | None = None
         if device is not None:
             self._allocate(torch.device(device))
         self._top_k = 0
@@ -215,11 +215,10 @@ class FrequencyWarmup:
         self._device_counts = torch.zeros(
             self.num_layers, self.num_experts + 1, dtype=torch.int32, device=device
         )
-        self._one = torch.ones(1, dtype=torch.int32, device=device)
 
     def release(self) -> None:
         """Drop the device counters (their memory goes back; host-side counts stay)."""
-        self._device_counts = self._one = None
+        self._device_counts = None
 
     @property
     def device_counts(self) -> torch.Tensor | None:
@@ -246,10 +245,9 @@ class FrequencyWarmup:
         ids = topk_ids.reshape(-1)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(torch.int64)
-        # Clamped, not trusted: an index past the counts is a device-side assert on CUDA, which
-        # ends the process's CUDA context.
-        ids = torch.where(ids >= 0, ids, self.num_experts).clamp_max_(self.num_experts)
-        self._device_counts[layer].index_add_(0, ids, self._one.expand(ids.shape[0]))
+        # One launch; ids outside [0, num_experts) are counted in the padding column, never
+        # used as an index (past the counts that would be a device-side assert on CUDA).
+        count_routing(ids.contiguous(), self._device_counts[layer])
         return True
 
     def fold(self, snapshot: np.ndarray | torch.Tensor) -> None:

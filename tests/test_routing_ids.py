@@ -252,3 +252,26 @@ def test_count_distinct_matches_reference(seed, tokens, k, experts, dtype, devic
     assert torch.equal(reads.cpu(), ref)
     used = {int(i) for i in ids.reshape(-1) if 0 <= i < experts}
     assert int((ref - start).sum()) == len(used)  # the reference itself, checked by hand
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(0, 2, 8), (1, 8, 128), (5, 2, 8), (300, 8, 128),
+                                                 (1000, 6, 60)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_count_routing_matches_reference(seed, tokens, k, experts, dtype, device):
+    """The warm-up policy's counters: one count per id at its expert, padding and out-of-range
+    ids in the last column, added onto what the counts held."""
+    from moe_uvm.kernels.expert_ids import count_routing, count_routing_reference
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-3, experts + 3, (tokens, k), generator=g)
+    start = torch.randint(0, 50, (experts + 1,), generator=g, dtype=torch.int32)
+    counts, ref = start.clone().to(device), start.clone()
+    count_routing(ids.to(device, dtype), counts)
+    count_routing_reference(ids, ref)
+    assert torch.equal(counts.cpu(), ref)
+    inside = ids[(ids >= 0) & (ids < experts)]
+    want = start.clone()
+    want[:experts] += torch.bincount(inside, minlength=experts).int()
+    want[experts] += ids.numel() - inside.numel()
+    assert torch.equal(ref, want)  # the reference itself, against bincount
