@@ -485,6 +485,11 @@ def generate_command(args: argparse.Namespace) -> int:
                 print(f"\r{len(new)}/{args.max_new_tokens} tokens", end="", file=sys.stderr,
                       flush=True)
 
+        if cuda and args.decode == "static" and not args.no_graphs:
+            print("capturing the decode step in a CUDA graph"
+                  + ("" if args.no_compile else ", through torch.compile (minutes the first "
+                     "time for a model shape, cached after; --no-compile skips it)") + "...",
+                  file=sys.stderr, flush=True)
         if tokenizer is not None:
             sys.stdout.write(args.prompt)
         outputs, report = generate(
