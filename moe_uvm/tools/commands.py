@@ -318,8 +318,8 @@ def plan_command(args: argparse.Namespace) -> int:
     print(f"  costs: {costs.source}: HBM {costs.hbm_gbps:.0f} GB/s, read-through "
           f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s, "
           f"{costs.launch_us:.1f} us per layer"
-          + (f"; attention etc. {costs.dense_us_per_layer:.0f} us per decoder layer (an "
-             "estimate until measured)" if info is not None else ""))
+          + (f"; attention etc. {costs.dense_us_per_layer:.0f} us per decoder layer (fitted on "
+             "the H200's whole-model run)" if info is not None else ""))
     return 0
 
 
