@@ -198,6 +198,13 @@ def _predictions(manager, info, spec: dict, record: dict, context: int) -> dict:
     return out
 
 
+def _agree(tokens: list, reference: list) -> float:
+    """Share of positions (over all sequences) whose token equals the reference's."""
+    pairs = [(a, b) for row, ref in zip(tokens, reference, strict=False)
+             for a, b in zip(row, ref, strict=False)]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
 def table(results: dict) -> list[str]:
     """The JSON's records as a table, one block per (shape, routing, prompt, batch), with the
     ratios the README quotes (measured / plan, measured / floor)."""
@@ -212,7 +219,11 @@ def table(results: dict) -> list[str]:
         device = next((r["device"] for r in rows if r.get("device")), "?")
         out.append(f"\n{shape}, {routing}, {prompt}-token prompt, batch {batch} ({device})")
         out.append("method      budget  decode tok/s  TTFT ms  peak GB  hit    PCIe MB/tok  "
-                   "plan tok/s  meas/plan  floor tok/s  meas/floor")
+                   "plan tok/s  meas/plan  floor tok/s  meas/floor  tokens")
+        # Greedy tokens against moe-uvm with every expert in the budget (same prompts, routing)
+        full = next((r.get("tokens") for r in rows
+                     if r["method"] == "moe-uvm" and r["budget"] == 100 and "error" not in r),
+                    None)
         for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
             if "error" in r:
                 out.append(f"{r['method']:10s} {r['budget']:5d}%  error: {r['error'][:70]}")
@@ -228,7 +239,10 @@ def table(results: dict) -> list[str]:
                 f"{r.get('plan_tokens_per_s', float('nan')):10.1f}  "
                 f"{ratio('plan_tokens_per_s'):9.2f}"
                 f"  {r.get('floor_tokens_per_s', float('nan')):11.1f}  "
-                f"{ratio('floor_tokens_per_s'):10.2f}")
+                f"{ratio('floor_tokens_per_s'):10.2f}  "
+                + ("-" if full is None or r.get("tokens") is None else
+                   "= 100%" if r["tokens"] == full else
+                   f"{_agree(r['tokens'], full):.0%} of 100%'s"))
     return out
 
 

@@ -238,3 +238,49 @@ def test_gpu_quarter_resident_generates_the_all_resident_tokens():
         runs.append((out, report))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1].hit_rate == 1.0 and runs[1][1].hit_rate < 1.0
+
+
+TEXT = b"The experts live in managed memory; the hot ones stay on the GPU.\ndef step(x):\n"
+
+
+def _logits(model, device):
+    ids = torch.tensor([list(TEXT)], device=device)
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0].float().cpu()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@needs_tiny
+def test_tiny_checkpoint_logits_match_transformers_fp32(monkeypatch):
+    """fp32 on CPU, a quarter of the experts resident: moe-uvm's logits over a whole text equal
+    transformers' within 1e-5 relative (only the order of the experts' sums differs)."""
+    ref = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    want = _logits(ref, "cpu")
+    loaded = load_model(TINY, ExpertOffloadConfig(num_resident=8), dtype=torch.float32,
+                        device="cpu")
+    use_reference_kernels(monkeypatch)
+    got = _logits(loaded.model, "cpu")
+    loaded.manager.close()
+    assert _rel(got, want) < 1e-5
+
+
+@needs_tiny
+@pytest.mark.gpu
+def test_gpu_bf16_logits_are_within_bf16_tolerance_of_transformers():
+    """bf16 on the GPU, a quarter of the experts resident plus slots: moe-uvm's logits are as
+    close to transformers' fp32 logits as transformers' own bf16 run is (at most 1.5x its
+    relative error + 5e-3), and within 3e-2 of it."""
+    want = _logits(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).cuda().eval(),
+                   "cuda")
+    hf16 = _logits(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda().eval(),
+                   "cuda")
+    loaded = load_model(TINY, ExpertOffloadConfig(num_resident=8, prefetch_slots=4),
+                        device="cuda", dtype=torch.bfloat16)
+    got = _logits(loaded.model, "cuda")
+    loaded.manager.close()
+    base = _rel(hf16, want)
+    assert _rel(got, want) <= 1.5 * base + 5e-3, (_rel(got, want), base)
+    assert _rel(got, hf16) < 3e-2
