@@ -53,6 +53,10 @@ SHAPES = {
         decoder_sparse_step=1, mlp_only_layers=[], dtype="float32"),
 }
 SEED = 0
+UNIFORM = "uniform"
+"""--trace uniform: routing drawn uniformly (k distinct experts per token and layer, seeded),
+made in the run for the model's shape: the near-uniform case, without greedy decoding's loops
+on random weights."""
 
 
 def write_config(shape: str, layers: int | None, folder: pathlib.Path) -> pathlib.Path:
@@ -98,7 +102,15 @@ def run_one(spec: dict) -> dict:
             from moe_uvm.profile import Profile
             from moe_uvm.trace import load_trace
 
-            whole = load_trace(spec["trace"])
+            if spec["trace"] == UNIFORM:
+                from moe_uvm.trace import synthetic_trace
+
+                whole = synthetic_trace(shape.num_moe_layers, shape.num_experts, shape.top_k,
+                                        num_sequences=8, tokens_per_sequence=256,
+                                        zipf_exponent=0.0, topic_strength=0.0,
+                                        layer_coupling=0.0, seed=SEED)
+            else:
+                whole = load_trace(spec["trace"])
             half = whole.num_sequences // 2
             path = model_dir / "trace_profile.json"
             if method == "moe-uvm":
@@ -271,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=pathlib.Path("benchmarks/results/generate.json"))
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--trace", help="routing trace (.npz) replacing the routers' choices "
-                        "(moe-uvm and uva only; speed and expert reads, not quality)")
+                        "(moe-uvm and uva only; speed and expert reads, not quality); "
+                        f"'{UNIFORM}': uniform routing made for the model's shape")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape")
     parser.add_argument("--table", action="store_true",
                         help="print the JSON's table, run nothing")

@@ -14,6 +14,7 @@ run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" 2>&1 | grep -
 case "${1:?part 1, 2, 3 or 4}" in
   1)  # Qwen3 shape, batch 1: budgets, trace routing, prefill of a 512-token prompt
     run 200 $q --budgets 100,50 --batches 1 --methods moe-uvm,uva --timeout 190
+    run 120 $q --budgets 50 --batches 1 --methods moe-uvm,uva --trace uniform --timeout 110
     run 150 $q --budgets 50 --batches 1 --methods moe-uvm,uva $qt --timeout 140
     run 100 $q --budgets 50 --batches 1 --methods moe-uvm --prompt-tokens 512 --new-tokens 16 --timeout 95
     run 100 $q --budgets 25,75 --batches 1 --methods moe-uvm --timeout 95 ;;
@@ -25,6 +26,7 @@ case "${1:?part 1, 2, 3 or 4}" in
   3)  # Mixtral-8x7B shape
     run 200 $m --budgets 100,50 --batches 1 --methods moe-uvm,uva --timeout 120
     run 120 $m --budgets 50 --batches 1 --methods moe-uvm,uva $mt --timeout 110
+    run 120 $m --budgets 50 --batches 1 --methods moe-uvm,uva --trace uniform --timeout 110
     run 120 $m --budgets 100 --batches 1 --methods hf-eager --timeout 110
     run 100 $m --budgets 50 --batches 16 --methods moe-uvm --timeout 95 ;;
   4)  # what is left: other budgets and batches of both shapes
