@@ -11,26 +11,27 @@ m="python3 benchmarks/generate.py --model-shape mixtral-8x7b --out $out"
 qt="--trace local/traces/synthetic-qwen3-skewed.npz"
 mt="--trace local/traces/synthetic-mixtral.npz"
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" 2>&1 | grep -v -i warn | tail -25; }
-case "${1:?part 1, 2, 3 or 4}" in
-  1)  # Qwen3 shape, batch 1: budgets, trace routing, prefill of a 512-token prompt
-    run 200 $q --budgets 100,50 --batches 1 --methods moe-uvm,uva --timeout 190
-    run 120 $q --budgets 50 --batches 1 --methods moe-uvm,uva --trace uniform --timeout 110
-    run 150 $q --budgets 50 --batches 1 --methods moe-uvm,uva $qt --timeout 140
-    run 100 $q --budgets 50 --batches 1 --methods moe-uvm --prompt-tokens 512 --new-tokens 16 --timeout 95
-    run 100 $q --budgets 25,75 --batches 1 --methods moe-uvm --timeout 95 ;;
-  2)  # Qwen3 shape: batch 16, and the rest of batch 1
-    run 250 $q --budgets 100,50,25 --batches 16 --methods moe-uvm --timeout 120
-    run 100 $q --budgets 50 --batches 16 --methods uva --timeout 95
-    run 150 $q --budgets 25,75 --batches 1 --methods moe-uvm,uva $qt --timeout 70
-    run 60 $q --budgets 100 --batches 16 --methods hf-eager --timeout 55 ;;
-  3)  # Mixtral-8x7B shape
-    run 200 $m --budgets 100,50 --batches 1 --methods moe-uvm,uva --timeout 120
-    run 120 $m --budgets 50 --batches 1 --methods moe-uvm,uva $mt --timeout 110
-    run 120 $m --budgets 50 --batches 1 --methods moe-uvm,uva --trace uniform --timeout 110
-    run 120 $m --budgets 100 --batches 1 --methods hf-eager --timeout 110
-    run 100 $m --budgets 50 --batches 16 --methods moe-uvm --timeout 95 ;;
-  4)  # what is left: other budgets and batches of both shapes
-    run 280 $q --budgets 25,50,75,100 --batches 1,16 --methods moe-uvm,uva --timeout 120
-    run 280 $m --budgets 25,50,75,100 --batches 1,16 --methods moe-uvm,uva --timeout 120 ;;
+case "${1:?part 1 to 5}" in
+  # Each part stays under ~520 s of the 600 s a device call has (the first run of a model
+  # shape and batch size in a machine compiles the decode step: ~2 minutes at full depth).
+  1)  # Qwen3 shape, batch 1: all experts and half in budget; near-uniform routing at half
+    run 240 $q --budgets 100,50 --batches 1 --methods moe-uvm --timeout 200
+    run 125 $q --budgets 50 --batches 1 --methods moe-uvm,uva --trace uniform --timeout 60 ;;
+  2)  # Qwen3 shape: skewed trace, 512-token prefill, batch 16
+    run 130 $q --budgets 50 --batches 1 --methods moe-uvm,uva $qt --timeout 64
+    run 70 $q --budgets 50 --batches 1 --methods moe-uvm --prompt-tokens 512 --new-tokens 16 --timeout 68
+    run 300 $q --budgets 100,50 --batches 16 --methods moe-uvm --timeout 200 ;;
+  3)  # Mixtral-8x7B shape, batch 1
+    run 240 $m --budgets 100,50 --batches 1 --methods moe-uvm --timeout 200
+    run 130 $m --budgets 50 --batches 1 --methods moe-uvm,uva --trace uniform --timeout 64
+    run 130 $m --budgets 50 --batches 1 --methods moe-uvm,uva $mt --timeout 64 ;;
+  4)  # baselines and the other budgets
+    run 120 $m --budgets 100 --batches 1 --methods hf-eager --timeout 115
+    run 130 $q --budgets 100,50 --batches 1 --methods uva --timeout 64
+    run 130 $q --budgets 25,75 --batches 1 --methods moe-uvm --timeout 64
+    run 130 $q --budgets 50,100 --batches 16 --methods uva,hf-eager --timeout 64 ;;
+  5)  # everything else of both shapes
+    run 260 $q --budgets 25,50,75,100 --batches 1,16 --methods moe-uvm,uva --timeout 120
+    run 260 $m --budgets 25,50,75,100 --batches 1,16 --methods moe-uvm,uva --timeout 120 ;;
 esac
 python3 benchmarks/generate.py --table --out "$out"
