@@ -74,7 +74,9 @@ class StaticDecoder:
             raise ValueError(f"compile must be a bool, None or a torch.compile backend name, "
                              f"got {compile!r}")
         self.compile = compile or None
-        self._compiled = None
+        # torch.compile is lazy: nothing is traced before the first decode step.
+        self._compiled = (torch.compile(model.forward, backend=self.compile, dynamic=False)
+                          if self.compile else None)
         self._batches: dict[int, _Batch] = {}
         self._pool = None
         # transformers renames forward's past_key_values to cache (deprecated from 5.2x).
@@ -105,12 +107,7 @@ class StaticDecoder:
         """One decode step on the buffers (what the graph holds). With `compile`, the model's
         forward runs through torch.compile (fewer, fused kernels for attention, norms and
         routers; MoE experts stay one opaque op each): decode steps only, prefill is eager."""
-        forward = None
-        if self.compile is not None:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.model.forward, backend=self.compile,
-                                               dynamic=False)
-            forward = self._compiled
+        forward = self._compiled
         state.mask.index_fill_(1, state.pos, 1)
         positions = state.mask.sum(-1, keepdim=True) - 1
         try:
@@ -160,7 +157,7 @@ class StaticDecoder:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self._pool):
-                    self._step(state)  # recorded, not run: the replay below is this step
+                    self._step(state)  # recorded, not run: replays run it
             except RuntimeError as exc:  # something in the model is not capturable
                 log.warning("moe-uvm: the decode step could not be captured in a CUDA graph "
                             "(%s); decoding eagerly", exc)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.slots import METRICS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DECODES = ("static", "hf")
@@ -273,18 +274,27 @@ class _ReadCounter:
         for module, saved in zip(self.layers, self._saved, strict=True):
             module.record_routing = saved
 
-    def totals(self) -> dict[str, float]:
+    def snapshot(self) -> torch.Tensor:
+        """The counts so far as one flat device tensor (a copy, no host sync): reads per layer
+        and expert, then the slot cache's counters summed over layers (if any). Differences of
+        snapshots are counts too."""
+        parts = [self.reads.reshape(-1)]
+        if self.manager.slot_cache is not None:
+            parts.append(self.manager.slot_cache.stats.counters.sum(0))
+        return torch.cat(parts)
+
+    def totals(self, counts: torch.Tensor | None = None) -> dict[str, float]:
         """hbm / pcie: expert reads over all layers and forwards; distinct: experts used per
-        layer over the whole count (a host sync)."""
-        reads = self.reads
+        layer (a host sync). `counts`: a snapshot, or a difference of two (default: now)."""
+        counts = self.snapshot() if counts is None else counts
+        reads = counts[:self.reads.numel()].view(self.reads.shape)
         hbm = int((reads * self.resident).sum())
         offloaded = int((reads * ~self.resident).sum())
         hits = 0
         if self.manager.slot_cache is not None:
-            hits = int(self.manager.slot_cache.stats.summary()["slot_hits"])
+            hits = int(counts[self.reads.numel() + METRICS.index("slot_hits")])
         return {"hbm": hbm + hits, "pcie": offloaded - hits,
                 "distinct": float((reads > 0).sum(1).float().mean())}
-
 
 def generate(
     loaded,
@@ -363,16 +373,16 @@ def generate(
             torch.cuda.synchronize(device)
         setup_s = time.perf_counter() - setup
         counter.reset()
-        prefill = {"hbm": 0, "pcie": 0}  # reads of the prefill forwards (static decode)
+        # The prefill forwards' counts (static decode), as device snapshot differences: no
+        # host sync between prefill and decode.
+        prefill = torch.zeros_like(counter.snapshot())
         outputs, first, decode_s, steps, started = [], 0.0, 0.0, 0, time.perf_counter()
         for tokens, mask in groups:
             if decoder is not None:
-                before = counter.totals()
+                before = counter.snapshot()
 
                 def prefilled(before=before) -> None:
-                    after = counter.totals()
-                    for key in prefill:
-                        prefill[key] += after[key] - before[key]
+                    prefill.add_(counter.snapshot() - before)
 
                 new = decoder.generate(tokens, mask, max_new_tokens=max_new_tokens,
                                        on_token=on_token, on_prefilled=prefilled).tolist()
@@ -399,13 +409,12 @@ def generate(
     new_tokens = (max_new_tokens * len(ids) if decoder is not None
                   else sum(len(o) for o in outputs))
     runs = max(1, -(-len(ids) // batch))
-    reads = counter.totals()
-    if decoder is not None:  # decode steps' reads per decode token; prefill's apart
-        reads["hbm"] -= prefill["hbm"]
-        reads["pcie"] -= prefill["pcie"]
-        per_token = max(steps, 1)
-    else:  # transformers' loop: the whole call's reads per new token
-        per_token = max(new_tokens, 1)
+    final = counter.snapshot()
+    reads = counter.totals(final - prefill)  # decode steps' reads (all of them with "hf")
+    reads["distinct"] = counter.totals(final)["distinct"]
+    prefill_reads = counter.totals(prefill)
+    # per decode step and sequence; transformers' loop: the whole call's per new token
+    per_token = max(steps if decoder is not None else new_tokens, 1)
     layer = manager.layers[0]
     nbytes = (layer.w13_weight[0].nbytes + layer.w2_weight[0].nbytes) if manager.layers else 0
     allocator = torch.cuda.max_memory_allocated(device) if cuda else 0
@@ -423,7 +432,7 @@ def generate(
         distinct_experts_per_layer=reads["distinct"],
         pcie_gb_per_token=reads["pcie"] * nbytes / per_token / 1e9,
         hbm_gb_per_token=reads["hbm"] * nbytes / per_token / 1e9,
-        prefill_pcie_gb=prefill["pcie"] * nbytes / 1e9,
+        prefill_pcie_gb=prefill_reads["pcie"] * nbytes / 1e9,
         split=None if manager.split is None else manager.split.to_dict(), setup_s=setup_s,
         decode=("transformers generate (eager)" if decoder is None else
                 f"static cache, {'CUDA graph' if decoder.graphs else 'eager'} steps"
