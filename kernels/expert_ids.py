@@ -81,18 +81,27 @@ def screen_expert_ids(topk_ids: torch.Tensor, num_experts: int,
 _COUNT_IDS = 128  # ids compared per round against every expert lane
 
 
+@triton.jit
+def routed_per_expert(ids_ptr, num_ids, experts, CHUNK: tl.constexpr):
+    """For a program's lanes `experts` (ids, [BLOCK_E]): how many of the `num_ids` ids at
+    `ids_ptr` equal each (float32, exact at these sizes), CHUNK ids compared per round; -1 and
+    ids no lane holds count nowhere. Shared by the one-program planners (slot_admit.py)."""
+    routed = tl.zeros_like(experts).to(tl.float32)
+    for start in range(0, num_ids, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
+        routed += tl.sum((ids[:, None] == experts[None, :]).to(tl.float32), axis=0)
+    return routed
+
+
 @triton.jit(do_not_specialize=["num_ids"])
 def _count_distinct_kernel(ids_ptr, reads_ptr, num_ids, num_experts,
                            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     experts = tl.arange(0, BLOCK_E)
-    seen = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in range(0, num_ids, BLOCK_N):
-        at = start + tl.arange(0, BLOCK_N)
-        ids = tl.load(ids_ptr + at, mask=at < num_ids, other=-1).to(tl.int32)
-        seen += tl.sum((ids[None, :] == experts[:, None]).to(tl.int32), axis=1)
+    routed = routed_per_expert(ids_ptr, num_ids, experts, BLOCK_N)
     inside = experts < num_experts
     reads = tl.load(reads_ptr + experts, mask=inside, other=0)
-    tl.store(reads_ptr + experts, reads + (seen > 0).to(tl.int64), mask=inside)
+    tl.store(reads_ptr + experts, reads + (routed > 0).to(tl.int64), mask=inside)
 
 
 def count_distinct_experts_reference(topk_ids: torch.Tensor, reads: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import slot_evict as reference
+from .expert_ids import routed_per_expert
 from .slot_plan import _INTERPRETED, _block, _check_vector, _launch_device
 from .slot_plan_reference import EMPTY_STAMP, count_prefetch
 
@@ -38,12 +39,7 @@ def _plan_admit_kernel(ids_ptr, num_ids, resident_ptr, expert_slot_ptr, slot_exp
     in_e = experts < num_experts
     slots = tl.arange(0, BLOCK_S)
     in_s = slots < num_slots
-    # Tokens routed to each expert, CHUNK ids at a time.
-    routed = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for start in range(0, num_ids, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
-        routed += tl.sum((ids[:, None] == experts[None, :]).to(tl.float32), axis=0)
+    routed = routed_per_expert(ids_ptr, num_ids, experts, CHUNK)  # tokens routed to each
     needed = in_e & (routed > 0)
     usage = tl.load(usage_ptr + experts, mask=in_e, other=0) * decay + routed
     resident = tl.load(resident_ptr + experts, mask=in_e, other=0) != 0
@@ -151,11 +147,7 @@ def _frequency_key_kernel(ids_ptr, num_ids, usage_ptr, decay, slot_expert_ptr, s
                           BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
     experts = tl.arange(0, BLOCK_E)
     in_e = experts < num_experts
-    routed = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for start in range(0, num_ids, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
-        routed += tl.sum((ids[:, None] == experts[None, :]).to(tl.float32), axis=0)
+    routed = routed_per_expert(ids_ptr, num_ids, experts, CHUNK)
     usage = tl.load(usage_ptr + experts, mask=in_e, other=0) * decay + routed
     tl.store(usage_ptr + experts, usage, mask=in_e)
     tl.debug_barrier()
