@@ -54,40 +54,66 @@ class Costs:
     kernel_hbm_gbps: float = 3000.0
     launch_us: float = 12.0
     source: str = "defaults (H200, measured 2026-11-30)"
-    dense_us_per_layer: float = 75.0
+    dense_us_per_layer: float = 58.0
     """Whole-model decode only: fixed time per decoder layer for attention, norms, router and
     the MoE layer's bookkeeping kernels (small kernels; in a CUDA graph), besides reading their
-    weights. Fitted on the H200 from a whole Qwen3-30B-A3B-shaped model (48 layers, all experts
-    in the budget, batch 1, torch.compile'd graph decode: 6.58 ms per step, of which 2.15 ms
-    experts and 0.82 ms non-expert weight reads; benchmarks/generate.py)."""
+    weights. Fitted on the H200 from a whole Qwen3-30B-A3B-shaped model (48 layers, every
+    expert resident, batch 1, torch.compile'd graph decode: 5.17 ms per step, of which 1.78 ms
+    experts and 0.60 ms non-expert weight reads; benchmarks/generate.py); the Mixtral-8x7B
+    shape of the same run, not fitted on, came out within 3%."""
+    kernel_expert_nbytes: float = 9_437_184.0
+    """The expert size kernel_hbm_gbps was measured at (Qwen3-30B-A3B's, 9 MiB). The kernel's
+    rate below the HBM ceiling is a fixed cost per expert read (ramp-up and tail of short
+    streams); `step_ms` charges experts of another size that same cost per expert, so large
+    experts (Mixtral's 352 MiB) read at nearly the ceiling."""
 
     def __post_init__(self) -> None:
         for name in ("hbm_gbps", "read_through_gbps", "kernel_hbm_gbps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Costs.{name} must be a finite number > 0 GB/s, got {value}")
-        for name in ("launch_us", "dense_us_per_layer"):
+        for name in ("launch_us", "dense_us_per_layer", "kernel_expert_nbytes"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Costs.{name} must be >= 0, got {value}")
 
-    def step_ms(self, layers: int, hbm_bytes: float, pcie_bytes: float, batch: int = 1) -> float:
+    def step_ms(self, layers: int, hbm_bytes: float, pcie_bytes: float, batch: int = 1,
+                expert_nbytes: float | None = None) -> float:
         """Predicted step time: launches plus the kernels' HBM and PCIe reads, summed at batch 1
         and overlapped (the larger) above it. The one-token kernel streams a layer's experts one
         after another in each program, so its HBM and PCIe reads add up; with more tokens the
         kernel's programs take (expert, tile) blocks independently and the slow PCIe blocks
-        overlap the HBM ones (both seen on the H200: benchmarks/results/h200/auto_*.json)."""
-        hbm = hbm_bytes / (self.kernel_hbm_gbps * 1e6)
+        overlap the HBM ones (both seen on the H200: benchmarks/results/h200/auto_*.json).
+        `expert_nbytes`: the experts' size, when it is not kernel_expert_nbytes (HBM reads then
+        stream at hbm_gbps plus the fixed cost per expert read that kernel_hbm_gbps implies)."""
+        hbm = self.kernel_hbm_ms(hbm_bytes, expert_nbytes)
         pcie = pcie_bytes / (self.read_through_gbps * 1e6)
+        if expert_nbytes is not None:  # the same fixed cost per expert read over PCIe
+            pcie += pcie_bytes / expert_nbytes * self.per_expert_ms
         return layers * self.launch_us * 1e-3 + (hbm + pcie if batch == 1 else max(hbm, pcie))
+
+    def kernel_hbm_ms(self, hbm_bytes: float, expert_nbytes: float | None = None) -> float:
+        """Time the fused MoE kernel takes to read `hbm_bytes` of resident experts of
+        `expert_nbytes` each (default: kernel_expert_nbytes, i.e. at kernel_hbm_gbps)."""
+        if expert_nbytes is None or expert_nbytes == self.kernel_expert_nbytes:
+            return hbm_bytes / (self.kernel_hbm_gbps * 1e6)
+        if expert_nbytes <= 0:
+            raise ValueError(f"expert_nbytes must be > 0, got {expert_nbytes}")
+        return hbm_bytes / (self.hbm_gbps * 1e6) + hbm_bytes / expert_nbytes * self.per_expert_ms
+
+    @property
+    def per_expert_ms(self) -> float:
+        """The kernel's fixed cost per expert read: what kernel_hbm_gbps loses against the HBM
+        ceiling on one expert of kernel_expert_nbytes."""
+        size = self.kernel_expert_nbytes
+        return max(size / (self.kernel_hbm_gbps * 1e6) - size / (self.hbm_gbps * 1e6), 0.0)
 
     def dense_step_ms(self, num_layers: int, read_bytes: float, kv_bytes: float) -> float:
         """Predicted time of everything but the routed experts in one decode step: the
-        non-expert weights it reads (attention, shared experts, routers, the output head) at
-        the kernel's HBM rate, the KV cache it reads at the HBM read bandwidth, and the fixed
-        time per decoder layer."""
+        non-expert weights (attention, shared experts, routers, the output head) and the KV
+        cache it reads, at the HBM read bandwidth, and the fixed time per decoder layer."""
         return (num_layers * self.dense_us_per_layer * 1e-3
-                + read_bytes / (self.kernel_hbm_gbps * 1e6) + kv_bytes / (self.hbm_gbps * 1e6))
+                + (read_bytes + kv_bytes) / (self.hbm_gbps * 1e6))
 
     def floor_ms(self, hbm_bytes: float, pcie_bytes: float) -> float:
         """The floor: resident bytes / HBM read + offloaded bytes / read-through."""
@@ -200,6 +226,7 @@ def plan_split(
     *,
     resident_nbytes: int,
     slot_nbytes: int,
+    packed_nbytes: int | None = None,
     batch: int = 1,
     costs: Costs = Costs(),
     profile: Profile | None = None,
@@ -211,8 +238,10 @@ def plan_split(
     first half (unless `profile` is given) and the candidates are replayed on the last
     `max_tokens` tokens after it, so the replay never sees the tokens it was counted on.
     `resident_nbytes`: device bytes of one resident expert (the managed store's aligned slot);
-    `slot_nbytes`: of one cache slot (the dense expert). `kinds`: the (eviction, prefetch)
-    pairs tried for a slot cache."""
+    `slot_nbytes`: of one cache slot (the dense expert); `packed_nbytes`: of one expert when
+    every expert is resident (the store is then packed, `offload.store_alignment`), which adds
+    that candidate where the budget holds it. `kinds`: the (eviction, prefetch) pairs tried for
+    a slot cache."""
     if not (math.isfinite(budget_bytes) and budget_bytes >= 0):
         raise ValueError(f"budget must be a finite number of bytes >= 0, got {budget_bytes}")
     if resident_nbytes < 1 or slot_nbytes < 1 or batch < 1 or max_tokens < 1:
@@ -231,6 +260,9 @@ def plan_split(
         replayed = trace
     replayed = _last_tokens(replayed, max_tokens)
     candidates = []
+    if packed_nbytes is not None and budget_bytes >= L * E * packed_nbytes:
+        candidates.append(_replay(replayed, profile, (E,) * L, 0, "none", "none", batch,
+                                  L * E * packed_nbytes, slot_nbytes, costs))
     for slots in slot_choices(budget_bytes, L, E, slot_nbytes):
         total = min(int((budget_bytes - slots * L * slot_nbytes) // resident_nbytes), L * E)
         per_layer = total // L
@@ -238,21 +270,43 @@ def plan_split(
         if slots and int(np.max(sizes)) + slots > E:
             continue  # slots only ever hold offloaded experts: more than those are waste
         for eviction, mode in kinds if slots else (("lru", "none"),):
-            record = simulate(replayed, [per_layer], batch=batch, policies=("global",),
-                              profile=profile,
-                              slots=SlotSettings((slots,), (mode,), eviction=eviction))[0]
-            hbm = record["hbm_experts_per_step"] * slot_nbytes
-            pcie = record["pcie_experts_per_step"] * slot_nbytes
-            candidates.append(Split(
-                tuple(int(n) for n in sizes), slots, mode, eviction if slots else "none", batch,
-                per_layer * L * resident_nbytes, slots * L * slot_nbytes,
-                costs.step_ms(L, hbm, pcie, batch), costs.floor_ms(hbm, pcie),
-                pcie / batch, record["hit_rate"],
-            ))
+            candidates.append(_replay(
+                replayed, profile, tuple(int(n) for n in sizes), slots, mode,
+                eviction if slots else "none", batch, per_layer * L * resident_nbytes,
+                slot_nbytes, costs))
     if not candidates:
         raise ValueError(f"a budget of {budget_bytes / 1e9:.3f} GB fits no split")
     best = min(candidates, key=lambda c: (round(c.predicted_step_ms, 9), c.device_bytes))
     return best, candidates
+
+
+def _replay(replayed: RoutingTrace, profile: Profile, sizes: tuple[int, ...], slots: int,
+            mode: str, eviction: str, batch: int, resident_bytes: int, slot_nbytes: int,
+            costs: Costs) -> Split:
+    """One candidate split replayed on `replayed` (the global policy on `profile`'s counts) and
+    timed by `costs`."""
+    L = replayed.num_layers
+    record = simulate(replayed, [sum(sizes) // L], batch=batch, policies=("global",),
+                      profile=profile,
+                      slots=SlotSettings((slots,), (mode,), eviction=eviction if slots else "lru"))
+    record = record[0]
+    hbm = record["hbm_experts_per_step"] * slot_nbytes
+    pcie = record["pcie_experts_per_step"] * slot_nbytes
+    return Split(sizes, slots, mode, eviction, batch, resident_bytes, slots * L * slot_nbytes,
+                 costs.step_ms(L, hbm, pcie, batch, slot_nbytes), costs.floor_ms(hbm, pcie),
+                 pcie / batch, record["hit_rate"])
+
+
+def split_at_batch(split: Split, routing: Profile, batch: int, *, slot_nbytes: int,
+                   costs: Costs = Costs(), tokens: int = 512) -> Split:
+    """`split` (as auto_config chose it, at its own batch) replayed and timed at another decode
+    batch, on tokens drawn from `routing`'s counts as auto_config draws them: what the planner
+    predicts for the same split when decoding `batch` sequences at a time."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    replayed = trace_from_profile(routing, tokens)
+    return _replay(replayed, routing, tuple(split.resident), split.slots, split.prefetch,
+                   split.eviction, batch, split.resident_bytes, slot_nbytes, costs)
 
 
 def _last_tokens(trace: RoutingTrace, tokens: int) -> RoutingTrace:
@@ -278,15 +332,16 @@ def shape_for_trace(trace: RoutingTrace, shape: ModelShape) -> ModelShape:
                    top_k=trace.top_k, num_shared_experts=0)
 
 
-def expert_nbytes(shape: ModelShape) -> tuple[int, int]:
+def expert_nbytes(shape: ModelShape) -> tuple[int, int, int]:
     """(device bytes of one resident expert: the managed store's 2 MiB-aligned slot, of one cache
-    slot: the dense expert) for a model shape."""
-    from moe_uvm.store import ManagedExpertStore
+    slot: the dense expert, of one expert in a packed store) for a model shape."""
+    from moe_uvm.store import PACKED_ALIGNMENT, ManagedExpertStore
 
     dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[shape.weight_bytes]
     H, inter = shape.hidden_size, shape.moe_intermediate_size
     specs = {"w13": ((2 * inter, H), dtype), "w2": ((H, inter), dtype)}
-    return ManagedExpertStore.planned_nbytes(1, specs), shape.bytes_per_expert
+    return (ManagedExpertStore.planned_nbytes(1, specs), shape.bytes_per_expert,
+            ManagedExpertStore.planned_nbytes(1, specs, PACKED_ALIGNMENT))
 
 
 def trace_from_profile(profile: Profile, tokens: int = 1024, seed: int = 0) -> RoutingTrace:
@@ -301,6 +356,16 @@ def trace_from_profile(profile: Profile, tokens: int = 1024, seed: int = 0) -> R
     return RoutingTrace(ids, E, k, np.zeros(1, np.int32), None)
 
 
+def planning_routing(profile: Profile | None, num_layers: int, num_experts: int, top_k: int,
+                     tokens: int = 512) -> Profile:
+    """The routing counts auto_config plans on: the profile, or without one flat counts of
+    `tokens` tokens."""
+    if profile is not None:
+        return profile
+    L, E, k = num_layers, num_experts, top_k
+    return Profile(L, E, k, tokens, np.full((L, E), tokens * k // E, np.int64))
+
+
 def auto_config(
     config: ExpertOffloadConfig,
     num_layers: int,
@@ -309,6 +374,7 @@ def auto_config(
     *,
     resident_nbytes: int,
     slot_nbytes: int,
+    packed_nbytes: int | None = None,
     profile: Profile | None = None,
     device: torch.device | None = None,
     tokens: int = 512,
@@ -323,11 +389,10 @@ def auto_config(
     if not config.wants_auto_split:
         return config, None
     L, E, k = num_layers, num_experts, top_k
+    routing = planning_routing(profile, L, E, k, tokens)
     if profile is None:
-        routing = Profile(L, E, k, tokens, np.full((L, E), tokens * k // E, np.int64))
         kinds = (("lru", "none"), ("lfu", "none"))
     else:
-        routing = profile
         kinds = tuple(kind for kind in CACHE_KINDS if kind[1] != "speculative"
                       or profile.cooccurrence is not None)
     gpu = None
@@ -335,7 +400,8 @@ def auto_config(
         gpu = torch.cuda.get_device_name(device)
     split, _ = plan_split(
         trace_from_profile(routing, tokens), config.gpu_budget_gb * 1e9,
-        resident_nbytes=resident_nbytes, slot_nbytes=slot_nbytes, costs=load_costs(gpu),
+        resident_nbytes=resident_nbytes, slot_nbytes=slot_nbytes, packed_nbytes=packed_nbytes,
+        costs=load_costs(gpu),
         profile=routing, max_tokens=tokens, kinds=kinds,
     )
     chosen = replace(config, num_resident=split.resident, prefetch_slots=split.slots,

@@ -171,8 +171,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                       "number > 0")
     plan.add_argument("--fixed-gb", type=float, default=None,
                       help="of the budget, GB taken by non-expert weights and workspaces "
-                      "(default: with --model, its non-expert weights + the KV cache; else 0, "
-                      "experts only, as in `moe-uvm bench`)")
+                      "(default: with --model, its non-expert weights, buffers, routing "
+                      "counters and KV cache; else 0, experts only, as in `moe-uvm bench`)")
     plan.add_argument("--model", help="a Hugging Face checkpoint folder (config.json is "
                       "enough): expert size, fixed parts and whole-model decode time from it")
     plan.add_argument("--context", type=int, default=512,

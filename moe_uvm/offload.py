@@ -25,7 +25,7 @@ from moe_uvm.memory import (
 )
 from moe_uvm.policies.plan import ResidencyPlan, plan_residency
 from moe_uvm.profile import Profile, load_profile
-from moe_uvm.store import ManagedExpertStore
+from moe_uvm.store import EXPERT_ALIGNMENT, PACKED_ALIGNMENT, ManagedExpertStore
 
 ExpertSpecs = dict[str, tuple[tuple[int, int], torch.dtype]]
 
@@ -52,6 +52,28 @@ def _expert_specs(layer: FusedMoE) -> ExpertSpecs:
     }
 
 
+def store_alignment(
+    config: ExpertOffloadConfig, num_layers: int, num_experts: int, spec: ExpertSpecs
+) -> int:
+    """The experts' slot alignment in each layer's store. Packed (experts back to back) when a
+    budget keeps every expert of every layer resident and there are no slots: nothing is then
+    advised one expert at a time, so the 2 MiB alignment that keeps advice off a neighbour's
+    pages buys nothing, and its padding (11% of Qwen3-30B-A3B's experts) would keep a budget of
+    exactly the experts' bytes from holding them all. Otherwise 2 MiB (store.EXPERT_ALIGNMENT).
+    A later `readvise` of a packed store still works; advice then splits pages with neighbours."""
+    if config.gpu_budget_gb is None or config.num_slots or config.wants_auto_split:
+        return EXPERT_ALIGNMENT
+    L, E = num_layers, num_experts
+    if config.resident_selection == "manual":
+        counts = [len(config.manual_ids(layer, L, E)) for layer in range(L)]
+    elif config.num_resident is not None:
+        counts = config.resident_counts(L, E)
+    else:  # a budget alone: the experts it holds at packed size
+        packed = ManagedExpertStore.planned_nbytes(1, spec, PACKED_ALIGNMENT)
+        counts = [E if config.gpu_budget_gb * 1e9 >= L * E * packed else 0]
+    return PACKED_ALIGNMENT if all(c == E for c in counts) else EXPERT_ALIGNMENT
+
+
 def _plan(
     layers: list[FusedMoE], specs: list[ExpertSpecs], config: ExpertOffloadConfig
 ) -> tuple[ResidencyPlan, Profile | None]:
@@ -67,11 +89,12 @@ def _plan(
     if config.profile_path:
         profile = load_profile(config.profile_path)
         profile.check_matches(len(layers), num_experts, layers[0].top_k)
+    alignment = store_alignment(config, len(layers), num_experts, specs[0])
     plan = plan_residency(
         config,
         len(layers),
         num_experts,
-        ManagedExpertStore.planned_nbytes(1, specs[0]),
+        ManagedExpertStore.planned_nbytes(1, specs[0], alignment),
         sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs[0].values()),
         counts=None if profile is None else profile.counts,
         counts_tokens=0 if profile is None else profile.num_tokens,
@@ -97,6 +120,7 @@ def resolve_config(
     return auto_config(
         config, len(layers), layers[0].num_experts, layers[0].top_k,
         resident_nbytes=ManagedExpertStore.planned_nbytes(1, specs),
+        packed_nbytes=ManagedExpertStore.planned_nbytes(1, specs, PACKED_ALIGNMENT),
         slot_nbytes=sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()),
         profile=profile, device=target_device(device),
     )
@@ -130,11 +154,12 @@ def plan_memory(
     config, _ = resolve_config(layers, config or ExpertOffloadConfig(), device)
     specs = [_expert_specs(m) for m in layers]
     memory = MemoryPlan(target_device(device))
+    num_layers, num_experts = len(layers), layers[0].num_experts
+    alignment = store_alignment(config, num_layers, num_experts, specs[0])
     memory.add(EXPERT_STORES, sum(
-        ManagedExpertStore.planned_nbytes(m.num_experts, spec)
+        ManagedExpertStore.planned_nbytes(m.num_experts, spec, alignment)
         for m, spec in zip(layers, specs, strict=True)
     ))
-    num_layers, num_experts = len(layers), layers[0].num_experts
     if config.num_slots:
         (w13_shape, dtype), (w2_shape, _) = specs[0]["w13"], specs[0]["w2"]
         memory.add(SLOT_CACHES, slot_cache_nbytes(
@@ -175,10 +200,12 @@ def _build(
     saved = [{name: getattr(m, name) for name in _STATE} for m in layers]
     stores: list[ManagedExpertStore] = []
     manager = None
+    alignment = store_alignment(config, len(layers), layers[0].num_experts, specs[0])
     try:
         for m, spec in zip(layers, specs, strict=True):
             stores.append(ManagedExpertStore(
-                m.num_experts, spec, device, allow_oversubscription=config.allow_oversubscription
+                m.num_experts, spec, device, alignment=alignment,
+                allow_oversubscription=config.allow_oversubscription,
             ))
         # Advice before the weights are written: pages then land where their advice says, so
         # offloaded experts never pass through GPU memory on the way in.

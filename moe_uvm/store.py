@@ -16,11 +16,15 @@ EXPERT_ALIGNMENT = 2 << 20
 """Each expert's slot starts on a 2 MiB boundary. 2 MiB is the GPU's large page and the unit the
 UVM driver migrates in (a "VA block"); with slots aligned to it, advising or prefetching one
 expert never splits a page shared with the next one, which the range-attribute GPU test checks.
-It costs under 2 MiB of padding per expert (6% for Qwen3-30B-A3B's 9.4 MB experts, <1% for
-Mixtral's 352 MB)."""
+It costs under 2 MiB of padding per expert (1 MiB, 11%, for Qwen3-30B-A3B's 9 MiB experts; none
+for Mixtral's 352 MiB). A store whose experts are all resident and never advised one by one is
+packed instead (PACKED_ALIGNMENT: see `moe_uvm.offload.store_alignment`)."""
 
 TENSOR_ALIGNMENT = 256
 """Start of each tensor inside a slot: keeps every row start 16-byte aligned for vector loads."""
+
+PACKED_ALIGNMENT = TENSOR_ALIGNMENT
+"""The slot alignment of a packed store: experts back to back, no padding beyond the tensors'."""
 
 
 def _round_up(value: int, multiple: int) -> int:

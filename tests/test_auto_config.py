@@ -10,23 +10,23 @@ import torch
 
 from moe_uvm import offload_experts
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.offload import resolve_config
+from moe_uvm.offload import _expert_specs, resolve_config, store_alignment
 from moe_uvm.profile import Profile
-from moe_uvm.store import ManagedExpertStore
+from moe_uvm.store import EXPERT_ALIGNMENT, PACKED_ALIGNMENT, ManagedExpertStore
 
 from helpers import random_moe, rel_err, tiny_model
 
 L, E, K, H, I = 3, 16, 2, 32, 16
 
 
-def layers(seed=0):
+def layers(seed=0, hidden=H, inter=I):
     torch.manual_seed(seed)
-    return [random_moe(E, K, H, I) for _ in range(L)]
+    return [random_moe(E, K, hidden, inter) for _ in range(L)]
 
 
-def resident_nbytes():
-    spec = {"w13": ((2 * I, H), torch.float32), "w2": ((H, I), torch.float32)}
-    return ManagedExpertStore.planned_nbytes(1, spec)
+def resident_nbytes(hidden=H, inter=I, alignment=EXPERT_ALIGNMENT):
+    spec = {"w13": ((2 * inter, hidden), torch.float32), "w2": ((hidden, inter), torch.float32)}
+    return ManagedExpertStore.planned_nbytes(1, spec, alignment)
 
 
 @pytest.mark.parametrize("budget_experts", [0.5, 6, 20, 48])
@@ -50,6 +50,42 @@ def test_a_budget_alone_is_split_by_the_planner_within_the_budget(budget_experts
             assert rel_err(m(x, logits), ref) < 1e-5
 
 
+def test_a_budget_of_exactly_the_expert_bytes_holds_every_expert_packed():
+    """The experts' dense bytes (no 2 MiB padding) are enough for all of them resident: the
+    planner picks that split and the stores are packed; explicit all-resident configs under a
+    budget are packed too; anything with slots or offloaded experts keeps the 2 MiB alignment."""
+    mods = layers()
+    packed = resident_nbytes(alignment=PACKED_ALIGNMENT)
+    assert packed < resident_nbytes()
+    budget = L * E * packed
+    x, logits = torch.randn(5, H), torch.randn(5, E)
+    refs = [m(x, logits) for m in mods]
+    config = ExpertOffloadConfig(gpu_budget_gb=budget / 1e9)
+    chosen, split = resolve_config(mods, config, "cpu")
+    assert split.slots == 0 and split.resident == (E,) * L and split.device_bytes == budget
+    assert store_alignment(chosen, L, E, _expert_specs(mods[0])) == PACKED_ALIGNMENT
+    with offload_experts(mods, config, device="cpu") as manager:
+        assert all(s.slot_nbytes == packed for s in manager.stores)
+        assert manager.resident_bytes() == budget
+        for m, ref in zip(mods, refs, strict=True):
+            assert rel_err(m(x, logits), ref) < 1e-5
+    spec = _expert_specs(mods[0])
+    budget_gb = budget / 1e9
+    for fields, expected in (
+        (dict(num_resident=E), PACKED_ALIGNMENT),
+        (dict(prefetch_slots=0), PACKED_ALIGNMENT),  # the budget holds all at packed size
+        (dict(resident_selection="manual", resident_ids=tuple(range(E))), PACKED_ALIGNMENT),
+        (dict(num_resident=E - 1), EXPERT_ALIGNMENT),
+        (dict(num_resident=E, prefetch_slots=1), EXPERT_ALIGNMENT),
+        (dict(resident_selection="manual", resident_ids=(0, 1)), EXPERT_ALIGNMENT),
+    ):
+        assert store_alignment(ExpertOffloadConfig(gpu_budget_gb=budget_gb, **fields),
+                               L, E, spec) == expected, fields
+    assert store_alignment(ExpertOffloadConfig(gpu_budget_gb=(budget - 1) / 1e9,
+                                               prefetch_slots=0), L, E, spec) == EXPERT_ALIGNMENT
+    assert store_alignment(ExpertOffloadConfig(), L, E, spec) == EXPERT_ALIGNMENT  # no budget
+
+
 def test_explicit_fields_override_the_planner():
     budget = 1.0
     for explicit in (dict(prefetch_slots=0), dict(num_resident=2), dict(
@@ -62,8 +98,12 @@ def test_explicit_fields_override_the_planner():
 
 def test_skewed_profile_plans_differently_from_flat(tmp_path):
     """With a profile the planner replays its routing: the choice is a valid config either way,
-    and a profile with most tokens on few experts is predicted faster than flat routing."""
-    budget = 12 * resident_nbytes()
+    and a profile with most tokens on few experts is predicted faster than flat routing.
+    Experts of 3 MiB (4 MiB aligned): 12 resident ones hold a quarter of them, so the budget
+    is not the all-resident packed split."""
+    hidden, inter = 256, 1024
+    budget = 12 * resident_nbytes(hidden, inter)
+    assert budget < L * E * resident_nbytes(hidden, inter, PACKED_ALIGNMENT)
     rng = np.random.default_rng(0)
     counts = np.zeros((L, E), np.int64)
     counts[:, :4] = 400
@@ -73,9 +113,9 @@ def test_skewed_profile_plans_differently_from_flat(tmp_path):
     skewed.save(path)
     config = ExpertOffloadConfig(gpu_budget_gb=budget / 1e9, resident_selection="profile",
                                  profile_path=str(path))
-    _, with_profile = resolve_config(layers(), config, "cpu")
-    _, flat = resolve_config(layers(), ExpertOffloadConfig(gpu_budget_gb=budget / 1e9),
-                             "cpu")
+    mods = layers(hidden=hidden, inter=inter)
+    _, with_profile = resolve_config(mods, config, "cpu")
+    _, flat = resolve_config(mods, ExpertOffloadConfig(gpu_budget_gb=budget / 1e9), "cpu")
     assert with_profile.predicted_step_ms < flat.predicted_step_ms
     assert with_profile.hit_rate > flat.hit_rate
 

@@ -40,7 +40,8 @@ def test_a_budget_that_fits_nothing_reads_every_expert_over_pcie():
     costs = Costs()
     # Every step reads each distinct routed expert of every layer over PCIe: k = 2 per layer.
     assert best.pcie_bytes_per_token == pytest.approx(3 * 2 * EB)
-    assert best.predicted_step_ms == pytest.approx(costs.step_ms(3, 0, 3 * 2 * EB))
+    assert best.predicted_step_ms == pytest.approx(costs.step_ms(3, 0, 3 * 2 * EB,
+                                                                 expert_nbytes=EB))
 
 
 def test_the_split_never_exceeds_the_budget_and_skewed_routing_plans_faster_than_flat():
@@ -85,6 +86,46 @@ def test_cost_model_and_its_fit():
     assert rate == Costs.kernel_hbm_gbps and launch >= 0
     with pytest.raises(ValueError, match="read_through_gbps must be a finite number > 0"):
         Costs(read_through_gbps=0)
+
+
+def test_the_kernel_cost_scales_with_the_expert_size_through_a_fixed_cost_per_expert():
+    """kernel_hbm_gbps holds at the size it was measured at; its shortfall against the HBM
+    ceiling is a fixed cost per expert read, so experts 32x larger read near the ceiling and
+    32x smaller ones mostly pay the fixed cost (HBM and PCIe reads alike)."""
+    size = 9e6
+    costs = Costs(hbm_gbps=4000, read_through_gbps=50, kernel_hbm_gbps=3000, launch_us=0,
+                  kernel_expert_nbytes=size)
+    fixed = size / 3e9 - size / 4e9  # ms per expert
+    assert costs.per_expert_ms == pytest.approx(fixed)
+    assert costs.step_ms(1, 8 * size, 0) == pytest.approx(8 * size / 3e9)
+    assert costs.step_ms(1, 8 * size, 0, expert_nbytes=size) == pytest.approx(8 * size / 3e9)
+    big = 32 * size
+    assert costs.step_ms(1, 2 * big, 0, expert_nbytes=big) == pytest.approx(
+        2 * big / 4e9 + 2 * fixed)
+    assert costs.step_ms(1, 0, 2 * big, expert_nbytes=big) == pytest.approx(
+        2 * big / 5e7 + 2 * fixed)
+    small = size / 32
+    assert costs.step_ms(1, 64 * small, 0, expert_nbytes=small) == pytest.approx(
+        64 * small / 4e9 + 64 * fixed)
+    with pytest.raises(ValueError, match="expert_nbytes must be > 0"):
+        costs.step_ms(1, 1e6, 0, expert_nbytes=0)
+
+
+def test_a_split_replayed_at_a_larger_batch_reads_more_experts_per_step():
+    """split_at_batch times the chosen split at another decode batch on the same routing:
+    more distinct experts per step at batch 16, fewer per token."""
+    profile = Profile(3, 16, 2, 1000, np.full((3, 16), 100, np.int64))
+    routing = autosplit.trace_from_profile(profile, tokens=512)
+    best, _ = plan_split(routing, 3 * 8 * RB, resident_nbytes=RB, slot_nbytes=EB,
+                         profile=profile)
+    again = autosplit.split_at_batch(best, profile, 1, slot_nbytes=EB)
+    assert again.resident == best.resident and again.slots == best.slots
+    assert again.predicted_step_ms == pytest.approx(best.predicted_step_ms, rel=0.15)
+    wide = autosplit.split_at_batch(best, profile, 16, slot_nbytes=EB)
+    assert wide.batch == 16 and wide.predicted_step_ms > best.predicted_step_ms
+    assert wide.tokens_per_s > best.tokens_per_s
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        autosplit.split_at_batch(best, profile, 0, slot_nbytes=EB)
 
 
 def test_costs_are_cached_per_device_and_a_damaged_cache_falls_back(tmp_path, monkeypatch):

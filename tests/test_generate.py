@@ -148,12 +148,16 @@ def test_describe_measures_a_config_without_weights(family, tmp_path):
 
 
 def test_plan_predicts_whole_model_decode_from_a_config(qwen_config_dir, capsys):
+    from moe_uvm.integrations.hf_shape import describe
+
     assert main(["plan", "--model", str(qwen_config_dir), "--gpu-budget-gb", "0.01",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     whole = result["whole_model"]
     assert whole["step_ms"] > result["auto"]["model_step_ms"] > 0
-    assert result["fixed_gb"] == pytest.approx(whole["non_expert_gb"] + whole["kv_cache_gb"])
+    info = describe(qwen_config_dir)
+    assert result["fixed_gb"] == pytest.approx(info.fixed_bytes(512) / 1e9)  # batch 1 x context
+    assert result["fixed_gb"] > whole["non_expert_gb"] + whole["kv_cache_gb"]
     assert main(["plan", "--model", str(qwen_config_dir), "--model-shape", "mixtral-8x7b",
                  "--gpu-budget-gb", "1"]) == 2
     assert "--model sets the expert size" in capsys.readouterr().err
@@ -185,6 +189,31 @@ def test_routing_from_a_trace_replaces_the_routers_choice(qwen_config_dir, tmp_p
     assert main(["generate", "--model", str(qwen_config_dir), "--random-weights", "1",
                  "--routing-trace", str(path), "--device", "cpu"]) == 2
     assert "--routing-trace has 8 experts, top-3; the model 4, top-2" in capsys.readouterr().err
+
+
+def test_the_fixed_parts_and_all_expert_bytes_hold_every_expert_resident(qwen_config_dir):
+    """The benchmarks' 100% budget (describe's fixed parts + the experts' dense bytes) is what
+    the loader needs for every expert resident: the planner picks that, with packed stores."""
+    from moe_uvm.integrations.hf_shape import describe
+    from moe_uvm.store import PACKED_ALIGNMENT
+
+    info = describe(qwen_config_dir, torch.float32)
+    shape, tokens = info.shape, 2 * 40
+    experts = shape.num_moe_layers * shape.num_experts * shape.bytes_per_expert
+    budget = (info.fixed_bytes(tokens) + experts) / 1e9
+    loaded = load_model(qwen_config_dir, ExpertOffloadConfig(gpu_budget_gb=budget),
+                        random_weights=0, device="cpu", dtype=torch.float32, kv_tokens=tokens)
+    try:
+        manager = loaded.manager
+        assert manager.split.slots == 0 and set(manager.split.resident) == {shape.num_experts}
+        assert manager.stores[0].slot_nbytes % PACKED_ALIGNMENT == 0
+        assert manager.resident_bytes() == experts  # no padding: these experts are 256-aligned
+    finally:
+        loaded.manager.close()
+    with pytest.raises(ValueError):  # a byte less and the fixed parts no longer fit with them
+        load_model(qwen_config_dir, ExpertOffloadConfig(gpu_budget_gb=budget, num_resident=
+                   shape.num_experts, prefetch_slots=0), random_weights=0, device="cpu",
+                   dtype=torch.float32, kv_tokens=tokens + 1)
 
 
 def test_the_kv_cache_comes_out_of_the_budget(qwen_config_dir):

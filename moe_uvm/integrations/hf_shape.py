@@ -20,12 +20,22 @@ class ModelInfo:
     """shape: the routed experts (ModelShape); non_expert_bytes: every other weight on the
     device; embedding_bytes: the input embedding among them (a decode step reads only its rows,
     unless it is tied to the output head); kv_bytes_per_token: the KV cache of one token over
-    all layers."""
+    all layers; buffer_bytes: the computed buffers (rotary tables) the loader also puts there."""
 
     shape: ModelShape
     non_expert_bytes: int
     embedding_bytes: int
     kv_bytes_per_token: int
+    buffer_bytes: int = 0
+
+    def fixed_bytes(self, kv_tokens: int = 0) -> int:
+        """What a load takes out of gpu_budget_gb before the experts' share: non-expert weights,
+        computed buffers, the routing counters and a KV cache of `kv_tokens` tokens (batch x
+        context). A budget of this + X% of the expert bytes is the benchmarks' X% budget."""
+        from moe_uvm.memory import routing_counters_nbytes
+
+        return (self.non_expert_bytes + self.buffer_bytes + self.kv_bytes_per_token * kv_tokens
+                + routing_counters_nbytes(self.shape.num_moe_layers, self.shape.num_experts))
 
     @property
     def step_read_bytes(self) -> int:
@@ -75,5 +85,11 @@ def describe(model_dir: str | Path, dtype: torch.dtype | None = None) -> ModelIn
     shared = getattr(config, "n_shared_experts", None) or 0
     shape = ModelShape(f"{config.model_type} ({path.name})", layers, len(blocks), E, top_k, H, I,
                        shared, size)
+    # the computed (non-persistent) buffers of non-expert modules, as the loader counts them
+    expert_modules = {id(b.module.experts) for b in blocks}
+    buffers = {id(b): b for m in model.modules() if id(m) not in expert_modules
+               for name, b in m._buffers.items()
+               if name in m._non_persistent_buffers_set and b is not None}
     return ModelInfo(shape, non_expert, 0 if tied else embed.numel() * size,
-                     kv_bytes_per_token(config, layers, dtype))
+                     kv_bytes_per_token(config, layers, dtype),
+                     sum(b.nbytes for b in buffers.values()))

@@ -275,7 +275,8 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
               for b in cfg.batches]
     launch_us, kernel_gbps = fit_kernel_costs(L, points)
     source = ("measured by moe-uvm bench" if cuda else "CPU harness: H200 defaults")
-    costs = Costs(bw["hbm_read_gbps"], bw["read_through_gbps"], kernel_gbps, launch_us, source)
+    costs = Costs(bw["hbm_read_gbps"], bw["read_through_gbps"], kernel_gbps, launch_us, source,
+                  kernel_expert_nbytes=float(eb))
     if cuda:
         save_costs(ceilings.device_summary()["device"], costs)
     progress(f"cost model: launch {launch_us:.1f} us per layer, kernel HBM {kernel_gbps:.0f} "

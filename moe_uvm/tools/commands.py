@@ -220,7 +220,7 @@ def plan_command(args: argparse.Namespace) -> int:
         info = describe(args.model)
         kv = info.kv_bytes_per_token * args.batch * args.context
         if args.fixed_gb is None:
-            args.fixed_gb = (info.non_expert_bytes + kv) / 1e9
+            args.fixed_gb = info.fixed_bytes(args.batch * args.context) / 1e9
     args.fixed_gb = args.fixed_gb or 0.0
     if not 0 <= args.fixed_gb < args.gpu_budget_gb:
         raise CLIError(f"--fixed-gb must be >= 0 and below --gpu-budget-gb "
@@ -255,7 +255,7 @@ def plan_command(args: argparse.Namespace) -> int:
         source = f"trace {trace_path(name).name}"
         profile = None
     L = routing.num_layers
-    resident_nb, slot_nb = expert_nbytes(shape)
+    resident_nb, slot_nb, packed_nb = expert_nbytes(shape)
     # The routing's L layers stand for the model's: plan their share of the budget.
     budget = (args.gpu_budget_gb - args.fixed_gb) * 1e9 * L / model_layers
     device = None
@@ -265,7 +265,8 @@ def plan_command(args: argparse.Namespace) -> int:
         device = ceilings.device_summary()["device"]
     costs = load_costs(device)
     best, candidates = plan_split(routing, budget, resident_nbytes=resident_nb,
-                                  slot_nbytes=slot_nb, batch=args.batch, costs=costs,
+                                  slot_nbytes=slot_nb, packed_nbytes=packed_nb,
+                                  batch=args.batch, costs=costs,
                                   profile=profile)
     scale = model_layers / L
     step_ms = best.predicted_step_ms * scale
@@ -316,7 +317,8 @@ def plan_command(args: argparse.Namespace) -> int:
               f"cache and output head); fixed parts {w['non_expert_gb']:.2f} GB weights + "
               f"{w['kv_cache_gb']:.2f} GB KV cache")
     print(f"  costs: {costs.source}: HBM {costs.hbm_gbps:.0f} GB/s, read-through "
-          f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s, "
+          f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s at "
+          f"{costs.kernel_expert_nbytes / 2**20:.1f} MiB experts, "
           f"{costs.launch_us:.1f} us per layer"
           + (f"; attention etc. {costs.dense_us_per_layer:.0f} us per decoder layer (fitted on "
              "the H200's whole-model run)" if info is not None else ""))
