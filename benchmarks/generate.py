@@ -82,7 +82,7 @@ def run_one(spec: dict) -> dict:
     shape = info.shape
     expert_bytes = shape.num_moe_layers * shape.num_experts * shape.bytes_per_expert
     context = spec["prompt_tokens"] + spec["new_tokens"]
-    fixed = info.non_expert_bytes + info.kv_bytes_per_token * spec["batch"] * context
+    fixed = info.fixed_bytes(spec["batch"] * context)  # as the loader counts them
     budget_gb = (fixed + spec["budget"] / 100 * expert_bytes) / 1e9
     ids = prompt_ids(model_dir, prompt_tokens=spec["prompt_tokens"], batch=spec["batch"],
                      vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"],
@@ -99,24 +99,11 @@ def run_one(spec: dict) -> dict:
         if spec.get("trace"):
             # The trace's first half is the calibration (a profile, as `moe-uvm calibrate`
             # would write: moe-uvm plans on it); the run is routed by the second half.
-            from moe_uvm.profile import Profile
-            from moe_uvm.trace import load_trace
-
-            if spec["trace"] == UNIFORM:
-                from moe_uvm.trace import synthetic_trace
-
-                whole = synthetic_trace(shape.num_moe_layers, shape.num_experts, shape.top_k,
-                                        num_sequences=8, tokens_per_sequence=256,
-                                        zipf_exponent=0.0, topic_strength=0.0,
-                                        layer_coupling=0.0, seed=SEED)
-            else:
-                whole = load_trace(spec["trace"])
-            half = whole.num_sequences // 2
+            calibration, trace = _trace_halves(spec, shape)
             path = model_dir / "trace_profile.json"
             if method == "moe-uvm":
-                Profile.from_trace(whole.sequences(0, half), cooccurrence=True).save(path)
+                calibration.save(path)
                 profile = dict(resident_selection="profile", profile_path=str(path))
-            trace = whole.sequences(half, None)
         if method == "moe-uvm":
             config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, **profile)
         else:  # a static first-N split of the same bytes, no slots
@@ -128,7 +115,7 @@ def run_one(spec: dict) -> dict:
                                   batch=spec["batch"], ignore_eos=True, warmup=True,
                                   free_before=free_before, routing_trace=trace)
         record.update(report.to_dict(), tokens=tokens)
-        record.update(_predictions(loaded.manager, info, spec, record, context))
+        record.update(_predictions(loaded.manager.split, info, spec, record, context))
         loaded.manager.close()
         return record
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -181,33 +168,75 @@ def run_one(spec: dict) -> dict:
     return record
 
 
-def _predictions(manager, info, spec: dict, record: dict, context: int) -> dict:
+def _trace_halves(spec: dict, shape):
+    """(profile counted on the first half, second half) of the run's trace: the file, or for
+    --trace uniform seeded uniform routing made for the shape."""
+    from moe_uvm.profile import Profile
+    from moe_uvm.trace import load_trace, synthetic_trace
+
+    if spec["trace"] == UNIFORM:
+        whole = synthetic_trace(shape.num_moe_layers, shape.num_experts, shape.top_k,
+                                num_sequences=8, tokens_per_sequence=256, zipf_exponent=0.0,
+                                topic_strength=0.0, layer_coupling=0.0, seed=SEED)
+    else:
+        whole = load_trace(spec["trace"])
+    half = whole.num_sequences // 2
+    return (Profile.from_trace(whole.sequences(0, half), cooccurrence=True),
+            whole.sequences(half, None))
+
+
+def _predictions(split, info, spec: dict, record: dict, context: int,
+                 retime: bool = False) -> dict:
     """What the plan predicted for this run and the floor of what it read. plan: the planner's
     split prediction (its own routing assumption: the profile's, flat without one) + the
     whole-model part (`moe-uvm plan --model`); cost_model: the same cost model on the expert
     reads this run measured; floor: those reads at the ceilings measured in this process
     (offloaded bytes / read-through + resident expert and non-expert bytes / HBM read)."""
-    import torch
+    from moe_uvm.autosplit import Split, load_costs, planning_routing, split_at_batch
 
-    from moe_uvm.autosplit import load_costs
-
-    cuda = torch.cuda.is_available()
-    costs = load_costs(torch.cuda.get_device_name() if cuda else None)
-    batch, layers = spec["batch"], info.shape.num_layers
+    device = record.get("device")
+    costs = load_costs(device if device not in (None, "cpu") else None)
+    batch, layers, shape = spec["batch"], info.shape.num_layers, info.shape
+    expert = shape.bytes_per_expert
     kv = info.kv_bytes_per_token * batch * context
     dense_ms = costs.dense_step_ms(layers, info.step_read_bytes, kv)
     hbm = record["hbm_gb_per_token"] * 1e9 * batch
     pcie = record["pcie_gb_per_token"] * 1e9 * batch
     out = {"dense_step_ms": dense_ms, "costs": costs.source}
-    measured = costs.step_ms(info.shape.num_moe_layers, hbm, pcie, batch) + dense_ms
+    measured = costs.step_ms(shape.num_moe_layers, hbm, pcie, batch, expert) + dense_ms
     out["cost_model_tokens_per_s"] = batch / measured * 1e3
-    if manager.split is not None:
-        out["plan_tokens_per_s"] = batch / (manager.split.predicted_step_ms + dense_ms) * 1e3
-    if cuda:
+    if split is not None:
+        if isinstance(split, dict):
+            split = Split(**{k: tuple(v) if k == "resident" else v for k, v in split.items()
+                             if k in Split.__dataclass_fields__})
+        if retime or split.batch != batch:  # planned at batch 1 (or with older costs)
+            profile = _trace_halves(spec, shape)[0] if spec.get("trace") and \
+                spec["method"] == "moe-uvm" else None
+            routing = planning_routing(profile, shape.num_moe_layers, shape.num_experts,
+                                       shape.top_k)
+            split = split_at_batch(split, routing, batch, slot_nbytes=expert, costs=costs)
+        out["plan_tokens_per_s"] = batch / (split.predicted_step_ms + dense_ms) * 1e3
+    if record.get("read_through_gbps"):
         floor_ms = (pcie / (record["read_through_gbps"] * 1e6)
                     + (hbm + info.step_read_bytes + kv) / (record["hbm_read_gbps"] * 1e6))
         out["floor_tokens_per_s"] = batch / floor_ms * 1e3
     return out
+
+
+def repredict(results: dict) -> None:
+    """Recompute the predictions of every moe-uvm and uva record in place."""
+    from moe_uvm.integrations.hf_shape import describe
+
+    infos = {}
+    for r in results["records"]:
+        if r["method"] not in ("moe-uvm", "uva") or "hbm_gb_per_token" not in r:
+            continue
+        if (r["shape"], r["layers"]) not in infos:
+            folder = pathlib.Path(tempfile.mkdtemp(prefix="moe-uvm-generate-"))
+            infos[r["shape"], r["layers"]] = describe(write_config(r["shape"], r["layers"],
+                                                                   folder))
+        r.update(_predictions(r.get("split"), infos[r["shape"], r["layers"]], r, r,
+                              r["prompt_tokens"] + r["new_tokens"], retime=True))
 
 
 def _agree(tokens: list, reference: list) -> float:
@@ -288,10 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape")
     parser.add_argument("--table", action="store_true",
                         help="print the JSON's table, run nothing")
+    parser.add_argument("--repredict", action="store_true",
+                        help="recompute the JSON's plan, cost-model and floor figures with "
+                        "this version's cost model (from each record's split, measured reads "
+                        "and ceilings), then print the table; runs nothing on the GPU")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a run's spec, in a child process
     args = parser.parse_args(argv)
     if args.table:
         print("\n".join(table(json.loads(args.out.read_text()))))
+        return 0
+    if args.repredict:
+        results = json.loads(args.out.read_text())
+        repredict(results)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print("\n".join(table(results)))
         return 0
     if args.one is not None:
         print("RECORD " + json.dumps(run_one(json.loads(args.one))))
