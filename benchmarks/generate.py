@@ -192,7 +192,7 @@ def _predictions(split, info, spec: dict, record: dict, context: int,
     whole-model part (`moe-uvm plan --model`); cost_model: the same cost model on the expert
     reads this run measured; floor: those reads at the ceilings measured in this process
     (offloaded bytes / read-through + resident expert and non-expert bytes / HBM read)."""
-    from moe_uvm.autosplit import Split, load_costs, planning_routing, split_at_batch
+    from moe_uvm.autosplit import load_costs, planning_routing, split_at_batch
 
     device = record.get("device")
     costs = load_costs(device if device not in (None, "cpu") else None)
@@ -206,9 +206,6 @@ def _predictions(split, info, spec: dict, record: dict, context: int,
     measured = costs.step_ms(shape.num_moe_layers, hbm, pcie, batch, expert) + dense_ms
     out["cost_model_tokens_per_s"] = batch / measured * 1e3
     if split is not None:
-        if isinstance(split, dict):
-            split = Split(**{k: tuple(v) if k == "resident" else v for k, v in split.items()
-                             if k in Split.__dataclass_fields__})
         if retime or split.batch != batch:  # planned at batch 1 (or with older costs)
             profile = _trace_halves(spec, shape)[0] if spec.get("trace") and \
                 spec["method"] == "moe-uvm" else None
@@ -225,6 +222,7 @@ def _predictions(split, info, spec: dict, record: dict, context: int,
 
 def repredict(results: dict) -> None:
     """Recompute the predictions of every moe-uvm and uva record in place."""
+    from moe_uvm.autosplit import Split
     from moe_uvm.integrations.hf_shape import describe
 
     infos = {}
@@ -235,7 +233,11 @@ def repredict(results: dict) -> None:
             folder = pathlib.Path(tempfile.mkdtemp(prefix="moe-uvm-generate-"))
             infos[r["shape"], r["layers"]] = describe(write_config(r["shape"], r["layers"],
                                                                    folder))
-        r.update(_predictions(r.get("split"), infos[r["shape"], r["layers"]], r, r,
+        split = r.get("split")
+        if split is not None:  # the stored Split.to_dict(), less its derived fields
+            split = Split(**{k: tuple(v) if k == "resident" else v for k, v in split.items()
+                             if k in Split.__dataclass_fields__})
+        r.update(_predictions(split, infos[r["shape"], r["layers"]], r, r,
                               r["prompt_tokens"] + r["new_tokens"], retime=True))
 
 

@@ -60,7 +60,7 @@ class Costs:
     weights. Fitted on the H200 from a whole Qwen3-30B-A3B-shaped model (48 layers, every
     expert resident, batch 1, torch.compile'd graph decode: 5.17 ms per step, of which 1.78 ms
     experts and 0.60 ms non-expert weight reads; benchmarks/generate.py); the Mixtral-8x7B
-    shape of the same run, not fitted on, came out within 3%."""
+    shape of the same run, not fitted on, came out within 1%."""
     kernel_expert_nbytes: float = 9_437_184.0
     """The expert size kernel_hbm_gbps was measured at (Qwen3-30B-A3B's, 9 MiB). The kernel's
     rate below the HBM ceiling is a fixed cost per expert read (ramp-up and tail of short
@@ -288,8 +288,8 @@ def _replay(replayed: RoutingTrace, profile: Profile, sizes: tuple[int, ...], sl
     L = replayed.num_layers
     record = simulate(replayed, [sum(sizes) // L], batch=batch, policies=("global",),
                       profile=profile,
-                      slots=SlotSettings((slots,), (mode,), eviction=eviction if slots else "lru"))
-    record = record[0]
+                      slots=SlotSettings((slots,), (mode,), eviction=eviction if slots else "lru"),
+                      )[0]
     hbm = record["hbm_experts_per_step"] * slot_nbytes
     pcie = record["pcie_experts_per_step"] * slot_nbytes
     return Split(sizes, slots, mode, eviction, batch, resident_bytes, slots * L * slot_nbytes,

@@ -68,9 +68,10 @@ def store_alignment(
         counts = [len(config.manual_ids(layer, L, E)) for layer in range(L)]
     elif config.num_resident is not None:
         counts = config.resident_counts(L, E)
-    else:  # a budget alone: the experts it holds at packed size
+    else:  # a budget alone: packed when it holds every expert at packed size
         packed = ManagedExpertStore.planned_nbytes(1, spec, PACKED_ALIGNMENT)
-        counts = [E if config.gpu_budget_gb * 1e9 >= L * E * packed else 0]
+        return PACKED_ALIGNMENT if config.gpu_budget_gb * 1e9 >= L * E * packed \
+            else EXPERT_ALIGNMENT
     return PACKED_ALIGNMENT if all(c == E for c in counts) else EXPERT_ALIGNMENT
 
 
