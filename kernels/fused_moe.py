@@ -1,8 +1,9 @@
 """Fused-MoE forward in Triton. Grouped path (here): align (token, expert) pairs by expert on the
-GPU (moe_align.py), grouped gate/up GEMM with SiLU-and-mul fused, grouped down GEMM (optional
-split-K), deterministic top-k sum. One-token path: fused_moe_decode.py. Weights are read in
-place through their strides (device, managed or mapped host memory); fill_slot copies them into
-GPU slots."""
+GPU (moe_align.py; one token needs no alignment: choice j is row block j), grouped gate/up GEMM
+with SiLU-and-mul fused, grouped down GEMM (optional split-K), deterministic top-k sum. The
+one-token GEMV path: fused_moe_decode.py. Every kernel is launched with programmatic dependent
+launch where the GPU has it (pdl.py). Weights are read in place through their strides (device,
+managed or mapped host memory); fill_slot copies them into GPU slots."""
 
 import functools
 
@@ -23,16 +24,37 @@ from .fused_moe_configs import (
 )
 from .fused_moe_decode import one_token_moe
 from .moe_align import align_by_expert
+from .pdl import pdl_enter, pdl_launch
 from .reference import fused_moe_reference
 
 
 @triton.jit
+def _block_rows(sorted_ptr, block_expert_ptr, stride_bj, pid_m, num_pairs, num_experts,
+                PAIR_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, pair of each row, whether the block has work) of row block pid_m. With
+    PAIR_BLOCKS (one token: its top-k experts are distinct), block j is choice j alone, read
+    from topk_ids (block_expert_ptr, stride stride_bj): no alignment launch."""
+    lanes = tl.arange(0, BLOCK_M)
+    if PAIR_BLOCKS:
+        expert = tl.load(block_expert_ptr + pid_m * stride_bj).to(tl.int32)
+        pairs = tl.where(lanes == 0, pid_m, num_pairs).to(tl.int32)
+        work = (expert >= 0) & (expert < num_experts)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + lanes).to(tl.int32)
+        work = expert >= 0
+    return expert, pairs, work
+
+
+@triton.jit
 def _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, block_expert_ptr,
-                       pid_m, expert, HAS_SLOTS: tl.constexpr):
+                       pid_m, expert, HAS_SLOTS: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
     """fill_targets for the expert of row block pid_m; only the expert's first row block fills
-    (every block loads the same weight tiles)."""
+    (every block loads the same weight tiles; with PAIR_BLOCKS each expert has one block)."""
     fill_base, fill = fill_targets(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, expert,
                                    expert >= 0, HAS_SLOTS)
+    if PAIR_BLOCKS:
+        return fill_base, fill
     previous = tl.load(block_expert_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
     return fill_base, fill & (previous != expert)
 
@@ -67,16 +89,18 @@ def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks, hid
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
-                    fill_slot_ptr, act_ptr, sorted_ptr, block_expert_ptr, num_pairs, hidden,
-                    intermediate, TOP_K: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                    HAS_FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                    fill_slot_ptr, act_ptr, sorted_ptr, block_expert_ptr, stride_bj, num_pairs,
+                    num_experts, hidden, intermediate, TOP_K: tl.constexpr,
+                    HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+                    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """act[pair, n] = silu(x @ w1[e]^T) * (x @ w3[e]^T) for one row tile of one expert."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    expert, pairs, work = _block_rows(sorted_ptr, block_expert_ptr, stride_bj, pid_m, num_pairs,
+                                      num_experts, PAIR_BLOCKS, BLOCK_M)
+    if not work:
         return
-    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pairs < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < intermediate
@@ -90,7 +114,7 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
     if HAS_FILL:
         fill_base, fill = _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr,
                                              fill_slot_ptr, block_expert_ptr, pid_m, expert,
-                                             HAS_SLOTS)
+                                             HAS_SLOTS, PAIR_BLOCKS)
         if fill:
             fill_ptrs = fill_base + cols.to(tl.int64)[None, :] * hidden + ks[:, None]
             gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks,
@@ -134,18 +158,20 @@ def _down_loop(a_ptrs, w_ptrs, fill_ptrs, row_ok, col_ok, ks, k_start, k_end, in
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
-                 fill_slot_ptr, partial_ptr, sorted_ptr, block_expert_ptr, num_pairs, hidden,
-                 intermediate, k_per_split, HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 fill_slot_ptr, partial_ptr, sorted_ptr, block_expert_ptr, stride_bj, num_pairs,
+                 num_experts, hidden, intermediate, k_per_split, HAS_SLOTS: tl.constexpr,
+                 HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr, PDL: tl.constexpr):
     """partial[split, pair, n] = act[pair, k-range] @ w2[e][n, k-range]^T, fp32. With split-K,
     each split loads (and fills) its own K range of the weight tile."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     split = tl.program_id(2)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    expert, pairs, work = _block_rows(sorted_ptr, block_expert_ptr, stride_bj, pid_m, num_pairs,
+                                      num_experts, PAIR_BLOCKS, BLOCK_M)
+    if not work:
         return
-    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pairs < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
@@ -158,7 +184,7 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
     if HAS_FILL:  # a loop of its own for the filling programs, as in _gate_up_kernel
         fill_base, fill = _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr,
                                              fill_slot_ptr, block_expert_ptr, pid_m, expert,
-                                             HAS_SLOTS)
+                                             HAS_SLOTS, PAIR_BLOCKS)
         if fill:
             fill_ptrs = (fill_base + cols.to(tl.int64)[None, :] * intermediate
                          + (k_start + ks)[:, None])
@@ -178,8 +204,10 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
 @triton.jit(do_not_specialize=["num_pairs"])
 def _sum_topk_kernel(partial_ptr, ids_ptr, stride_it, stride_ij, weights_ptr, stride_wt,
                      stride_wj, out_ptr, stride_ot, num_pairs, num_experts, hidden,
-                     TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                     TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                     PDL: tl.constexpr):
     """out[t] = sum_j w[t, j] * sum_s partial[s, t*k+j]: a fixed order, so bitwise reproducible."""
+    pdl_enter(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < hidden
@@ -208,31 +236,42 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
     num_experts, intermediate, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
     num_pairs = num_tokens * top_k
-    sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, config.block_m)
+    # One token: its top-k experts are distinct, so choice j is row block j as it stands.
+    pair_blocks = num_tokens == 1
+    if pair_blocks:
+        sorted_pairs, block_expert, stride_bj = topk_ids, topk_ids, topk_ids.stride(1)
+        num_blocks = top_k
+    else:
+        sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, config.block_m)
+        stride_bj, num_blocks = 1, block_expert.numel()
     slot_strides = (w13_slots.stride(0), w2_slots.stride(0)) if w13_slots is not None else (0, 0)
-    flags = dict(HAS_SLOTS=expert_slot is not None, HAS_FILL=fill_slot is not None)
+    flags = dict(HAS_SLOTS=expert_slot is not None, HAS_FILL=fill_slot is not None,
+                 PAIR_BLOCKS=pair_blocks)
     # fp32 callers get fp32 products (as torch matmul does by default), not TF32.
     precision = "ieee" if dtype == torch.float32 else None
     act = torch.empty((num_pairs, intermediate), dtype=dtype, device=device)
-    grid = (block_expert.numel(), triton.cdiv(intermediate, config.gate_up_block_n))
+    grid = (num_blocks, triton.cdiv(intermediate, config.gate_up_block_n))
     _gate_up_kernel[grid](
         hidden_states, hidden_states.stride(0), w13, w13.stride(0), w13_slots, slot_strides[0],
-        expert_slot, fill_slot, act, sorted_pairs, block_expert, num_pairs, hidden, intermediate,
-        TOP_K=top_k, **flags, EVEN_K=hidden % config.gate_up_block_k == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k,
-        PRECISION=precision, num_warps=config.gate_up_warps, num_stages=config.gate_up_stages,
+        expert_slot, fill_slot, act, sorted_pairs, block_expert, stride_bj, num_pairs,
+        num_experts, hidden, intermediate, TOP_K=top_k, **flags,
+        EVEN_K=hidden % config.gate_up_block_k == 0, BLOCK_M=config.block_m,
+        BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, PRECISION=precision,
+        num_warps=config.gate_up_warps, num_stages=config.gate_up_stages,
+        **pdl_launch(device),
     )
     split_k = config.down_split_k
     k_per_split = triton.cdiv(triton.cdiv(intermediate, config.down_block_k), split_k)
     k_per_split *= config.down_block_k
     partial = torch.empty((split_k, num_pairs, hidden), dtype=torch.float32, device=device)
-    grid = (block_expert.numel(), triton.cdiv(hidden, config.down_block_n), split_k)
+    grid = (num_blocks, triton.cdiv(hidden, config.down_block_n), split_k)
     _down_kernel[grid](
         act, w2, w2.stride(0), w2_slots, slot_strides[1], expert_slot, fill_slot, partial,
-        sorted_pairs, block_expert, num_pairs, hidden, intermediate, k_per_split, **flags,
-        EVEN_K=intermediate % config.down_block_k == 0, BLOCK_M=config.block_m,
-        BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k, PRECISION=precision,
-        num_warps=config.down_warps, num_stages=config.down_stages,
+        sorted_pairs, block_expert, stride_bj, num_pairs, num_experts, hidden, intermediate,
+        k_per_split, **flags, EVEN_K=intermediate % config.down_block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k,
+        PRECISION=precision, num_warps=config.down_warps, num_stages=config.down_stages,
+        **pdl_launch(device),
     )
     out = torch.empty((num_tokens, hidden), dtype=dtype, device=device)
     block_h = min(512, triton.next_power_of_2(hidden))
@@ -240,6 +279,7 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
         partial, topk_ids, topk_ids.stride(0), topk_ids.stride(1), topk_weights,
         topk_weights.stride(0), topk_weights.stride(1), out, out.stride(0), num_pairs,
         num_experts, hidden, TOP_K=top_k, SPLIT_K=split_k, BLOCK_H=block_h,
+        **pdl_launch(device),
     )
     return out
 
@@ -354,10 +394,12 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     must be < S; a slot filled must not be read in the same call, nor filled for two experts.
     The output does not depend on fill_slot.
 
-    Returns [T, H] in hidden_states' dtype, bitwise reproducible. T == 1 takes a two-launch
-    GEMV path (fp32 activations); its reduction order follows the load vector width, so its
-    bits match across placements and slot copies when weight bases and stride(0) are multiples
-    of 16 elements (torch allocations, the expert store and slot pools from torch.empty are).
+    Returns [T, H] in hidden_states' dtype, bitwise reproducible. T == 1 never aligns: it takes
+    the grouped kernels with one row block per choice, or, where the GPU's table picks it, a
+    two-launch GEMV path (fp32 activations) whose reduction order follows the load vector
+    width, so its bits match across placements and slot copies when weight bases and
+    stride(0) are multiples of 16 elements (torch allocations, the expert store and slot pools
+    from torch.empty are).
     CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels; other CPU
     tensors use the plain-torch path (fused_moe_reference). A custom op: capturable in CUDA
     graphs and torch.compile(fullgraph).

@@ -8,14 +8,17 @@ import triton.language as tl
 
 from .expert_address import expert_base, expert_bases, fill_targets
 from .fused_moe_configs import MoeDecodeConfig
+from .pdl import pdl_enter, pdl_launch
 
 
 @triton.jit
 def _decode_gate_up_kernel(x_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
                            fill_slot_ptr, ids_ptr, stride_ij, act_ptr, num_experts, hidden,
                            intermediate, HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr,
-                           EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PDL: tl.constexpr):
     """act[j, n] = silu(w1[e] . x) * (w3[e] . x), fp32, for choice j of the only token."""
+    pdl_enter(PDL)
     choice = tl.program_id(1)
     expert = tl.load(ids_ptr + choice * stride_ij)
     if (expert < 0) | (expert >= num_experts):
@@ -61,9 +64,11 @@ def _decode_down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert
                         fill_slot_ptr, ids_ptr, stride_ij, weights_ptr, stride_wj, out_ptr,
                         num_experts, hidden, intermediate, TOP_K: tl.constexpr,
                         K_PAD: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr,
-                        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr):
     """out[n] = sum_j w[j] * (w2[e_j][n] . act[j]): all top-k experts in one [k, n, K] tile, so
     each K step has every expert's loads in flight and the sum over j has a fixed order."""
+    pdl_enter(PDL)
     choices = tl.arange(0, K_PAD)
     ids = tl.load(ids_ptr + choices * stride_ij, mask=choices < TOP_K, other=-1)
     routed = (ids >= 0) & (ids < num_experts)
@@ -118,6 +123,7 @@ def one_token_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         topk_ids, topk_ids.stride(1), act, num_experts, hidden, intermediate, **flags,
         EVEN_K=hidden % config.gate_up_block_k == 0, BLOCK_N=config.gate_up_block_n,
         BLOCK_K=config.gate_up_block_k, num_warps=config.gate_up_warps,
+        **pdl_launch(hidden_states.device),
     )
     out = torch.empty((1, hidden), dtype=hidden_states.dtype, device=hidden_states.device)
     _decode_down_kernel[(triton.cdiv(hidden, config.down_block_n),)](
@@ -126,5 +132,7 @@ def one_token_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         intermediate, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), **flags,
         EVEN_K=intermediate % config.down_block_k == 0, BLOCK_N=config.down_block_n,
         BLOCK_K=config.down_block_k, num_warps=config.down_warps,
+        **pdl_launch(hidden_states.device),
     )
     return out
+

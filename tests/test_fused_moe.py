@@ -92,10 +92,25 @@ def test_matches_reference(seed, dtype, num_tokens, num_experts, top_k, hidden, 
                        down_block_k=64),
     ],
 )
-def test_explicit_configs_match_reference(seed, config):
-    x, w13, w2, topk_weights, topk_ids = make_inputs(37, 8, 2, 96, 80, torch.float32)
+@pytest.mark.parametrize("num_tokens", [37, 1])  # 1: each choice its own row block
+def test_explicit_configs_match_reference(seed, config, num_tokens):
+    x, w13, w2, topk_weights, topk_ids = make_inputs(num_tokens, 8, 2, 96, 80, torch.float32)
     out = fused_moe_triton(x, w13, w2, topk_weights, topk_ids, config=config)
     ref = fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_one_token_row_blocks_skip_padding_and_out_of_range_ids(seed):
+    """One token on the grouped kernels (no alignment): ids < 0 and >= E contribute nothing,
+    as on every other path."""
+    x, w13, w2, topk_weights, topk_ids = make_inputs(1, 16, 4, 80, 40, torch.float32)
+    config = MoeBlockConfig(gate_up_block_k=32, down_block_k=16, down_split_k=2)
+    topk_ids[0, 1], topk_ids[0, 3] = -1, 16
+    topk_weights[0, 1] = topk_weights[0, 3] = float("nan")
+    out = fused_moe_triton(x, w13, w2, topk_weights, topk_ids, config=config)
+    kept = topk_ids.clone()
+    kept[0, 3] = -1
+    ref = fused_moe_reference(x, w13, w2, topk_weights, kept)
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
@@ -178,7 +193,9 @@ def test_repeated_calls_are_bitwise_equal(seed, num_tokens):
 
 @pytest.mark.parametrize(
     "num_tokens,top_k,num_experts,block_m",
-    [(1, 2, 8, 16), (33, 2, 8, 16), (50, 6, 64, 16), (40, 2, 8, 64), (9, 8, 128, 32)],
+    [(1, 2, 8, 16), (33, 2, 8, 16), (50, 6, 64, 16), (40, 2, 8, 64), (9, 8, 128, 32),
+     # several counting/scatter programs (chunks of 32 and 256 pairs), the last one partial
+     (301, 8, 128, 32), (2053, 8, 128, 128), (700, 2, 8, 64)],
 )
 def test_alignment_matches_brute_force(seed, num_tokens, top_k, num_experts, block_m):
     topk_ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
@@ -348,7 +365,7 @@ def test_a_gpu_without_a_file_borrows_its_architectures_tables_else_uses_the_rul
     assert tuned_tables("NVIDIA Imaginary GPU", (7, 5)).grouped == {}
     h100 = tuned_tables("NVIDIA H100 80GB HBM3")
     assert h100.compute_capability == (9, 0)
-    assert tuned_tables("NVIDIA H200", (9, 0)) == h100
+    assert tuned_tables("NVIDIA H800 PCIe", (9, 0)) == h100  # first file of its architecture
     tuned = select_config(128, 2048, 768, 8, torch.bfloat16, 16, h100)
     assert tuned == h100.grouped[config_key(128, 2048, 768, 8, torch.bfloat16)][2][1]
     assert select_config(128, 2048, 768, 8, torch.bfloat16, 16) == default_config(
@@ -425,9 +442,9 @@ def test_one_token_path_reads_slots_of_strided_weights(seed):
         assert rel_err(out, ref) < 2e-3
 
 
-def test_one_token_takes_the_two_launch_path(seed, monkeypatch):
-    """T == 1 skips the alignment and the grouped kernels; T == 2 and a shape whose tuned
-    decode entry is None take the grouped path (which the patched alignment breaks)."""
+def test_one_token_never_aligns(seed, monkeypatch):
+    """T == 1 skips the alignment: on the GEMV path, and on the grouped kernels where the
+    tuned decode entry is None; T == 2 aligns (which the patched alignment breaks)."""
     x, w13, w2, topk_weights, topk_ids = make_inputs(2, 8, 2, 64, 32, torch.float32)
 
     def no_alignment(*args, **kwargs):
@@ -442,8 +459,14 @@ def test_one_token_takes_the_two_launch_path(seed, monkeypatch):
     tables = TunedTables("test GPU", decode={config_key(8, 64, 32, 2, torch.float32): None})
     assert select_decode_config(8, 64, 32, 2, torch.float32, tables) is None
     monkeypatch.setattr(KERNEL_MODULE, "_tables", lambda device: tables)
-    with pytest.raises(RuntimeError, match="alignment ran"):
-        fused_moe_triton(x[:1], w13, w2, topk_weights[:1], topk_ids[:1])
+
+    def no_gemv(*args, **kwargs):
+        raise RuntimeError("one-token GEMV ran")
+
+    # The grouped kernels, one row block per choice: no alignment either.
+    monkeypatch.setattr(KERNEL_MODULE, "one_token_moe", no_gemv)
+    out = fused_moe_triton(x[:1], w13, w2, topk_weights[:1], topk_ids[:1])
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
 def test_decode_config_needs_one_token_and_valid_tiles():
@@ -596,3 +619,14 @@ def test_gpu_weights_in_managed_memory_bitwise_equal(seed, num_tokens):
             assert torch.equal(on_store, direct), advise.__name__
     finally:
         store.free()
+
+
+def test_programmatic_dependent_launch_only_on_cuda_and_can_be_turned_off(monkeypatch):
+    pdl = importlib.import_module("moe_uvm.kernels.pdl")
+    assert pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}
+    pdl._supported.cache_clear()
+    monkeypatch.setenv("MOE_UVM_PDL", "0")
+    try:
+        assert pdl._supported(0) is False  # decided before any CUDA query
+    finally:
+        pdl._supported.cache_clear()
