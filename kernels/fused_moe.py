@@ -5,6 +5,7 @@ one-token GEMV path: fused_moe_decode.py. Every kernel is launched with programm
 launch where the GPU has it (pdl.py). Weights are read in place through their strides (device,
 managed or mapped host memory); fill_slot copies them into GPU slots."""
 
+import dataclasses
 import functools
 
 import torch
@@ -12,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .expert_address import expert_base, fill_targets
+from .fp8 import check_block_shape
 from .fused_moe_checks import check_inputs
 from .fused_moe_configs import (
     NO_TABLES,
@@ -60,9 +62,35 @@ def _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, bl
 
 
 @triton.jit
-def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks, hidden,
-                  intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _scaled_dot(x, w, acc, scale_ptrs, k0, stride_sk, col_ok, QUANT: tl.constexpr,
+                SCALE_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ w. FP8 weights (QUANT > 0) are widened to x's dtype in registers (exact: every
+    e4m3 value is a bf16/fp16 value); with block scales (QUANT == 2) this K step's scale of each
+    output column multiplies its product (a K step never crosses a scale block)."""
+    if QUANT == 0:
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    elif QUANT == 2:
+        scale = tl.load(scale_ptrs + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION) * scale[None, :]
+    else:
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _channel_scaled(acc, scale_ptrs, col_ok, QUANT: tl.constexpr):
+    """Per-output-channel scales (QUANT == 1) multiply the finished accumulator."""
+    if QUANT == 1:
+        acc = acc * tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, gate_scales, up_scales, stride_sk,
+                  row_ok, col_ok, ks, hidden, intermediate, FILL: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+                  SCALE_K: tl.constexpr):
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -79,18 +107,23 @@ def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks, hid
             tl.store(fill_ptrs, w_gate, mask=w_ok)
             tl.store(fill_ptrs + intermediate * hidden, w_up, mask=w_ok)
             fill_ptrs += BLOCK_K
-        gate = tl.dot(x, w_gate, gate, input_precision=PRECISION)
-        up = tl.dot(x, w_up, up, input_precision=PRECISION)
+        gate = _scaled_dot(x, w_gate, gate, gate_scales, k0, stride_sk, col_ok, QUANT, SCALE_K,
+                           PRECISION)
+        up = _scaled_dot(x, w_up, up, up_scales, k0, stride_sk, col_ok, QUANT, SCALE_K,
+                         PRECISION)
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
-    return gate, up
+    return (_channel_scaled(gate, gate_scales, col_ok, QUANT),
+            _channel_scaled(up, up_scales, col_ok, QUANT))
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
                     fill_slot_ptr, act_ptr, sorted_ptr, block_expert_ptr, stride_bj, num_pairs,
-                    num_experts, hidden, intermediate, TOP_K: tl.constexpr,
+                    num_experts, hidden, intermediate, scale_ptr, stride_sc_e, stride_sc_n,
+                    stride_sc_k, up_scale_row, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
+                    SCALE_K: tl.constexpr, TOP_K: tl.constexpr,
                     HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
@@ -109,6 +142,10 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
     base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
     gate_ptrs = base + cols.to(tl.int64)[None, :] * hidden + ks[:, None]
     up_ptrs = gate_ptrs + intermediate * hidden
+    # Scales are indexed by expert (never by slot: they stay on the GPU, slots or not).
+    gate_scales = (scale_ptr + expert.to(tl.int64) * stride_sc_e
+                   + (cols // SCALE_N).to(tl.int64) * stride_sc_n)
+    up_scales = gate_scales + up_scale_row * stride_sc_n
     # A loop of its own for the filling programs: the others run the loop of the no-fill
     # kernel, whose loads feed only the dots and are pipelined as tuned.
     if HAS_FILL:
@@ -117,26 +154,29 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
                                              HAS_SLOTS, PAIR_BLOCKS)
         if fill:
             fill_ptrs = fill_base + cols.to(tl.int64)[None, :] * hidden + ks[:, None]
-            gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, row_ok, col_ok, ks,
-                                     hidden, intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
-                                     BLOCK_K, PRECISION)
+            gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, gate_scales,
+                                     up_scales, stride_sc_k, row_ok, col_ok, ks, hidden,
+                                     intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, PRECISION, QUANT, SCALE_K)
         else:
-            gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, row_ok, col_ok, ks,
-                                     hidden, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
-                                     BLOCK_K, PRECISION)
+            gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, gate_scales,
+                                     up_scales, stride_sc_k, row_ok, col_ok, ks, hidden,
+                                     intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, PRECISION, QUANT, SCALE_K)
     else:
-        gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, row_ok, col_ok, ks,
-                                 hidden, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                 PRECISION)
+        gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, gate_scales, up_scales,
+                                 stride_sc_k, row_ok, col_ok, ks, hidden, intermediate, False,
+                                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + pairs.to(tl.int64)[:, None] * intermediate + cols[None, :],
              act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _down_loop(a_ptrs, w_ptrs, fill_ptrs, row_ok, col_ok, ks, k_start, k_end, intermediate,
-               FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks, k_start, k_end,
+               intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+               QUANT: tl.constexpr, SCALE_K: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
@@ -150,16 +190,18 @@ def _down_loop(a_ptrs, w_ptrs, fill_ptrs, row_ok, col_ok, ks, k_start, k_end, in
         if FILL:
             tl.store(fill_ptrs, w, mask=w_ok)
             fill_ptrs += BLOCK_K
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = _scaled_dot(a, w, acc, scales, k0, stride_sk, col_ok, QUANT, SCALE_K, PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    return acc
+    return _channel_scaled(acc, scales, col_ok, QUANT)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
                  fill_slot_ptr, partial_ptr, sorted_ptr, block_expert_ptr, stride_bj, num_pairs,
-                 num_experts, hidden, intermediate, k_per_split, HAS_SLOTS: tl.constexpr,
+                 num_experts, hidden, intermediate, k_per_split, scale_ptr, stride_sc_e,
+                 stride_sc_n, stride_sc_k, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
+                 SCALE_K: tl.constexpr, HAS_SLOTS: tl.constexpr,
                  HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr, PDL: tl.constexpr):
@@ -181,6 +223,8 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
     a_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * intermediate + (k_start + ks)[None, :]
     base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
     w_ptrs = base + cols.to(tl.int64)[None, :] * intermediate + (k_start + ks)[:, None]
+    scales = (scale_ptr + expert.to(tl.int64) * stride_sc_e
+              + (cols // SCALE_N).to(tl.int64) * stride_sc_n)
     if HAS_FILL:  # a loop of its own for the filling programs, as in _gate_up_kernel
         fill_base, fill = _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr,
                                              fill_slot_ptr, block_expert_ptr, pid_m, expert,
@@ -188,14 +232,17 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
         if fill:
             fill_ptrs = (fill_base + cols.to(tl.int64)[None, :] * intermediate
                          + (k_start + ks)[:, None])
-            acc = _down_loop(a_ptrs, w_ptrs, fill_ptrs, row_ok, col_ok, ks, k_start, k_end,
-                             intermediate, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            acc = _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sc_k, row_ok, col_ok,
+                             ks, k_start, k_end, intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
+                             BLOCK_K, PRECISION, QUANT, SCALE_K)
         else:
-            acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, row_ok, col_ok, ks, k_start, k_end,
-                             intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks,
+                             k_start, k_end, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
+                             BLOCK_K, PRECISION, QUANT, SCALE_K)
     else:
-        acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, row_ok, col_ok, ks, k_start, k_end,
-                         intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks, k_start,
+                         k_end, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                         QUANT, SCALE_K)
     rows = split.to(tl.int64) * num_pairs + pairs
     tl.store(partial_ptr + rows[:, None] * hidden + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
@@ -230,12 +277,31 @@ def _sum_topk_kernel(partial_ptr, ids_ptr, stride_it, stride_ij, weights_ptr, st
              total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, block_shape, up_rows: int):
+    """Launch arguments for one matrix's scales: (pointer, stride per expert, per scale row,
+    per scale column, row offset of w3's scales) and the QUANT/SCALE_N/SCALE_K constexprs.
+    Unscaled weights pass their own pointer, never read."""
+    if scale is None:
+        return (w, 0, 0, 0, 0), dict(QUANT=0, SCALE_N=1, SCALE_K=1)
+    if block_shape is None:  # [E, rows]: one scale per output channel
+        return ((scale, scale.stride(0), scale.stride(1), 0, up_rows),
+                dict(QUANT=1, SCALE_N=1, SCALE_K=1))
+    bn, bk = block_shape
+    return ((scale, scale.stride(0), scale.stride(1), scale.stride(2), triton.cdiv(up_rows, bn)),
+            dict(QUANT=2, SCALE_N=bn, SCALE_K=bk))
+
+
 def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
-             fill_slot, config: MoeBlockConfig) -> torch.Tensor:
+             fill_slot, config: MoeBlockConfig, w13_scale=None, w2_scale=None,
+             block_shape=None) -> torch.Tensor:
     num_tokens, hidden = hidden_states.shape
     num_experts, intermediate, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
     num_pairs = num_tokens * top_k
+    if block_shape is not None:  # a K step must stay inside one scale block
+        config = dataclasses.replace(config, gate_up_block_k=min(config.gate_up_block_k,
+                                                                 block_shape[1]),
+                                     down_block_k=min(config.down_block_k, block_shape[1]))
     # One token: its top-k experts are distinct, so choice j is row block j as it stands.
     pair_blocks = num_tokens == 1
     if pair_blocks:
@@ -251,10 +317,11 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
     precision = "ieee" if dtype == torch.float32 else None
     act = torch.empty((num_pairs, intermediate), dtype=dtype, device=device)
     grid = (num_blocks, triton.cdiv(intermediate, config.gate_up_block_n))
+    scales13, quant13 = _scale_args(w13, w13_scale, block_shape, intermediate)
     _gate_up_kernel[grid](
         hidden_states, hidden_states.stride(0), w13, w13.stride(0), w13_slots, slot_strides[0],
         expert_slot, fill_slot, act, sorted_pairs, block_expert, stride_bj, num_pairs,
-        num_experts, hidden, intermediate, TOP_K=top_k, **flags,
+        num_experts, hidden, intermediate, *scales13, **quant13, TOP_K=top_k, **flags,
         EVEN_K=hidden % config.gate_up_block_k == 0, BLOCK_M=config.block_m,
         BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, PRECISION=precision,
         num_warps=config.gate_up_warps, num_stages=config.gate_up_stages,
@@ -265,10 +332,12 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
     k_per_split *= config.down_block_k
     partial = torch.empty((split_k, num_pairs, hidden), dtype=torch.float32, device=device)
     grid = (num_blocks, triton.cdiv(hidden, config.down_block_n), split_k)
+    scales2, quant2 = _scale_args(w2, w2_scale, block_shape, 0)
     _down_kernel[grid](
         act, w2, w2.stride(0), w2_slots, slot_strides[1], expert_slot, fill_slot, partial,
         sorted_pairs, block_expert, stride_bj, num_pairs, num_experts, hidden, intermediate,
-        k_per_split, **flags, EVEN_K=intermediate % config.down_block_k == 0,
+        k_per_split, *scales2[:4], **quant2, **flags,
+        EVEN_K=intermediate % config.down_block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k,
         PRECISION=precision, num_warps=config.down_warps, num_stages=config.down_stages,
         **pdl_launch(device),
@@ -297,22 +366,29 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      expert_slot: torch.Tensor | None = None, w13_slots: torch.Tensor | None = None,
                      w2_slots: torch.Tensor | None = None, fill_slot: torch.Tensor | None = None,
-                     config: MoeBlockConfig | MoeDecodeConfig | None = None) -> torch.Tensor:
+                     config: MoeBlockConfig | MoeDecodeConfig | None = None,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                     block_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """The Triton path of fused_moe, with an explicit config for tuning. A MoeDecodeConfig runs
-    the one-token path (T must be 1), a MoeBlockConfig the grouped path; None picks: the
-    one-token path when T == 1 and select_decode_config gives a config, else select_config,
-    with the tuned tables of the GPU model (kernels/configs/) or the rules where it has none."""
+    the one-token GEMV path (T must be 1, weights not FP8), a MoeBlockConfig the grouped path;
+    None picks: the GEMV path when T == 1 and select_decode_config gives a config, else
+    select_config, with the tuned tables of the GPU model (kernels/configs/) or the rules where
+    it has none. FP8 weights always take the grouped kernels."""
     args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
             fill_slot)
-    check_inputs(*args)
+    check_inputs(*args, w13_scale, w2_scale, block_shape)
+    block_shape = check_block_shape(block_shape)
+    quantized = w13_scale is not None
     num_tokens, hidden = hidden_states.shape
-    shape = (w13.shape[0], hidden, w2.shape[2], topk_ids.shape[1], hidden_states.dtype)
-    if isinstance(config, MoeDecodeConfig) and num_tokens != 1:
-        raise ValueError(f"a MoeDecodeConfig runs the one-token path: got T={num_tokens} tokens")
+    shape = (w13.shape[0], hidden, w2.shape[2], topk_ids.shape[1],
+             w13.dtype if quantized else hidden_states.dtype)
+    if isinstance(config, MoeDecodeConfig) and (num_tokens != 1 or quantized):
+        raise ValueError(f"a MoeDecodeConfig runs the one-token GEMV path: got T={num_tokens} "
+                         f"tokens{' and FP8 weights (grouped kernels only)' if quantized else ''}")
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))
     tables = _tables(hidden_states.device)
-    if config is None and num_tokens == 1:
+    if config is None and num_tokens == 1 and not quantized:
         config = select_decode_config(*shape, tables)
     if config is None:
         config = select_config(*shape, num_tokens, tables)
@@ -325,7 +401,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     with torch.cuda.device(device.index if device.type == "cuda" else -1):
         if isinstance(config, MoeDecodeConfig):
             return one_token_moe(*args, config)
-        return _grouped(*args, config)
+        return _grouped(*args, config, w13_scale, w2_scale, block_shape)
 
 
 # The interpreter is chosen when @triton.jit runs, so the kernel object says which one we got.
@@ -333,22 +409,25 @@ _INTERPRETED = not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
 
 
 def _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
-         fill_slot):
+         fill_slot, w13_scale, w2_scale, block_shape):
     args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
             fill_slot)
+    quant = dict(w13_scale=w13_scale, w2_scale=w2_scale,
+                 block_shape=None if block_shape is None else tuple(block_shape))
     if hidden_states.device.type == "cpu" and not _INTERPRETED:
-        check_inputs(*args)
-        return fused_moe_reference(*args)
-    return fused_moe_triton(*args)
+        check_inputs(*args, **quant)
+        return fused_moe_reference(*args, **quant)
+    return fused_moe_triton(*args, **quant)
 
 
 @torch.library.custom_op("moe_uvm::fused_moe", mutates_args=())
 def _fused_moe_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   expert_slot: torch.Tensor | None, w13_slots: torch.Tensor | None,
-                  w2_slots: torch.Tensor | None) -> torch.Tensor:
+                  w2_slots: torch.Tensor | None, w13_scale: torch.Tensor | None,
+                  w2_scale: torch.Tensor | None, block_shape: list[int] | None) -> torch.Tensor:
     return _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
-                w2_slots, None)
+                w2_slots, None, w13_scale, w2_scale, block_shape)
 
 
 # fill_slot writes the slot pools, so this op declares them mutated (torch.compile keeps the
@@ -358,19 +437,22 @@ def _fused_moe_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
 def _fused_moe_fill_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                        expert_slot: torch.Tensor | None, w13_slots: torch.Tensor,
-                       w2_slots: torch.Tensor, fill_slot: torch.Tensor) -> torch.Tensor:
+                       w2_slots: torch.Tensor, fill_slot: torch.Tensor,
+                       w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
+                       block_shape: list[int] | None) -> torch.Tensor:
     return _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
-                w2_slots, fill_slot)
+                w2_slots, fill_slot, w13_scale, w2_scale, block_shape)
 
 
 @_fused_moe_op.register_fake
-def _(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots):
+def _(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
+      w13_scale, w2_scale, block_shape):
     return hidden_states.new_empty(hidden_states.shape)
 
 
 @_fused_moe_fill_op.register_fake
 def _(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
-      fill_slot):
+      fill_slot, w13_scale, w2_scale, block_shape):
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -378,7 +460,9 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               expert_slot: torch.Tensor | None = None, w13_slots: torch.Tensor | None = None,
               w2_slots: torch.Tensor | None = None,
-              fill_slot: torch.Tensor | None = None) -> torch.Tensor:
+              fill_slot: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None,
+              block_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """MoE forward: `out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w1[e] x_t) * (w3[e] x_t))`
     with `e = topk_ids[t, j]`, w13[e] = [w1; w3]; ids < 0 are padding and contribute nothing.
 
@@ -394,6 +478,14 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     must be < S; a slot filled must not be read in the same call, nor filled for two experts.
     The output does not depend on fill_slot.
 
+    FP8 experts (W8A16): w13/w2 (and slot pools) in float8_e4m3fn with fp32 scales that stay on
+    the compute device, indexed by expert (slots carry weights only): block scales with
+    `block_shape=(bn, bk)` (the checkpoint layout, 128 x 128 for DeepSeek-V3 / Qwen3-FP8),
+    w13_scale [E, 2*ceil(I/bn), ceil(H/bk)] (w1's block rows, then w3's) and w2_scale
+    [E, ceil(H/bn), ceil(I/bk)]; or, with block_shape None, one scale per output channel,
+    w13_scale [E, 2I] and w2_scale [E, H]. Weights are widened to the activations' dtype in
+    registers (exactly); block scales multiply each K step's product, channel scales the result.
+
     Returns [T, H] in hidden_states' dtype, bitwise reproducible. T == 1 never aligns: it takes
     the grouped kernels with one row block per choice, or, where the GPU's table picks it, a
     two-launch GEMV path (fp32 activations) whose reduction order follows the load vector
@@ -404,10 +496,11 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     tensors use the plain-torch path (fused_moe_reference). A custom op: capturable in CUDA
     graphs and torch.compile(fullgraph).
     """
+    quant = (w13_scale, w2_scale, None if block_shape is None else list(block_shape))
     if fill_slot is None:
         return torch.ops.moe_uvm.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids,
-                                           expert_slot, w13_slots, w2_slots)
+                                           expert_slot, w13_slots, w2_slots, *quant)
     if w13_slots is None or w2_slots is None:
         raise ValueError("fill_slot needs w13_slots and w2_slots to fill")
     return torch.ops.moe_uvm.fused_moe_fill(hidden_states, w13, w2, topk_weights, topk_ids,
-                                            expert_slot, w13_slots, w2_slots, fill_slot)
+                                            expert_slot, w13_slots, w2_slots, fill_slot, *quant)

@@ -3,6 +3,8 @@ each refused with what was wrong and what is allowed, before any launch."""
 
 import torch
 
+from .fp8 import FP8_DTYPE, check_scales
+
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ID_DTYPES = (torch.int32, torch.int64)
 
@@ -12,7 +14,8 @@ def _check_expert_matrix(name: str, w: torch.Tensor, shape: tuple[int, int],
     if w.dim() != 3 or tuple(w.shape[1:]) != shape:
         raise ValueError(f"{name} has shape {tuple(w.shape)}: expected [*, {shape[0]}, {shape[1]}]")
     if w.dtype != dtype:
-        raise ValueError(f"{name} has dtype {w.dtype}: must match hidden_states ({dtype})")
+        raise ValueError(f"{name} has dtype {w.dtype}: expected {dtype} (hidden_states' dtype, "
+                         f"or {FP8_DTYPE} with scales)")
     if w.stride(2) != 1 or w.stride(1) != shape[1]:
         raise ValueError(f"{name} has strides {w.stride()}: dims 1 and 2 must be contiguous "
                          f"(stride(1)={shape[1]}, stride(2)=1); dim 0 may be any stride")
@@ -49,7 +52,7 @@ def _check_same_device(hidden_states: torch.Tensor, **tensors: torch.Tensor | No
 
 
 def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
-                  w2_slots, fill_slot) -> None:
+                  w2_slots, fill_slot, w13_scale=None, w2_scale=None, block_shape=None) -> None:
     if hidden_states.dim() != 2 or hidden_states.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden_states is {hidden_states.dtype} of shape "
                          f"{tuple(hidden_states.shape)}: expected [T, H] in bf16, fp16 or fp32")
@@ -57,8 +60,10 @@ def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w1
     if w13.dim() != 3 or w13.shape[1] % 2:
         raise ValueError(f"w13 has shape {tuple(w13.shape)}: expected [E, 2I, H]")
     intermediate = w13.shape[1] // 2
-    _check_expert_matrix("w13", w13, (2 * intermediate, hidden), hidden_states.dtype)
-    _check_expert_matrix("w2", w2, (hidden, intermediate), hidden_states.dtype)
+    check_scales(w13, w2, w13_scale, w2_scale, block_shape, hidden_states.device)
+    weight_dtype = FP8_DTYPE if w13.dtype == FP8_DTYPE else hidden_states.dtype
+    _check_expert_matrix("w13", w13, (2 * intermediate, hidden), weight_dtype)
+    _check_expert_matrix("w2", w2, (hidden, intermediate), weight_dtype)
     if w2.shape[0] != w13.shape[0]:
         raise ValueError(f"w2 has {w2.shape[0]} experts, w13 has {w13.shape[0]}: must match")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.dtype not in _ID_DTYPES:
@@ -69,5 +74,5 @@ def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w1
                          f"topk_ids' {tuple(topk_ids.shape)}")
     _check_same_device(hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
                        expert_slot=expert_slot, fill_slot=fill_slot)
-    _check_slot_args(w13.shape[0], intermediate, hidden, hidden_states.dtype, expert_slot,
+    _check_slot_args(w13.shape[0], intermediate, hidden, weight_dtype, expert_slot,
                      w13_slots, w2_slots, fill_slot)

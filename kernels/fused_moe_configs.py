@@ -236,9 +236,15 @@ def select_config(num_experts: int, hidden: int, intermediate: int, top_k: int,
                   dtype: torch.dtype, num_tokens: int,
                   tables: TunedTables = NO_TABLES) -> MoeBlockConfig:
     """Grouped-path config: the tuned entry for the smallest bucket holding num_tokens unless
-    its block_m is below min_block_m, else default_config."""
+    its block_m is below min_block_m, else default_config. `dtype` is the weights' (FP8) or
+    else the activations'; FP8 shapes without entries use the bf16 ones."""
     key = config_key(num_experts, hidden, intermediate, top_k, dtype)
     entries = tables.grouped.get(key, ())
+    if not entries and dtype == torch.float8_e4m3fn:
+        # FP8 weights without entries of their own: the 16-bit tiles (same shape, half the
+        # bytes per tile; the launcher keeps K steps inside the scale blocks).
+        entries = tables.grouped.get(config_key(num_experts, hidden, intermediate, top_k,
+                                                torch.bfloat16), ())
     for largest_t, config in entries:
         if num_tokens <= largest_t:
             if config.block_m >= min_block_m(num_experts, top_k, num_tokens):

@@ -4,6 +4,8 @@ and the compute path for CPU tensors outside the Triton interpreter."""
 import torch
 import torch.nn.functional as F
 
+from .fp8 import dequantize
+
 
 def fused_moe_reference(
     hidden_states: torch.Tensor,
@@ -15,6 +17,9 @@ def fused_moe_reference(
     w13_slots: torch.Tensor | None = None,
     w2_slots: torch.Tensor | None = None,
     fill_slot: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w1[e] @ x_t) * (w3[e] @ x_t))`,
     `e = topk_ids[t, j]`, with w1 = w13[e, :I] and w3 = w13[e, I:]; ids < 0 contribute nothing.
@@ -22,8 +27,10 @@ def fused_moe_reference(
     With `expert_slot` given, expert e with `expert_slot[e] = s >= 0` is read from
     `w13_slots[s]` / `w2_slots[s]` instead. With `fill_slot` given, each routed expert read from
     w13/w2 with `fill_slot[e] = s >= 0` is copied to `w13_slots[s]` / `w2_slots[s]` (what the
-    kernel's fill-on-read leaves there). Loops over experts and syncs with the host: for tests
-    and the CPU path only. Returns [T, H] in hidden_states' dtype.
+    kernel's fill-on-read leaves there). FP8 weights (w13_scale, w2_scale; kernels/fp8.py says
+    the layouts) are dequantised to fp32 first, with the scales of the expert (not the slot).
+    Loops over experts and syncs with the host: for tests and the CPU path only. Returns
+    [T, H] in hidden_states' dtype.
     """
     num_experts = w13.shape[0]
     intermediate = w2.shape[2]
@@ -43,9 +50,14 @@ def fused_moe_reference(
             gate_up_w, down_w = w13[expert], w2[expert]
             if fill_of[expert] >= 0:
                 fills.append((expert, fill_of[expert]))
-        gate_up = x[tokens] @ gate_up_w.float().t()
+        gate_up_w, down_w = gate_up_w.float(), down_w.float()
+        if w13_scale is not None:
+            gate_up_w = dequantize(gate_up_w[None], w13_scale[expert:expert + 1], block_shape,
+                                   halves=2)[0]
+            down_w = dequantize(down_w[None], w2_scale[expert:expert + 1], block_shape)[0]
+        gate_up = x[tokens] @ gate_up_w.t()
         act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-        y = act @ down_w.float().t()
+        y = act @ down_w.t()
         out.index_add_(0, tokens, y * topk_weights[tokens, choice].float()[:, None])
     for expert, slot in fills:  # after every read: a slot filled is never read in the same call
         w13_slots[slot].copy_(w13[expert])
