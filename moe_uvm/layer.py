@@ -13,6 +13,7 @@ from torch import nn
 
 from moe_uvm.kernels import fused_moe
 from moe_uvm.kernels.expert_ids import screen_expert_ids
+from moe_uvm.kernels.fp8 import FP8_DTYPE, check_block_shape, quantize, scale_shape
 
 SHARDS = ("w1", "w3", "w2")
 CHECK_IDS_ENV = "MOE_UVM_CHECK_IDS"
@@ -56,6 +57,14 @@ class FusedMoE(nn.Module):
     `forward(hidden_states, router_logits)` routes and runs the experts; `experts(...)` runs
     them for routing computed elsewhere (grouped or biased routers).
 
+    FP8 experts: `weight_dtype=torch.float8_e4m3fn` makes both weights e4m3 with fp32 scales
+    `w13_weight_scale` / `w2_weight_scale` (block scales with `block_shape=(bn, bk)`, the FP8
+    checkpoints' 128 x 128 layout, else one per output channel; moe_uvm.kernels.fp8 has the
+    shapes); activations stay in `dtype`. The scales are small and never offloaded: they stay
+    on the compute device, indexed by expert wherever the weights are read from. With
+    `quantize_loads=True`, `weight_loader` takes 16/32-bit checkpoint tensors and quantises
+    each one (amax / 448 per block or row) as it is written.
+
     Expert ids must be in [0, num_experts) or -1 (padding). Any other id is a router bug: it is
     computed as padding, noted on the device (no host sync, so decode stays capturable) and
     raised as RoutingError by `check_routing()` (the manager calls it where it syncs anyway).
@@ -75,6 +84,9 @@ class FusedMoE(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         check_ids: bool | None = None,
+        weight_dtype: torch.dtype | None = None,
+        block_shape: tuple[int, int] | None = None,
+        quantize_loads: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -91,9 +103,30 @@ class FusedMoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.renormalize = renormalize
         E, H, I = num_experts, hidden_size, intermediate_size
-        kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+        self.dtype = dtype or torch.get_default_dtype()
+        weight_dtype = weight_dtype or self.dtype
+        if weight_dtype not in (self.dtype, FP8_DTYPE):
+            raise ValueError(f"weight_dtype={weight_dtype}: allowed the activations' dtype "
+                             f"({self.dtype}) or {FP8_DTYPE}")
+        if weight_dtype != FP8_DTYPE and block_shape is not None:
+            raise ValueError(f"block_shape is for FP8 weights (weight_dtype={FP8_DTYPE})")
+        self.block_shape = check_block_shape(block_shape)
+        if quantize_loads and weight_dtype != FP8_DTYPE:
+            raise ValueError("quantize_loads quantises 16/32-bit checkpoint tensors to FP8: it "
+                             f"needs weight_dtype={FP8_DTYPE}")
+        self.quantize_loads = quantize_loads
+        kw = dict(dtype=weight_dtype, device=device)
         self.w13_weight = nn.Parameter(torch.empty(E, 2 * I, H, **kw), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(E, H, I, **kw), requires_grad=False)
+        self.w13_weight_scale: nn.Parameter | None = None
+        self.w2_weight_scale: nn.Parameter | None = None
+        if weight_dtype == FP8_DTYPE:
+            scale = dict(dtype=torch.float32, device=device)
+            self.w13_weight_scale = nn.Parameter(torch.ones(
+                scale_shape(E, 2 * I, H, self.block_shape, halves=2), **scale),
+                requires_grad=False)
+            self.w2_weight_scale = nn.Parameter(torch.ones(
+                scale_shape(E, H, I, self.block_shape), **scale), requires_grad=False)
         self._attach_loaders()
         self.record_routing: Callable[[torch.Tensor], None] | None = None
         self.slot_cache: LayerSlots | None = None  # set by offload_experts with prefetch_slots
@@ -141,7 +174,31 @@ class FusedMoE(nn.Module):
                 f"expert {expert_id} shard {shard}: expected shape {tuple(dst.shape)}, "
                 f"got {tuple(loaded_weight.shape)}"
             )
+        if param.dtype == FP8_DTYPE and loaded_weight.dtype != FP8_DTYPE:
+            if not self.quantize_loads:
+                raise ValueError(
+                    f"expert {expert_id} shard {shard}: a {loaded_weight.dtype} tensor cannot "
+                    f"load into {param.dtype} weights without its scales (build the layer with "
+                    f"quantize_loads=True to quantise at load)"
+                )
+            q, scale = quantize(loaded_weight[None], self.block_shape)
+            dst.copy_(q[0])
+            self._shard_scale(expert_id, shard).copy_(scale[0])
+            return
+        if param.dtype != loaded_weight.dtype and loaded_weight.dtype == FP8_DTYPE:
+            raise ValueError(f"expert {expert_id} shard {shard}: FP8 tensors load into a layer "
+                             f"built with weight_dtype={FP8_DTYPE}, not {param.dtype}")
         dst.copy_(loaded_weight)
+
+    def _shard_scale(self, expert_id: int, shard: str) -> torch.Tensor:
+        """The part of the scale tensors that holds one checkpoint shard's scales."""
+        if shard == "w2":
+            return self.w2_weight_scale.data[expert_id]
+        rows = self.intermediate_size
+        if self.block_shape is not None:
+            rows = -(-rows // self.block_shape[0])  # block rows of w1 (then w3's)
+        first = 0 if shard == "w1" else rows
+        return self.w13_weight_scale.data[expert_id, first:first + rows]
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over experts in fp32, top-k, optional renormalisation of the k weights."""
@@ -184,12 +241,32 @@ class FusedMoE(nn.Module):
         if self.record_routing is not None:
             self.record_routing(topk_ids)
         weights = topk_weights.float()
+        quant = self.quantization()
         if self.slot_cache is None:
-            return fused_moe(hidden_states, self.w13_weight, self.w2_weight, weights, topk_ids)
+            return fused_moe(hidden_states, self.w13_weight, self.w2_weight, weights, topk_ids,
+                             **quant)
         slots = self.slot_cache.before_layer(self.layer_index, topk_ids, hidden_states)
-        out = fused_moe(hidden_states, self.w13_weight, self.w2_weight, weights, topk_ids, **slots)
+        out = fused_moe(hidden_states, self.w13_weight, self.w2_weight, weights, topk_ids, **slots,
+                        **quant)
         self.slot_cache.after_layer(self.layer_index, slots["fill_slot"])
         return out
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.w13_weight_scale is not None
+
+    def quantization(self) -> dict:
+        """fused_moe's FP8 arguments for this layer (none for 16/32-bit weights)."""
+        if not self.is_fp8:
+            return {}
+        return dict(w13_scale=self.w13_weight_scale, w2_scale=self.w2_weight_scale,
+                    block_shape=self.block_shape)
+
+    def expert_scale_nbytes(self) -> int:
+        """Bytes of this layer's FP8 scales (0 otherwise): always on the compute device."""
+        if not self.is_fp8:
+            return 0
+        return 4 * (self.w13_weight_scale.numel() + self.w2_weight_scale.numel())
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
@@ -238,7 +315,11 @@ class FusedMoE(nn.Module):
         return self._routed(hidden_states, topk_weights, topk_ids)
 
     def extra_repr(self) -> str:
+        fp8 = ""
+        if self.is_fp8:
+            scales = f"block {self.block_shape}" if self.block_shape else "per-channel"
+            fp8 = f", weights=fp8 e4m3 ({scales} scales)"
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
-            f"intermediate={self.intermediate_size}, renormalize={self.renormalize}"
+            f"intermediate={self.intermediate_size}, renormalize={self.renormalize}{fp8}"
         )

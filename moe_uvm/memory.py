@@ -17,6 +17,7 @@ from moe_uvm.kernels.slot_plan_reference import METRICS
 EXPERT_STORES = "managed expert stores"
 SLOT_CACHES = "slot caches"
 ROUTING_COUNTERS = "routing counters"
+EXPERT_SCALES = "FP8 expert scales"
 NON_EXPERT_WEIGHTS = "non-expert weights"
 DENSE_POOL = "dense-offload buffer pool"
 

@@ -15,6 +15,7 @@ from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import (
+    EXPERT_SCALES,
     EXPERT_STORES,
     ROUTING_COUNTERS,
     SLOT_CACHES,
@@ -168,20 +169,31 @@ def plan_memory(
             with_counts=bool(config.profile_path), eviction=config.slot_eviction,
         ))
     memory.add(ROUTING_COUNTERS, routing_counters_nbytes(num_layers, num_experts))
+    if scales := sum(m.expert_scale_nbytes() for m in layers):
+        memory.add(EXPERT_SCALES, scales)  # FP8 scales: moved to the device, never offloaded
     return memory
 
 
-_STATE = ("w13_weight", "w2_weight", "record_routing", "slot_cache", "layer_index")
+_STATE = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "record_routing",
+          "slot_cache", "layer_index")
 """What offload_experts changes on a layer (the original parameters keep their weight_loader)."""
 
 
 def _attach(
-    layers: list[FusedMoE], stores: list[ManagedExpertStore], manager: ExpertOffloadManager
+    layers: list[FusedMoE], stores: list[ManagedExpertStore], manager: ExpertOffloadManager,
+    device: torch.device,
 ) -> None:
     """Each layer's weights become views over its store (copied in unless the layer is on the
     meta device, whose weights arrive later through `weight_loader`), its routing feeds the
-    manager."""
+    manager; FP8 scales move to the compute device (they are never offloaded)."""
     for index, (module, store) in enumerate(zip(layers, stores, strict=True)):
+        if module.is_fp8:
+            for name in ("w13_weight_scale", "w2_weight_scale"):
+                scale = getattr(module, name)
+                moved = torch.empty(scale.shape, dtype=scale.dtype, device=device)
+                if scale.device.type != "meta":
+                    moved.copy_(scale.data)
+                setattr(module, name, nn.Parameter(moved, requires_grad=False))
         if module.w13_weight.device.type != "meta":
             store["w13"].copy_(module.w13_weight.data)
             store["w2"].copy_(module.w2_weight.data)
@@ -213,7 +225,7 @@ def _build(
         manager = ExpertOffloadManager(
             stores, config, top_k=layers[0].top_k, profile=profile, plan=plan
         )
-        _attach(layers, stores, manager)
+        _attach(layers, stores, manager, device)
         cache = manager.enable_slot_cache(next_gates)
     except BaseException:
         # The manager does not own the layers yet, so closing it frees its stores and slot

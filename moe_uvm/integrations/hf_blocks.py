@@ -13,10 +13,14 @@ import torch
 from torch import nn
 
 from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.kernels.fp8 import FP8_DTYPE, quantize
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import MemoryPlan
 from moe_uvm.offload import offload_experts, plan_memory
+
+# Quantise-at-load (ExpertOffloadConfig.quantize_experts="fp8"): the FP8 checkpoints' layout.
+QUANTIZE_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -94,23 +98,24 @@ class FusedExperts(nn.Module):
 
     def __init__(
         self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-        dtype: torch.dtype,
+        dtype: torch.dtype, quantize: str | None = None,
     ) -> None:
         super().__init__()
         # Built on meta: offload_experts gives it store-backed weights before anything is written.
         # Routing is the block's own, so FusedMoE.route (and its renormalize flag) is never used.
+        fp8 = dict(weight_dtype=FP8_DTYPE, block_shape=QUANTIZE_BLOCK, quantize_loads=True)
         self.moe = FusedMoE(
             num_experts, top_k, hidden_size, intermediate_size, renormalize=False, dtype=dtype,
-            device="meta",
+            device="meta", **(fp8 if quantize == "fp8" else {}),
         )
         self.routing_override = None  # TraceRouting's, for benchmarks: ids -> ids
         self._handle = next(_HANDLES)
         _LIVE[self._handle] = self
 
     @classmethod
-    def replacing(cls, block: MoeBlock) -> FusedExperts:
+    def replacing(cls, block: MoeBlock, quantize: str | None = None) -> FusedExperts:
         """An adapter of the shape and dtype of `block`'s experts (checked against the layout
-        FusedMoE runs)."""
+        FusedMoE runs); quantize="fp8" holds them as e4m3, quantised as they load."""
         experts = block.module.experts
         where = f"{block.name}.experts ({type(experts).__name__})"
         act = getattr(getattr(experts, "config", None), "hidden_act", None)
@@ -133,7 +138,7 @@ class FusedExperts(nn.Module):
                 f"{where}: gate_up_proj {tuple(gate_up.shape)} and down_proj "
                 f"{tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
             )
-        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype)
+        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype, quantize)
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> None:
         """Copy a transformers 3-D expert tensor (`gate_up_proj` [E, 2I, H] or `down_proj`
@@ -143,6 +148,13 @@ class FusedExperts(nn.Module):
             raise ValueError(
                 f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
             )
+        if self.moe.quantize_loads and tensor.dtype != FP8_DTYPE:
+            halves = 2 if name == "gate_up_proj" else 1
+            q, scale = quantize(tensor, self.moe.block_shape, halves)
+            param.data.copy_(q)
+            scales = self.moe.w13_weight_scale if halves == 2 else self.moe.w2_weight_scale
+            scales.data.copy_(scale)
+            return
         param.data.copy_(tensor)
 
     # Hot path (every MoE layer of every step): the fused kernel, nothing else.
@@ -263,7 +275,8 @@ def plan_expert_memory(
 ) -> MemoryPlan:
     """The device memory `attach_experts` allocates for these blocks, by part (nothing is
     allocated)."""
-    return plan_memory([FusedExperts.replacing(b).moe for b in blocks], config, device)
+    quantize = config.quantize_experts if config else None
+    return plan_memory([FusedExperts.replacing(b, quantize).moe for b in blocks], config, device)
 
 
 def next_gate_weights(blocks: list[MoeBlock]) -> list[torch.Tensor]:
@@ -280,7 +293,8 @@ def attach_experts(
     (allocated and advised first); experts that hold weights (not meta) are copied in. All or
     nothing: the blocks get their new experts only once every store is allocated and filled; on
     an error they keep their own and what was allocated is freed."""
-    adapters = [FusedExperts.replacing(b) for b in blocks]
+    adapters = [FusedExperts.replacing(b, config.quantize_experts if config else None)
+                for b in blocks]
     manager = offload_experts(adapters, config, device=device,
                               next_gates=next_gate_weights(blocks))
     try:

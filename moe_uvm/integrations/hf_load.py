@@ -399,7 +399,8 @@ def _experts_share(
             f"besides its experts ({named}: {sum(fixed.values()) / 1e9:.3f} GB); give more than "
             "that, plus what the experts should get")
     share = replace(config, gpu_budget_gb=left / 1e9)
-    adapters = [FusedExperts.replacing(block).moe for block in plan.blocks]
+    adapters = [FusedExperts.replacing(block, config.quantize_experts).moe
+                for block in plan.blocks]
     return resolve_config(adapters, share, device)
 
 
