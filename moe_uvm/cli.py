@@ -230,6 +230,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     gpu.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default all but "
                      "global)")
     gpu.add_argument("--tiny", action="store_true", help="tiny layer sizes (harness checks)")
+    gpu.add_argument("--weight-dtype", choices=("bf16", "fp8"),
+                     help="expert weights: bf16 (default) or fp8 (e4m3 with 128 x 128 block "
+                     "scales, half the bytes over PCIe and from HBM; activations stay bf16)")
     bench.set_defaults(run=bench_command)
 
 

@@ -21,7 +21,7 @@ from moe_uvm.kernels.fused_moe_configs import (  # noqa: E402
 
 shape = SHAPES["qwen3-30b-a3b"]
 e, k, h, i = (shape[n] for n in ("num_experts", "top_k", "hidden", "intermediate"))
-weights = device_weights(shape)
+weights = device_weights(shape)[:2]
 generator = torch.Generator(device="cuda").manual_seed(0)
 for t in [int(a) for a in sys.argv[1:]] or [1, 256]:
     x, topk_weights, topk_ids = routing(shape, t, generator)

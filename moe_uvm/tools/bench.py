@@ -37,7 +37,7 @@ import torch
 
 from moe_uvm import uvm
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.kernels import fused_moe
+from moe_uvm.kernels import fp8, fused_moe
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
 from moe_uvm.profile import Profile
@@ -50,6 +50,7 @@ METHODS = ("device", "uva", "layer_split", "lru", "freq_lru", "first_n", "profil
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "global")
 MANAGED = ("first_n", "profile", "global")
 CACHES = ("lru", "freq_lru")
+FP8_BENCH_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,19 @@ class Workload:
     profile: Profile
     calibration: RoutingTrace
     seed: int = 0
+    quant: list[dict] = field(default_factory=list)
+    """Per layer, fused_moe's FP8 arguments (scales on the device, block_shape); empty for
+    16/32-bit weights."""
     expert_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        item = torch.empty((), dtype=self.dtype).element_size()
+        # Bytes the kernels read per expert: the weights' real dtype (FP8 or dtype). The FP8
+        # scales (~1 KB an expert at 128 x 128 blocks) stay on the GPU and are not counted.
+        item = (self.w13[0] if self.w13 else torch.empty((), dtype=self.dtype)).element_size()
         object.__setattr__(self, "expert_bytes", 3 * self.hidden * self.intermediate * item)
+
+    def layer_quant(self, layer: int) -> dict:
+        return self.quant[layer] if self.quant else {}
 
     def routing(self, batch: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [steps, L, B, k] int32 and weights [steps, L, B, k] fp32 on the device: step s
@@ -104,8 +113,11 @@ def check_workload(trace: RoutingTrace, num_layers: int, calibrate_sequences: in
 def build_workload(
     trace: RoutingTrace, *, num_layers: int, hidden: int, intermediate: int,
     calibrate_sequences: int, dtype: torch.dtype, device: torch.device, seed: int = 0,
+    weight_dtype: str = "bf16",
 ) -> Workload:
-    """Random weights (never zeros) and the calibration/evaluation split of the trace."""
+    """Random weights (never zeros) and the calibration/evaluation split of the trace.
+    weight_dtype "fp8": the same draws quantised to e4m3 with 128 x 128 block scales (the FP8
+    checkpoints' layout); activations stay in `dtype`."""
     check_workload(trace, num_layers, calibrate_sequences)
     layers = RoutingTrace(trace.topk_ids[:num_layers], trace.num_experts, trace.top_k,
                           trace.seq_starts, None)
@@ -116,9 +128,18 @@ def build_workload(
             * hidden**-0.5).to(dtype) for _ in range(num_layers)]
     w2 = [(torch.randn(E, hidden, intermediate, device=device, generator=gen)
            * intermediate**-0.5).to(dtype) for _ in range(num_layers)]
+    quant = []
+    if weight_dtype == "fp8":
+        block = FP8_BENCH_BLOCK
+        for layer in range(num_layers):
+            w13[layer], s13 = fp8.quantize(w13[layer], block, halves=2)
+            w2[layer], s2 = fp8.quantize(w2[layer], block)
+            quant.append(dict(w13_scale=s13, w2_scale=s2, block_shape=block))
+    elif weight_dtype != "bf16":
+        raise ValueError(f"weight_dtype must be bf16 or fp8, got {weight_dtype!r}")
     return Workload(num_layers, E, trace.top_k, hidden, intermediate, dtype, device, w13, w2,
                     layers.sequences(calibrate_sequences, None),
-                    Profile.from_trace(cal, cooccurrence=True), cal, seed)
+                    Profile.from_trace(cal, cooccurrence=True), cal, seed, quant)
 
 
 @dataclass
@@ -130,6 +151,7 @@ class LayerWeights:
     expert_slot: torch.Tensor | None = None
     w13_slots: torch.Tensor | None = None
     w2_slots: torch.Tensor | None = None
+    quant: dict = field(default_factory=dict)  # FP8 scales (always on the GPU), block_shape
 
 
 def decode_step(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -137,7 +159,7 @@ def decode_step(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     """HOT PATH: one decode step over all MoE layers (residual stream through each)."""
     for layer, w in enumerate(layers):
         h = h + fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], expert_slot=w.expert_slot,
-                          w13_slots=w.w13_slots, w2_slots=w.w2_slots)
+                          w13_slots=w.w13_slots, w2_slots=w.w2_slots, **w.quant)
     return h
 
 
@@ -175,7 +197,7 @@ def decode_step_cached(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     """HOT PATH: `decode_step` with the slot cache's hooks around each layer's kernel."""
     for layer, w in enumerate(layers):
         slots = cache.before_layer(layer, ids[layer], h)
-        h = h + fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], **slots)
+        h = h + fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], **slots, **w.quant)
         cache.after_layer(layer, slots["fill_slot"])
     return h
 
@@ -252,8 +274,8 @@ def managed_residency(work: Workload, policy: str, resident: int) -> list[list[i
 def managed_layers(work: Workload) -> tuple[ExpertOffloadManager, list[LayerWeights]]:
     """One managed store per layer (refused beyond free GPU memory), all offloaded at first;
     advice goes on before the weights are written so pages land on the host."""
-    specs = {"w13": ((2 * work.intermediate, work.hidden), work.dtype),
-             "w2": ((work.hidden, work.intermediate), work.dtype)}
+    specs = {"w13": ((2 * work.intermediate, work.hidden), work.w13[0].dtype),
+             "w2": ((work.hidden, work.intermediate), work.w2[0].dtype)}
     # CPU tensors take no advice: no need to align experts to the driver's 2 MiB blocks there.
     align = {} if work.device.type == "cuda" else {"alignment": TENSOR_ALIGNMENT}
     stores = [ManagedExpertStore(work.num_experts, specs, work.device, **align)
@@ -263,13 +285,14 @@ def managed_layers(work: Workload) -> tuple[ExpertOffloadManager, list[LayerWeig
     for store, w13, w2 in zip(stores, work.w13, work.w2, strict=True):
         store["w13"].copy_(w13)
         store["w2"].copy_(w2)
-    return manager, [LayerWeights(s["w13"], s["w2"]) for s in stores]
+    return manager, [LayerWeights(s["w13"], s["w2"], quant=work.layer_quant(i))
+                     for i, s in enumerate(stores)]
 
 
 def host_copies(work: Workload) -> tuple[list, list[LayerWeights]]:
     """Pinned host copies of every layer's experts and their mapped (zero-copy) GPU views."""
     host, mapped = [], []
-    for w13, w2 in zip(work.w13, work.w2, strict=True):
+    for layer, (w13, w2) in enumerate(zip(work.w13, work.w2, strict=True)):
         pin = work.device.type == "cuda"
         h13 = torch.empty(w13.shape, dtype=w13.dtype, pin_memory=pin)
         h2 = torch.empty(w2.shape, dtype=w2.dtype, pin_memory=pin)
@@ -277,7 +300,8 @@ def host_copies(work: Workload) -> tuple[list, list[LayerWeights]]:
         h2.copy_(w2)
         host.append((h13, h2))
         if pin:
-            mapped.append(LayerWeights(uvm.mapped_host_view(h13), uvm.mapped_host_view(h2)))
+            mapped.append(LayerWeights(uvm.mapped_host_view(h13), uvm.mapped_host_view(h2),
+                                       quant=work.layer_quant(layer)))
         else:
-            mapped.append(LayerWeights(h13, h2))
+            mapped.append(LayerWeights(h13, h2, quant=work.layer_quant(layer)))
     return host, mapped

@@ -68,8 +68,11 @@ class BenchConfig:
     device: str = "cuda"
     tiny: bool = False
     seed: int = 0
+    weight_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
+        if self.weight_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"weight dtype must be bf16 or fp8, got {self.weight_dtype!r}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
@@ -133,7 +136,8 @@ def make_workload(cfg: BenchConfig) -> Workload:
         layers = min(layers, _layer_budget(shape.num_experts * shape.bytes_per_expert))
     return build_workload(trace, num_layers=layers, hidden=hidden, intermediate=inter,
                           calibrate_sequences=cal, dtype=dtype,
-                          device=torch.device(cfg.device), seed=cfg.seed)
+                          device=torch.device(cfg.device), seed=cfg.seed,
+                          weight_dtype=cfg.weight_dtype)
 
 
 def _touched(ids: torch.Tensor, num_experts: int) -> np.ndarray:
@@ -211,7 +215,8 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
         host, mapped = host_copies(work)
         uva_slots = [(torch.empty_like(w13), torch.empty_like(w2))
                      for w13, w2 in zip(work.w13, work.w2, strict=True)]
-    device_layers = [LayerWeights(w13, w2) for w13, w2 in zip(work.w13, work.w2, strict=True)]
+    device_layers = [LayerWeights(w13, w2, quant=work.layer_quant(i))
+                     for i, (w13, w2) in enumerate(zip(work.w13, work.w2, strict=True))]
     dev = work.device.index or 0
     # "GPU GB" of the managed methods is the advised resident bytes. The driver's own figure is
     # kept too: it includes pages of demoted experts the UVM driver keeps in its GPU pool.
@@ -293,7 +298,7 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                 for (s13, s2), w13, w2 in zip(uva_slots, work.w13, work.w2, strict=True):
                     s13[:n].copy_(w13[:n])
                     s2[:n].copy_(w2[:n])
-                layers = [LayerWeights(m.w13, m.w2, maps, s13, s2)
+                layers = [LayerWeights(m.w13, m.w2, maps, s13, s2, quant=m.quant)
                           for m, (s13, s2) in zip(mapped, uva_slots, strict=True)]
                 static("uva", batch, n, layers, _mask([list(range(n))] * L, E), budget,
                        bw["pinned_read_gbps"])
@@ -348,7 +353,8 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
         del touched
     return dict(config=asdict(cfg), layers=L, num_experts=E, top_k=k,
                 hidden=work.hidden, intermediate=work.intermediate, expert_bytes=eb,
-                resident_expert_bytes=resident_nb, dtype=str(work.dtype), ceilings=bw,
+                resident_expert_bytes=resident_nb, dtype=str(work.dtype),
+                weight_dtype=str(work.w13[0].dtype), ceilings=bw,
                 costs=asdict(costs),
                 device=ceilings.device_summary() if cuda else {"device": "cpu"},
                 note=None if cuda else CPU_NOTE, records=records)

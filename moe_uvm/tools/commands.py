@@ -353,7 +353,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if device == "cuda" and not uvm.available():
         raise CLIError(f"--device cuda, but CUDA is not available ({uvm.unavailable_reason()})")
     gpu_only = {"layers": args.layers, "steps": args.steps, "tiny": args.tiny or None,
-                "warmup_tokens": args.warmup_tokens,
+                "warmup_tokens": args.warmup_tokens, "weight_dtype": args.weight_dtype,
                 "methods": None if args.methods is None else _names(args.methods)}
     given = {name: value for name, value in gpu_only.items() if value is not None}
     reason = "no CUDA GPU here" if args.device == "auto" else "--device simulate"
@@ -374,7 +374,8 @@ def bench_command(args: argparse.Namespace) -> int:
     paths = bench_sweep.write_outputs(result, out)
     dev = result["device"]
     print(f"\n{dev['device']}: {result['layers']} MoE layers of {cfg.model_shape} "
-          f"({result['num_experts']} experts, top-{result['top_k']}, {result['dtype']}), "
+          f"({result['num_experts']} experts, top-{result['top_k']}, {result['dtype']}, "
+          f"weights {result['weight_dtype']}), "
           f"trace {trace_path(cfg.trace).name}; medians over up to {cfg.steps} steps after "
           f"{cfg.warmup_tokens} warm-up tokens (per row: timed_steps, warmup_steps in the JSON)")
     if result["note"]:
