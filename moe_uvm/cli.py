@@ -266,6 +266,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      "with --prompt or random ids, the prompt is repeated this many times")
     gen.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                      help="weights' dtype (auto: the checkpoint's; fp32 on CPU)")
+    gen.add_argument("--quantize-experts", choices=("fp8",),
+                     help="quantise a 16/32-bit checkpoint's experts to e4m3 (128 x 128 block "
+                     "scales) as they load: half the bytes over PCIe and in HBM (FP8 "
+                     "checkpoints are read as FP8 without it)")
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="decode all --max-new-tokens (default with --random-weights)")

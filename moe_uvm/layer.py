@@ -190,6 +190,23 @@ class FusedMoE(nn.Module):
                              f"built with weight_dtype={FP8_DTYPE}, not {param.dtype}")
         dst.copy_(loaded_weight)
 
+    def scale_loader(self, scale: torch.Tensor, expert_id: int, shard: str) -> None:
+        """Load one checkpoint shard's FP8 scales (an FP8 checkpoint's `weight_scale_inv`:
+        weight = fp8 * scale) for expert `expert_id`, shard "w1", "w3" or "w2"."""
+        if not self.is_fp8:
+            raise ValueError(f"expert {expert_id} shard {shard}: scales load into a layer built "
+                             f"with weight_dtype={FP8_DTYPE}; this one holds {self.dtype}")
+        if shard not in SHARDS:
+            raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"expert id {expert_id} out of range [0, {self.num_experts})")
+        dst = self._shard_scale(expert_id, shard)
+        if tuple(scale.shape) != tuple(dst.shape) or not scale.dtype.is_floating_point:
+            raise ValueError(
+                f"expert {expert_id} shard {shard}: expected {list(dst.shape)} float scales "
+                f"for block_shape={self.block_shape}, got {scale.dtype} {list(scale.shape)}")
+        dst.copy_(scale)
+
     def _shard_scale(self, expert_id: int, shard: str) -> torch.Tensor:
         """The part of the scale tensors that holds one checkpoint shard's scales."""
         if shard == "w2":

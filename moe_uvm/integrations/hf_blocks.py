@@ -24,6 +24,37 @@ QUANTIZE_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
+class ExpertFormat:
+    """How FusedExperts hold a model's routed experts: in the model's dtype (the default), or
+    as e4m3 with fp32 scales per `block_shape` block, either read from an FP8 checkpoint
+    (`weight_scale_inv` beside each weight) or quantised as 16/32-bit tensors load
+    (`quantize_loads`)."""
+
+    fp8: bool = False
+    block_shape: tuple[int, int] | None = None
+    quantize_loads: bool = False
+
+    @classmethod
+    def choose(cls, config: ExpertOffloadConfig | None,
+               checkpoint_block: tuple[int, int] | None = None,
+               quantize_loads: bool = False) -> ExpertFormat:
+        """An FP8 checkpoint's own layout (`checkpoint_block`; `quantize_loads` when its
+        tensors come from elsewhere, e.g. random weights), else what the config asks for."""
+        if checkpoint_block is not None:
+            return cls(True, checkpoint_block, quantize_loads)
+        if config is not None and config.quantize_experts == "fp8":
+            return cls(True, QUANTIZE_BLOCK, True)
+        return cls()
+
+    def layer_args(self) -> dict:
+        """FusedMoE's keyword arguments for this format."""
+        if not self.fp8:
+            return {}
+        return dict(weight_dtype=FP8_DTYPE, block_shape=self.block_shape,
+                    quantize_loads=self.quantize_loads)
+
+
+@dataclass(frozen=True)
 class MoeFamily:
     """A transformers model family whose sparse-MoE block moe-uvm supports.
 
@@ -98,24 +129,23 @@ class FusedExperts(nn.Module):
 
     def __init__(
         self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-        dtype: torch.dtype, quantize: str | None = None,
+        dtype: torch.dtype, fmt: ExpertFormat | None = None,
     ) -> None:
         super().__init__()
         # Built on meta: offload_experts gives it store-backed weights before anything is written.
         # Routing is the block's own, so FusedMoE.route (and its renormalize flag) is never used.
-        fp8 = dict(weight_dtype=FP8_DTYPE, block_shape=QUANTIZE_BLOCK, quantize_loads=True)
         self.moe = FusedMoE(
             num_experts, top_k, hidden_size, intermediate_size, renormalize=False, dtype=dtype,
-            device="meta", **(fp8 if quantize == "fp8" else {}),
+            device="meta", **(fmt or ExpertFormat()).layer_args(),
         )
         self.routing_override = None  # TraceRouting's, for benchmarks: ids -> ids
         self._handle = next(_HANDLES)
         _LIVE[self._handle] = self
 
     @classmethod
-    def replacing(cls, block: MoeBlock, quantize: str | None = None) -> FusedExperts:
+    def replacing(cls, block: MoeBlock, fmt: ExpertFormat | None = None) -> FusedExperts:
         """An adapter of the shape and dtype of `block`'s experts (checked against the layout
-        FusedMoE runs); quantize="fp8" holds them as e4m3, quantised as they load."""
+        FusedMoE runs), held in `fmt` (default: the experts' own dtype)."""
         experts = block.module.experts
         where = f"{block.name}.experts ({type(experts).__name__})"
         act = getattr(getattr(experts, "config", None), "hidden_act", None)
@@ -138,7 +168,7 @@ class FusedExperts(nn.Module):
                 f"{where}: gate_up_proj {tuple(gate_up.shape)} and down_proj "
                 f"{tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
             )
-        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype, quantize)
+        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype, fmt)
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> None:
         """Copy a transformers 3-D expert tensor (`gate_up_proj` [E, 2I, H] or `down_proj`
@@ -272,11 +302,12 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
 
 def plan_expert_memory(
     blocks: list[MoeBlock], config: ExpertOffloadConfig | None, device: torch.device | str | None,
+    fmt: ExpertFormat | None = None,
 ) -> MemoryPlan:
     """The device memory `attach_experts` allocates for these blocks, by part (nothing is
-    allocated)."""
-    quantize = config.quantize_experts if config else None
-    return plan_memory([FusedExperts.replacing(b, quantize).moe for b in blocks], config, device)
+    allocated). fmt: default ExpertFormat.choose(config)."""
+    fmt = fmt or ExpertFormat.choose(config)
+    return plan_memory([FusedExperts.replacing(b, fmt).moe for b in blocks], config, device)
 
 
 def next_gate_weights(blocks: list[MoeBlock]) -> list[torch.Tensor]:
@@ -287,14 +318,15 @@ def next_gate_weights(blocks: list[MoeBlock]) -> list[torch.Tensor]:
 
 def attach_experts(
     blocks: list[MoeBlock], config: ExpertOffloadConfig | None,
-    device: torch.device | str | None,
+    device: torch.device | str | None, fmt: ExpertFormat | None = None,
 ) -> ExpertOffloadManager:
     """Put a FusedExperts in place of each block's experts, its weights in a managed store
     (allocated and advised first); experts that hold weights (not meta) are copied in. All or
     nothing: the blocks get their new experts only once every store is allocated and filled; on
-    an error they keep their own and what was allocated is freed."""
-    adapters = [FusedExperts.replacing(b, config.quantize_experts if config else None)
-                for b in blocks]
+    an error they keep their own and what was allocated is freed. fmt: default
+    ExpertFormat.choose(config)."""
+    fmt = fmt or ExpertFormat.choose(config)
+    adapters = [FusedExperts.replacing(b, fmt) for b in blocks]
     manager = offload_experts(adapters, config, device=device,
                               next_gates=next_gate_weights(blocks))
     try:

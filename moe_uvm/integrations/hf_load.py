@@ -2,7 +2,12 @@
 built on the meta device and matched against the shard headers (missing, unexpected and mismatched
 tensors are named before anything is allocated or read), the MoE experts get managed stores
 (advised before a byte is written), then each shard is read once: expert tensors go through
-FusedMoE's weight_loader into the stores, everything else is materialised on the device."""
+FusedMoE's weight_loader into the stores, everything else is materialised on the device.
+
+FP8 checkpoints (`quantization_config` with `quant_method: fp8`, e4m3, `weight_block_size`, as
+DeepSeek-V3 and the Qwen3 FP8 releases ship them): expert weights and their `weight_scale_inv`
+go into FP8 stores as they are (never widened); other FP8 weights are dequantised into the
+model's dtype on their way to the device."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.dense import DenseOffloadConfig, DenseOffloader
 from moe_uvm.dense_select import select_param_names
 from moe_uvm.integrations.hf_blocks import (
+    ExpertFormat,
     FusedExperts,
     MoeBlock,
     MoeFamily,
@@ -34,6 +40,7 @@ from moe_uvm.integrations.hf_blocks import (
     next_gate_weights,
     plan_expert_memory,
 )
+from moe_uvm.kernels import fp8
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import (
     DENSE_POOL,
@@ -50,6 +57,13 @@ EXPERT_KEY = re.compile(
 )
 """Per-expert checkpoint names, as transformers 5 `save_pretrained` writes them (and the hub has
 them): Mixtral's w1/w3/w2 or gate_proj/up_proj/down_proj."""
+EXPERT_SCALE_KEY = re.compile(
+    r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+    r"\.weight_scale_inv$"
+)
+"""An FP8 checkpoint's block scales of one expert weight, multiplied: weight = fp8 * scale_inv."""
+SCALE_SUFFIX = "_scale_inv"
+FP8_HEADER_DTYPE = "F8_E4M3"
 FUSED_KEY = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
 """Fused 3-D expert tensors, as the transformers 5 modules hold them."""
 SHARD_OF = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2",
@@ -62,6 +76,32 @@ LISTED = 6
 
 class CheckpointError(ValueError):
     """The checkpoint and the model disagree; the message names the tensors."""
+
+
+def checkpoint_fp8_block(hf_config, where: Path | str = "") -> tuple[int, int] | None:
+    """The block shape of an FP8 checkpoint's scales (its `quantization_config`), None for an
+    unquantised one. Other quantisation methods and FP8 layouts are refused by name."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(
+            f"{where}: quantization_config has quant_method {method!r}; moe-uvm reads 16/32-bit "
+            "checkpoints and FP8 ones (quant_method 'fp8', e4m3, weight_block_size)")
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{where}: FP8 format {qc['fmt']!r}; only e4m3 is supported")
+    block = qc.get("weight_block_size")
+    if block is None:
+        raise CheckpointError(
+            f"{where}: FP8 checkpoint without weight_block_size (per-tensor scales); moe-uvm "
+            "reads block-scaled FP8 checkpoints (e.g. weight_block_size [128, 128])")
+    try:
+        return fp8.check_block_shape(block)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: quantization_config.weight_block_size: {e}") from None
 
 
 class LoadedModel(NamedTuple):
@@ -116,10 +156,13 @@ class _Safetensors:
     def __init__(self, path: Path) -> None:
         self.path, self.files = path, checkpoint_files(path)
 
-    def headers(self) -> Iterator[tuple[Path, list[tuple[str, tuple[int, ...]]]]]:
+    def headers(self) -> Iterator[tuple[Path, list[tuple[str, tuple[int, ...], bool]]]]:
+        """Per shard: (key, shape, whether the tensor is FP8 e4m3) of each tensor."""
         for file in self.files:
             with safe_open(file, framework="pt", device="cpu") as f:
-                yield file, [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+                yield file, [(key, tuple(f.get_slice(key).get_shape()),
+                              f.get_slice(key).get_dtype() == FP8_HEADER_DTYPE)
+                             for key in f.keys()]
 
     @contextmanager
     def open(self, file: Path) -> Iterator[Callable[[str], torch.Tensor]]:
@@ -137,8 +180,8 @@ class _RandomWeights:
         self.model, self.seed, self.device, self.std = model, seed, device, std
         self.shapes = {key: tuple(t.shape) for key, t in model.state_dict(keep_vars=True).items()}
 
-    def headers(self) -> Iterator[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
-        yield "random", list(self.shapes.items())
+    def headers(self) -> Iterator[tuple[str, list[tuple[str, tuple[int, ...], bool]]]]:
+        yield "random", [(key, shape, False) for key, shape in self.shapes.items()]
 
     @contextmanager
     def open(self, _name: str) -> Iterator[Callable[[str], torch.Tensor]]:
@@ -179,6 +222,9 @@ class _Plan:
     family: MoeFamily
     blocks: list[MoeBlock]
     materialize: Callable[[_Slot, torch.Tensor], None]
+    fp8_block: tuple[int, int] | None = None
+    """An FP8 checkpoint's scale blocks: expert weights and their scales go into FP8 stores,
+    other FP8 weights are dequantised with theirs."""
     slots: dict[str, _Slot] = field(default_factory=dict)
     actions: list[tuple[Path | str, list[tuple[str, Callable[[torch.Tensor], None]]]]] = field(
         default_factory=list
@@ -186,6 +232,9 @@ class _Plan:
     covered: dict[str, torch.Tensor] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    fp8_weights: dict[int, str] = field(default_factory=dict)  # slot id -> key, FP8 non-experts
+    scales: dict[int, str] = field(default_factory=dict)  # slot id -> key of its scales
+    pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     block_at: dict[str, MoeBlock] = field(init=False)
     ignored: list[re.Pattern] = field(init=False)
 
@@ -207,28 +256,32 @@ class _Plan:
                 slot.owners.append((module, attr))
                 self.slots[name] = slot
         self.block_at = {block.name: block for block in self.blocks}
+        columns = 6 if self.fp8_block else 3  # w1 w3 w2, then their scales
         for block in self.blocks:
-            self.covered[block.name] = torch.zeros(block.num_experts, 3, dtype=torch.bool)
+            self.covered[block.name] = torch.zeros(block.num_experts, columns, dtype=torch.bool)
         model_ignores = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()
         self.ignored = [re.compile(p) for p in (*IGNORED_UNEXPECTED, *model_ignores)]
 
-    def add_shard(self, name: Path | str, header: list[tuple[str, tuple[int, ...]]]) -> None:
+    def add_shard(self, name: Path | str,
+                  header: list[tuple[str, tuple[int, ...], bool]]) -> None:
         """Plan every tensor of one shard from its header (no tensor data is read)."""
         entries = []
-        for key, shape in header:
-            action = self._resolve(key, shape)
+        for key, shape, is_fp8 in header:
+            action = self._resolve(key, shape, is_fp8)
             if action is not None:
                 entries.append((key, action))
         self.actions.append((name, entries))
 
-    def _resolve(self, key: str, shape: tuple[int, ...]):
+    def _resolve(self, key: str, shape: tuple[int, ...], is_fp8: bool = False):
         name = key
         for saved, module_name in self.family.checkpoint_renames:
             name = name.replace(saved, module_name)
-        match = EXPERT_KEY.match(name) or FUSED_KEY.match(name)
+        match = EXPERT_KEY.match(name) or EXPERT_SCALE_KEY.match(name) or FUSED_KEY.match(name)
         block = self.block_at.get(match["block"]) if match else None
         if block is not None:
-            return self._resolve_expert(key, shape, block, match)
+            return self._resolve_expert(key, shape, is_fp8, block, match)
+        if self.fp8_block and name.endswith(SCALE_SUFFIX):
+            return self._resolve_scale(key, shape, name[:-len(SCALE_SUFFIX)])
         slot = self.slots.get(name)
         if slot is None:
             if not any(p.search(name) for p in self.ignored):
@@ -240,13 +293,54 @@ class _Plan:
             )
             return None
         slot.loaded = True
+        if is_fp8:
+            if not self.fp8_block or slot.like.dim() != 2:
+                self.mismatched.append(
+                    f"{key}: an FP8 tensor, but " + ("the checkpoint's config has no FP8 "
+                    "quantization_config" if not self.fp8_block else "only 2-D weights can be FP8"))
+                return None
+            self.fp8_weights[id(slot)] = key
+            return lambda tensor: self._pair(slot, "weight", tensor)
         return lambda tensor: self.materialize(slot, tensor)
 
-    def _resolve_expert(self, key: str, shape: tuple[int, ...], block: MoeBlock, match):
+    def _resolve_scale(self, key: str, shape: tuple[int, ...], weight_name: str):
+        """A non-expert FP8 weight's block scales: kept until the weight comes (or the weight
+        kept until they come), then the weight is dequantised into the model's dtype."""
+        slot = self.slots.get(weight_name)
+        if slot is None or slot.like.dim() != 2:
+            self.unexpected.append(key)
+            return None
+        expected = fp8.scale_shape(1, *slot.like.shape, self.fp8_block)[1:]
+        if shape != expected:
+            self.mismatched.append(f"{key}: checkpoint {list(shape)}, expected {list(expected)} "
+                                   f"for {list(slot.like.shape)} in {self.fp8_block} blocks")
+            return None
+        self.scales[id(slot)] = key
+        return lambda tensor: self._pair(slot, "scale", tensor)
+
+    def _pair(self, slot: _Slot, part: str, tensor: torch.Tensor) -> None:
+        got = self.pending.setdefault(id(slot), {})
+        got[part] = tensor
+        if len(got) == 2:
+            del self.pending[id(slot)]
+            weight = fp8.dequantize(got["weight"][None], got["scale"][None].float(),
+                                    self.fp8_block)[0]
+            self.materialize(slot, weight)
+
+    def _resolve_expert(self, key: str, shape: tuple[int, ...], is_fp8: bool, block: MoeBlock,
+                        match):
         """Expert tensors load through the block's FusedExperts, in place by load time."""
         E, H, I = block.shape
         covered = self.covered[block.name]
+        if is_fp8 and not self.fp8_block:
+            self.mismatched.append(f"{key}: an FP8 expert tensor, but the checkpoint's config "
+                                   "has no FP8 quantization_config (quant_method fp8)")
+            return None
         if "expert" not in match.groupdict():
+            if self.fp8_block:
+                self.mismatched.append(f"{key}: fused FP8 expert tensors are not read; FP8 "
+                                       "checkpoints hold per-expert weights with weight_scale_inv")
+                return None
             fused = match["proj"] == "gate_up_proj"
             expected = (E, 2 * I, H) if fused else (E, H, I)
             if shape != expected:
@@ -256,13 +350,29 @@ class _Plan:
             return lambda tensor: block.module.experts.load_fused(match["proj"], tensor)
         expert, shard = int(match["expert"]), SHARD_OF[match["proj"]]
         expected = (H, I) if shard == "w2" else (I, H)
+        column = ("w1", "w3", "w2").index(shard)
+        if key.endswith(SCALE_SUFFIX):
+            if not self.fp8_block:
+                self.unexpected.append(key)
+                return None
+            expected = fp8.scale_shape(1, *expected, self.fp8_block)[1:]
+            if expert >= E or shape != expected:
+                self.mismatched.append(
+                    f"{key}: checkpoint expert {expert} scales {list(shape)}, model {E} experts "
+                    f"with {list(expected)} scales ({self.fp8_block} blocks)")
+                return None
+            covered[expert, 3 + column] = True
+            return lambda tensor: block.module.experts.moe.scale_loader(tensor, expert, shard)
+        if self.fp8_block and not is_fp8:
+            self.mismatched.append(f"{key}: a 16/32-bit expert weight in an FP8 checkpoint")
+            return None
         if expert >= E or shape != expected:
             self.mismatched.append(
                 f"{key}: checkpoint expert {expert} {list(shape)}, model {E} experts of "
                 f"{list(expected)}"
             )
             return None
-        covered[expert, ("w1", "w3", "w2").index(shard)] = True
+        covered[expert, column] = True
 
         def load(tensor: torch.Tensor) -> None:
             moe = block.module.experts.moe
@@ -280,8 +390,15 @@ class _Plan:
                 missing.append(slot.names[0])
             seen.add(id(slot))
         for block_name, covered in self.covered.items():
-            for expert, shard in (~covered).nonzero().tolist():
-                missing.append(f"{block_name}.experts.{expert} ({('w1', 'w3', 'w2')[shard]})")
+            for expert, column in (~covered).nonzero().tolist():
+                part = ("w1", "w3", "w2", "w1 scales", "w3 scales", "w2 scales")[column]
+                missing.append(f"{block_name}.experts.{expert} ({part})")
+        for slot_id, key in self.fp8_weights.items():
+            if slot_id not in self.scales:
+                missing.append(key + SCALE_SUFFIX)
+        self.mismatched.extend(
+            f"{key}: scales of a weight that is not FP8" for slot_id, key in self.scales.items()
+            if slot_id not in self.fp8_weights)
         problems = [
             f"{what} ({len(items)}): {', '.join(items[:LISTED])}"
             + (f", ... {len(items) - LISTED} more" if len(items) > LISTED else "")
@@ -344,11 +461,12 @@ def _plan_memory(
     fp32: list[re.Pattern],
     host_ids: set[int],
     dense: tuple[nn.ModuleList, DenseOffloadConfig] | None,
+    fmt: ExpertFormat,
 ) -> MemoryPlan:
     """Everything the load puts on `device`, by part: the experts' share (stores, slot caches,
     counters), every non-expert tensor that is not kept in host memory for the dense offloader
     (checkpoint tensors in their load dtype, computed buffers), and the dense offloader's pool."""
-    memory = plan_expert_memory(plan.blocks, config, device)
+    memory = plan_expert_memory(plan.blocks, config, device, fmt)
     slots = {id(slot): slot for slot in plan.slots.values()}
     weights = sum(
         slot.like.numel() * _load_dtype(slot, fp32).itemsize
@@ -378,7 +496,7 @@ FIXED_PARTS = (NON_EXPERT_WEIGHTS, DENSE_POOL, ROUTING_COUNTERS)
 def _experts_share(
     plan: _Plan, config: ExpertOffloadConfig, device: torch.device, fp32: list[re.Pattern],
     host_ids: set[int], dense: tuple[nn.ModuleList, DenseOffloadConfig] | None,
-    workspace: dict[str, int],
+    workspace: dict[str, int], fmt: ExpertFormat,
 ) -> tuple[ExpertOffloadConfig, Split | None]:
     """The config the experts get: gpu_budget_gb less the fixed parts (non-expert weights,
     the dense pool, routing counters), then the planner's split of what is left when the
@@ -388,7 +506,7 @@ def _experts_share(
     bare = replace(config, gpu_budget_gb=None, num_resident=0, resident_selection="first_n",
                    resident_ids=(), prefetch="none", prefetch_slots=0, slot_eviction="lru",
                    adaptive=False)
-    parts = _plan_memory(plan, bare, device, fp32, host_ids, dense).parts
+    parts = _plan_memory(plan, bare, device, fp32, host_ids, dense, fmt).parts
     fixed = {name: parts[name] for name in FIXED_PARTS if parts.get(name)}
     fixed.update((name, nbytes) for name, nbytes in workspace.items() if nbytes)
     left = config.gpu_budget_gb * 1e9 - sum(fixed.values())
@@ -399,8 +517,7 @@ def _experts_share(
             f"besides its experts ({named}: {sum(fixed.values()) / 1e9:.3f} GB); give more than "
             "that, plus what the experts should get")
     share = replace(config, gpu_budget_gb=left / 1e9)
-    adapters = [FusedExperts.replacing(block, config.quantize_experts).moe
-                for block in plan.blocks]
+    adapters = [FusedExperts.replacing(block, fmt).moe for block in plan.blocks]
     return resolve_config(adapters, share, device)
 
 
@@ -427,7 +544,13 @@ def load_offloaded(
 
     `random_weights=SEED`: the directory needs only config.json; every tensor is built in place
     from the seed instead of read (N(0, initializer_range), norms 1, biases 0), the experts
-    straight into their stores, for benchmarks and demos of models too large to download.
+    straight into their stores, for benchmarks and demos of models too large to download (the
+    experts of an FP8 config are quantised as they are built).
+
+    FP8 checkpoints (quantization_config quant_method "fp8" with weight_block_size): the experts
+    stay e4m3 with their block scales (`weight_scale_inv`) in FP8 stores; other FP8 weights are
+    dequantised into `dtype`. `config.quantize_experts="fp8"` quantises a 16/32-bit
+    checkpoint's experts as they load (an FP8 checkpoint keeps its own scales).
 
     `workspace`: device bytes the caller allocates after the load, by name (the decoder's KV
     cache): taken out of gpu_budget_gb with the fixed parts, and counted in the free-memory
@@ -439,6 +562,8 @@ def load_offloaded(
     source = None if random_weights is not None else _Safetensors(path)
     hf_config = AutoConfig.from_pretrained(path)
     family = family_of(hf_config.model_type)
+    fp8_block = checkpoint_fp8_block(hf_config, path)
+    fmt = ExpertFormat.choose(config, fp8_block, quantize_loads=random_weights is not None)
     dtype = dtype or getattr(hf_config, "dtype", None) or torch.float32
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
@@ -457,7 +582,8 @@ def load_offloaded(
         for module, attr in slot.owners:
             (module._parameters if slot.is_param else module._buffers)[attr] = value
 
-    plan = _Plan(model, family, blocks, materialize)
+    plan = _Plan(model, family, blocks, materialize,
+                 fp8_block=None if random_weights is not None else fp8_block)
     if source is None:
         std = float(getattr(hf_config, "initializer_range", 0.02))
         source = _RandomWeights(model, random_weights, device, std)
@@ -465,13 +591,14 @@ def load_offloaded(
         plan.add_shard(name, header)
     plan.check(path)
     dense = None if dense_config is None else (layers, dense_config)
-    config, split = _experts_share(plan, config, device, fp32, host_ids, dense, workspace or {})
-    memory = _plan_memory(plan, config, device, fp32, host_ids, dense)
+    config, split = _experts_share(plan, config, device, fp32, host_ids, dense, workspace or {},
+                                   fmt)
+    memory = _plan_memory(plan, config, device, fp32, host_ids, dense, fmt)
     for name, nbytes in (workspace or {}).items():
         memory.add(name, nbytes)
     # Stores are allocated (and advised) only for a checkpoint that matches and fits.
     with memory.reserve(allow_oversubscription=config.allow_oversubscription):
-        manager = attach_experts(blocks, config, device)
+        manager = attach_experts(blocks, config, device, fmt)
         manager.split = split
         try:
             # The initial advice prefetches on the manager's stream; let it finish first.

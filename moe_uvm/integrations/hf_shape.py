@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_uvm.integrations.hf_blocks import family_of, find_moe_blocks
-from moe_uvm.integrations.hf_load import parameters_on_meta
+from moe_uvm.integrations.hf_load import checkpoint_fp8_block, parameters_on_meta
 from moe_uvm.presets import ModelShape
 
 
@@ -57,14 +57,18 @@ def kv_bytes_per_token(config, num_layers: int, dtype: torch.dtype) -> int:
     return (k + v) * num_layers * size
 
 
-def describe(model_dir: str | Path, dtype: torch.dtype | None = None) -> ModelInfo:
+def describe(model_dir: str | Path, dtype: torch.dtype | None = None,
+             quantize_experts: str | None = None) -> ModelInfo:
     """The ModelInfo of the checkpoint (or bare config.json) in `model_dir`, at `dtype` (default
-    the config's, bf16 if it names none)."""
+    the config's, bf16 if it names none). Experts count one byte per weight in an FP8
+    checkpoint or with quantize_experts="fp8" (their block scales, under 0.1%, are left out);
+    other FP8 weights are counted at `dtype`, as the loader dequantises them."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (give a local checkpoint folder)")
     config = AutoConfig.from_pretrained(path)
     family_of(config.model_type)  # an unsupported model is refused by name
+    fp8_experts = checkpoint_fp8_block(config, path) is not None or quantize_experts == "fp8"
     dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -84,7 +88,7 @@ def describe(model_dir: str | Path, dtype: torch.dtype | None = None) -> ModelIn
     layers = config.num_hidden_layers
     shared = getattr(config, "n_shared_experts", None) or 0
     shape = ModelShape(f"{config.model_type} ({path.name})", layers, len(blocks), E, top_k, H, I,
-                       shared, size)
+                       shared, 1 if fp8_experts else size)
     # the computed (non-persistent) buffers of non-expert modules, as the loader counts them
     expert_modules = {id(b.module.experts) for b in blocks}
     buffers = {id(b): b for m in model.modules() if id(m) not in expert_modules

@@ -450,7 +450,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if trace is not None:
         from moe_uvm.integrations.hf_shape import describe
 
-        shape = describe(model_dir).shape
+        shape = describe(model_dir, quantize_experts=args.quantize_experts).shape
         if (trace.num_experts, trace.top_k) != (shape.num_experts, shape.top_k):
             raise CLIError(f"--routing-trace has {trace.num_experts} experts, top-{trace.top_k}; "
                            f"the model {shape.num_experts}, top-{shape.top_k}")
@@ -462,6 +462,7 @@ def generate_command(args: argparse.Namespace) -> int:
         gpu_budget_gb=args.gpu_budget_gb,
         resident_selection="profile" if args.profile else "first_n",
         profile_path=args.profile,
+        quantize_experts=args.quantize_experts,
     )
     free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
     what = "random weights" if args.random_weights is not None else "checkpoint"
