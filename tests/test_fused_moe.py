@@ -231,7 +231,7 @@ def test_compiles_fullgraph_and_passes_opcheck(seed, num_tokens):
     compiled = torch.compile(moe_block, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x, topk_weights, topk_ids), moe_block(x, topk_weights, topk_ids))
     torch.library.opcheck(torch.ops.moe_uvm.fused_moe.default,
-                          (x, w13, w2, topk_weights, topk_ids, None, None, None))
+                          (x, w13, w2, topk_weights, topk_ids, None, None, None, None, None, None))
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,8 @@ def test_fill_compiles_fullgraph_and_passes_opcheck(seed, num_tokens):
     assert_slot_holds(pool13, pool2, 2, w13, w2, expert)  # the compiled graph kept the writes
     assert torch.equal(out, moe_block(x, topk_weights, topk_ids))
     torch.library.opcheck(torch.ops.moe_uvm.fused_moe_fill.default,
-                          (x, w13, w2, topk_weights, topk_ids, None, pool13, pool2, fill_slot))
+                          (x, w13, w2, topk_weights, topk_ids, None, pool13, pool2, fill_slot,
+                           None, None, None))
 
 
 def copy_case(dtype, strided: bool, device=DEVICE):
