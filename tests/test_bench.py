@@ -12,6 +12,8 @@ from moe_uvm.tools import bench_sweep
 from moe_uvm.tools.bench import METHODS, managed_residency
 from moe_uvm.trace import synthetic_trace
 
+from helpers import use_reference_kernels
+
 
 @pytest.fixture
 def small_trace(tmp_path):
@@ -86,6 +88,9 @@ def test_managed_policies_pick_the_profiles_experts(small_trace):
 
 
 def test_bench_without_gpu_simulates_and_says_so(capsys, monkeypatch, tmp_path):
+    # The routing counters' torch reference, as on a CPU without the interpreter (what users
+    # run): the kernel is tested on its own, and interpreted here it takes minutes.
+    use_reference_kernels(monkeypatch)
     monkeypatch.setattr(cli.uvm, "available", lambda: False)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 0
