@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .expert_address import expert_base, fill_targets
 from .fp8 import check_block_shape
+from .fp8_widen import alu_widen_applies, widen_bf16
 from .fused_moe_checks import check_inputs
 from .fused_moe_configs import (
     NO_TABLES,
@@ -63,17 +64,23 @@ def _fills_first_block(slot_w_ptr, stride_se, expert_slot_ptr, fill_slot_ptr, bl
 
 @triton.jit
 def _scaled_dot(x, w, acc, scale_ptrs, k0, stride_sk, col_ok, QUANT: tl.constexpr,
-                SCALE_K: tl.constexpr, PRECISION: tl.constexpr):
+                SCALE_K: tl.constexpr, PRECISION: tl.constexpr, ALU: tl.constexpr):
     """acc + x @ w. FP8 weights (QUANT > 0) are widened to x's dtype in registers (exact: every
-    e4m3 value is a bf16/fp16 value); with block scales (QUANT == 2) this K step's scale of each
-    output column multiplies its product (a K step never crosses a scale block)."""
+    finite e4m3 value is a bf16/fp16 value; with ALU by integer ops, fp8_widen.py); with block
+    scales (QUANT == 2) this K step's scale of each output column multiplies its product (a K
+    step never crosses a scale block)."""
     if QUANT == 0:
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    elif QUANT == 2:
-        scale = tl.load(scale_ptrs + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION) * scale[None, :]
     else:
-        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
+        if ALU:
+            wide = widen_bf16(w)
+        else:
+            wide = w.to(x.dtype)
+        if QUANT == 2:
+            scale = tl.load(scale_ptrs + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
+            acc += tl.dot(x, wide, input_precision=PRECISION) * scale[None, :]
+        else:
+            acc = tl.dot(x, wide, acc, input_precision=PRECISION)
     return acc
 
 
@@ -90,7 +97,7 @@ def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, gate_scales, up_scales,
                   row_ok, col_ok, ks, hidden, intermediate, FILL: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-                  SCALE_K: tl.constexpr):
+                  SCALE_K: tl.constexpr, ALU: tl.constexpr):
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -108,9 +115,9 @@ def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, gate_scales, up_scales,
             tl.store(fill_ptrs + intermediate * hidden, w_up, mask=w_ok)
             fill_ptrs += BLOCK_K
         gate = _scaled_dot(x, w_gate, gate, gate_scales, k0, stride_sk, col_ok, QUANT, SCALE_K,
-                           PRECISION)
+                           PRECISION, ALU)
         up = _scaled_dot(x, w_up, up, up_scales, k0, stride_sk, col_ok, QUANT, SCALE_K,
-                         PRECISION)
+                         PRECISION, ALU)
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
@@ -126,7 +133,8 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
                     SCALE_K: tl.constexpr, TOP_K: tl.constexpr,
                     HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ALU: tl.constexpr,
+                    PDL: tl.constexpr):
     """act[pair, n] = silu(x @ w1[e]^T) * (x @ w3[e]^T) for one row tile of one expert."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
@@ -157,16 +165,17 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
             gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, gate_scales,
                                      up_scales, stride_sc_k, row_ok, col_ok, ks, hidden,
                                      intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
-                                     BLOCK_K, PRECISION, QUANT, SCALE_K)
+                                     BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
         else:
             gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, gate_scales,
                                      up_scales, stride_sc_k, row_ok, col_ok, ks, hidden,
                                      intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
-                                     BLOCK_K, PRECISION, QUANT, SCALE_K)
+                                     BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
     else:
         gate, up = _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, gate_ptrs, gate_scales, up_scales,
                                  stride_sc_k, row_ok, col_ok, ks, hidden, intermediate, False,
-                                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K)
+                                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K,
+                                 ALU)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + pairs.to(tl.int64)[:, None] * intermediate + cols[None, :],
              act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -176,7 +185,7 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
 def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks, k_start, k_end,
                intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-               QUANT: tl.constexpr, SCALE_K: tl.constexpr):
+               QUANT: tl.constexpr, SCALE_K: tl.constexpr, ALU: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
@@ -190,7 +199,8 @@ def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks,
         if FILL:
             tl.store(fill_ptrs, w, mask=w_ok)
             fill_ptrs += BLOCK_K
-        acc = _scaled_dot(a, w, acc, scales, k0, stride_sk, col_ok, QUANT, SCALE_K, PRECISION)
+        acc = _scaled_dot(a, w, acc, scales, k0, stride_sk, col_ok, QUANT, SCALE_K, PRECISION,
+                         ALU)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return _channel_scaled(acc, scales, col_ok, QUANT)
@@ -204,7 +214,7 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
                  SCALE_K: tl.constexpr, HAS_SLOTS: tl.constexpr,
                  HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, PDL: tl.constexpr):
+                 PRECISION: tl.constexpr, ALU: tl.constexpr, PDL: tl.constexpr):
     """partial[split, pair, n] = act[pair, k-range] @ w2[e][n, k-range]^T, fp32. With split-K,
     each split loads (and fills) its own K range of the weight tile."""
     pdl_enter(PDL)
@@ -234,15 +244,15 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
                          + (k_start + ks)[:, None])
             acc = _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sc_k, row_ok, col_ok,
                              ks, k_start, k_end, intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
-                             BLOCK_K, PRECISION, QUANT, SCALE_K)
+                             BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
         else:
             acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks,
                              k_start, k_end, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
-                             BLOCK_K, PRECISION, QUANT, SCALE_K)
+                             BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
     else:
         acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks, k_start,
                          k_end, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-                         QUANT, SCALE_K)
+                         QUANT, SCALE_K, ALU)
     rows = split.to(tl.int64) * num_pairs + pairs
     tl.store(partial_ptr + rows[:, None] * hidden + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
@@ -315,6 +325,7 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
                  PAIR_BLOCKS=pair_blocks)
     # fp32 callers get fp32 products (as torch matmul does by default), not TF32.
     precision = "ieee" if dtype == torch.float32 else None
+    alu = w13_scale is not None and alu_widen_applies(dtype, device)
     act = torch.empty((num_pairs, intermediate), dtype=dtype, device=device)
     grid = (num_blocks, triton.cdiv(intermediate, config.gate_up_block_n))
     scales13, quant13 = _scale_args(w13, w13_scale, block_shape, intermediate)
@@ -324,6 +335,7 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
         num_experts, hidden, intermediate, *scales13, **quant13, TOP_K=top_k, **flags,
         EVEN_K=hidden % config.gate_up_block_k == 0, BLOCK_M=config.block_m,
         BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, PRECISION=precision,
+        ALU=alu,
         num_warps=config.gate_up_warps, num_stages=config.gate_up_stages,
         **pdl_launch(device),
     )
@@ -339,7 +351,8 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
         k_per_split, *scales2[:4], **quant2, **flags,
         EVEN_K=intermediate % config.down_block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k,
-        PRECISION=precision, num_warps=config.down_warps, num_stages=config.down_stages,
+        PRECISION=precision, ALU=alu, num_warps=config.down_warps,
+        num_stages=config.down_stages,
         **pdl_launch(device),
     )
     out = torch.empty((num_tokens, hidden), dtype=dtype, device=device)

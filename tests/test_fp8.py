@@ -10,8 +10,11 @@ error itself is reported by test_quantisation_error_is_what_e4m3_allows.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from moe_uvm.kernels import fp8, fused_moe, fused_moe_reference
+from moe_uvm.kernels.fp8_widen import widen_bf16
 from moe_uvm.kernels.fused_moe import MoeBlockConfig, MoeDecodeConfig, fused_moe_triton
 
 from helpers import DEVICE, make_inputs, rel_err, store_layout
@@ -354,3 +357,28 @@ def test_quantise_at_load_keeps_the_tiny_checkpoints_predictions(monkeypatch):
     agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
     assert agree >= 0.98 and kl < 2e-3, (agree, kl)
     assert (ref_tokens == out_tokens).float().mean().item() >= 0.95
+
+
+@triton.jit
+def _widen_both(src, alu_out, cvt_out, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    w = tl.load(src + offs, mask=offs < n, other=0.0)
+    tl.store(alu_out + offs, widen_bf16(w), mask=offs < n)
+    tl.store(cvt_out + offs, w.to(tl.bfloat16), mask=offs < n)
+
+
+@pytest.mark.gpu
+def test_gpu_alu_widening_is_exact_for_every_finite_e4m3_value():
+    """kernels/fp8_widen.py's integer widening gives the bf16 Triton's conversion gives, for
+    all 254 finite e4m3 codes (subnormals, both zeros and +-448 included), in every lane
+    position of its four-value packs."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F]
+    # Each code once in each of the four positions of a packed register.
+    shifted = torch.cat([torch.roll(finite, r) for r in range(4)]).cuda()
+    w = shifted.view(fp8.FP8_DTYPE)
+    alu = torch.empty(w.shape, dtype=torch.bfloat16, device="cuda")
+    cvt = torch.empty_like(alu)
+    _widen_both[(1,)](w, alu, cvt, w.numel(), BLOCK=triton.next_power_of_2(w.numel()))
+    assert torch.equal(alu.view(torch.int16), cvt.view(torch.int16))
+    assert torch.equal(alu.float(), w.float())
