@@ -1,4 +1,5 @@
-"""Fused-MoE kernel on the Mixtral-8x7B and Qwen3-30B-A3B layer shapes, bf16, T in 1..256:
+"""Fused-MoE kernel on the Mixtral-8x7B and Qwen3-30B-A3B layer shapes, T in 1..256, bf16 or
+FP8 (--weight-dtype fp8: e4m3 with 128 x 128 block scales, bf16 activations):
 time (CUDA-graph replay, L2 flushed before each), bytes of distinct experts read, bandwidth
 against the HBM read and managed read-through ceilings measured in the same run, for weights in
 device memory, in managed memory advised resident, and advised offloaded; plus the plain-torch
@@ -8,9 +9,11 @@ reference. The default (--no-tune) benchmarks this GPU model's tables in kernels
 T >= 64 keeping, among configs within 3% of the best device time, the fastest with offloaded
 weights) and one-token configs at T=1 (or the grouped path where that is faster), writes them
 into this GPU model's file in kernels/configs/ (other shapes' entries kept), and benchmarks
-with them.
+with them. FP8 weights are tuned into entries of their own (grouped path only), and their
+benchmark adds device rows widened by Triton's conversion (the A/B of kernels/fp8_widen.py).
 
-    python benchmarks/fused_moe.py [--tune | --no-tune] [--out benchmarks/results/fused_moe.json]
+    python benchmarks/fused_moe.py [--tune | --no-tune] [--weight-dtype bf16|fp8]
+        [--out benchmarks/results/fused_moe.json]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from triton.runtime.errors import OutOfResources
 
 from moe_uvm import ceilings
 from moe_uvm.kernels import fp8, fused_moe, fused_moe_reference
+from moe_uvm.kernels.fp8_widen import set_alu_widen
 from moe_uvm.kernels.fused_moe import fused_moe_triton
 from moe_uvm.kernels.fused_moe_configs import (
     MoeBlockConfig,
@@ -91,6 +95,20 @@ DOWN = {
     128: [(128, 64, 8, 3), (64, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 3)],
 }
 GATE_UP[32], DOWN[32] = GATE_UP[16], DOWN[16]
+# FP8 weights: half the bytes per tile, so deeper pipelines keep as many bytes in flight per SM
+# (at T=1 a Qwen3 layer has only ~1.5 gate/up programs per SM); tried after the lists above.
+GATE_UP_FP8 = {
+    16: [(16, 128, 4, 6), (32, 128, 4, 6), (32, 128, 4, 8), (64, 128, 4, 6), (64, 128, 8, 6),
+         (32, 128, 8, 6), (128, 128, 8, 4)],
+    64: [(64, 128, 8, 4), (128, 128, 8, 3)],
+    128: [(64, 128, 8, 4), (128, 128, 8, 3)],
+}
+DOWN_FP8 = {
+    16: [(64, 128, 4, 6), (128, 128, 4, 6), (64, 128, 8, 6), (128, 128, 8, 5), (32, 128, 4, 8)],
+    64: [(128, 128, 8, 4), (64, 128, 8, 4)],
+    128: [(128, 128, 8, 4), (64, 128, 8, 4)],
+}
+GATE_UP_FP8[32], DOWN_FP8[32] = GATE_UP_FP8[16], DOWN_FP8[16]
 # One-token path: (block_n, block_k, warps) for gate/up and for down, tried around the rule.
 DECODE_GATE_UP = [(16, 256, 4), (8, 512, 4), (32, 128, 4), (8, 256, 4), (16, 512, 8)]
 DECODE_DOWN = [(2, 256, 4), (4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 4), (16, 256, 8)]
@@ -185,40 +203,50 @@ def routing(shape: dict, num_tokens: int, generator: torch.Generator):
     return x.bfloat16(), topk_weights, topk_ids.to(torch.int32)
 
 
-def timed_ms(weights, inputs, config, budget_ms: float = 40.0) -> float:
+def timed_ms(weights, inputs, config, budget_ms: float = 40.0, quant: dict | None = None) -> float:
     (w13, w2), (x, topk_weights, topk_ids) = weights, inputs
-    call = functools.partial(fused_moe_triton, x, w13, w2, topk_weights, topk_ids, config=config)
+    call = functools.partial(fused_moe_triton, x, w13, w2, topk_weights, topk_ids, config=config,
+                             **(quant or {}))
     try:
         return graph_ms(call, budget_ms=budget_ms)
     except OutOfResources:  # a tile that needs more shared memory than the SM has
         return float("inf")
 
 
-def tune_one(shape: dict, weights, offloaded, inputs, num_tokens: int) -> dict:
+def tune_one(shape: dict, weights, offloaded, inputs, num_tokens: int,
+             quant: dict | None = None) -> dict:
     """Coordinate search from the current table entry (which it can only beat, or trade for at
     most DEVICE_SLACK of device time): row tile (>= min_block_m), then gate/up tiles, then down
     tiles and split-K. For T >= 64, the configs within DEVICE_SLACK of the best device time are
-    timed with offloaded weights and the fastest there wins."""
+    timed with offloaded weights and the fastest there wins. FP8 weights (`quant`, block
+    scales) take K steps of at most one scale block: longer ones are tried as that."""
     e, k, h, i = (shape[n] for n in ("num_experts", "top_k", "hidden", "intermediate"))
     measured: dict[MoeBlockConfig, float] = {}
+    block_k_cap = quant["block_shape"][1] if quant and quant.get("block_shape") else None
 
     def consider(config: MoeBlockConfig) -> MoeBlockConfig:
+        if block_k_cap is not None:
+            config = dataclasses.replace(
+                config, gate_up_block_k=min(config.gate_up_block_k, block_k_cap),
+                down_block_k=min(config.down_block_k, block_k_cap))
         if config not in measured:
-            measured[config] = timed_ms(weights, inputs, config)
+            measured[config] = timed_ms(weights, inputs, config, quant=quant)
         return min(measured, key=measured.get)
 
-    start = select_config(e, h, i, k, torch.bfloat16, num_tokens, device_tables())
-    best = consider(start)
+    dtype = weights[0].dtype if quant else torch.bfloat16
+    start = select_config(e, h, i, k, dtype, num_tokens, device_tables())
+    best = start = consider(start)  # (as run: FP8 K steps capped)
     floor = min_block_m(e, k, num_tokens)
     rows_per_expert = num_tokens * k / min(e, num_tokens * k)
     for m in (16, 32, 64, 128):
         if floor <= m <= max(floor, 4 * rows_per_expert):
             best = consider(dataclasses.replace(start, block_m=m))
-    for n, kk, warps, stages in GATE_UP[best.block_m]:
+    extra_gate_up, extra_down = (GATE_UP_FP8, DOWN_FP8) if quant else ({}, {})
+    for n, kk, warps, stages in GATE_UP[best.block_m] + extra_gate_up.get(best.block_m, []):
         best = consider(dataclasses.replace(best, gate_up_block_n=n, gate_up_block_k=kk,
                                             gate_up_warps=warps, gate_up_stages=stages))
     active = min(e, num_tokens * k)
-    for n, kk, warps, stages in DOWN[best.block_m]:
+    for n, kk, warps, stages in DOWN[best.block_m] + extra_down.get(best.block_m, []):
         for split in (1, 2, 4, 8):
             too_many = active * (h // n) * split > 8 * 132 and split > 1
             if too_many or i < 2 * kk * split:
@@ -231,7 +259,8 @@ def tune_one(shape: dict, weights, offloaded, inputs, num_tokens: int) -> dict:
     if num_tokens >= 64:
         near = sorted((c for c, ms in measured.items() if ms <= DEVICE_SLACK * device_ms),
                       key=measured.get)[:4]
-        offloaded_ms = {c: timed_ms(offloaded, inputs, c, budget_ms=300) for c in near}
+        offloaded_ms = {c: timed_ms(offloaded, inputs, c, budget_ms=300, quant=quant)
+                        for c in near}
         best = min(offloaded_ms, key=offloaded_ms.get)
         result.update(config=best, us=measured[best] * 1e3,
                       offloaded_us=offloaded_ms[best] * 1e3)
@@ -298,42 +327,45 @@ def offloaded_store(shape: dict, dev13: torch.Tensor, dev2: torch.Tensor) -> Man
     return store
 
 
-def tune(out_dir: pathlib.Path, shapes: list[str]) -> None:
+def tune(out_dir: pathlib.Path, shapes: list[str], weight_dtype: str = "bf16") -> None:
+    """Tune grouped configs (and, for bf16, the one-token path) per shape and T; FP8 weights
+    get entries of their own (keyed float8_e4m3fn)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     tuned, decode, report = {}, {}, []
     for name in shapes:
         shape = SHAPES[name]
-        weights = device_weights(shape)[:2]
+        *weights, quant = device_weights(shape, weight_dtype)
         store = offloaded_store(shape, *weights)
         store.advise_offloaded(range(shape["num_experts"]))
         torch.cuda.synchronize()
         offloaded = (store["w13"], store["w2"])
         key = config_key(shape["num_experts"], shape["hidden"], shape["intermediate"],
-                         shape["top_k"], torch.bfloat16)
+                         shape["top_k"], weights[0].dtype)
         entries = []
         for num_tokens in TOKENS:
             inputs = routing(shape, num_tokens, generator)
-            result = tune_one(shape, weights, offloaded, inputs, num_tokens)
+            result = tune_one(shape, weights, offloaded, inputs, num_tokens, quant)
             entries.append((num_tokens, result["config"]))
             line = (f"tuned {name} T={num_tokens}: {result['us']:.1f} us (table "
                     f"{result['table_us']:.1f} us)")
             if "offloaded_us" in result:
                 line += f", offloaded {result['offloaded_us']:.0f} us"
-            if num_tokens == 1:
+            if num_tokens == 1 and not quant:  # FP8 weights always take the grouped path
                 config, ms = tune_decode(shape, weights, inputs)
                 decode[key] = config if ms * 1e3 <= result["us"] else None
                 result.update(decode_config=config, decode_us=ms * 1e3)
                 line += f"; one-token path {ms * 1e3:.1f} us {config}"
             print(f"{line} {result['config']}", flush=True)
-            report.append(dict(shape=name, tokens=num_tokens, **{
+            report.append(dict(shape=name, tokens=num_tokens, weight_dtype=weight_dtype, **{
                 f: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                 for f, v in result.items()}))
         tuned[key] = tuple(entries)
         store.free()
         del weights, offloaded
         torch.cuda.empty_cache()
-    (out_dir / f"fused_moe_tune{'' if len(shapes) == len(SHAPES) else '_' + '_'.join(shapes)}"
-               ".json").write_text(json.dumps(report, indent=2) + "\n")
+    suffix = ('' if len(shapes) == len(SHAPES) else '_' + '_'.join(shapes)) + (
+        '' if weight_dtype == 'bf16' else '_' + weight_dtype)
+    (out_dir / f"fused_moe_tune{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     write_tables(tuned, decode)
 
 
@@ -391,7 +423,32 @@ def bench_shape(name: str, shape: dict, hbm: float, read_through: float,
                              us_after_write_flush=write_flush_us,
                              bitwise_equal_to_device=same))
             print(f"{name} T={t} {placement}: {ms * 1e3:.1f} us, {gbps:.0f} GB/s", flush=True)
+    if quant:
+        rows += widen_rows(name, dev13, dev2, quant, inputs, expected, expert_bytes, hbm)
     store.free()
+    return rows
+
+
+def widen_rows(name, w13, w2, quant, inputs, expected, expert_bytes, hbm) -> list[dict]:
+    """FP8 weights in device memory widened by Triton's conversion instead of widen_bf16 (the
+    A/B of kernels/fp8_widen.py): same config, same bits expected."""
+    rows = []
+    set_alu_widen(False)
+    try:
+        for t, (x, topk_weights, topk_ids) in inputs.items():
+            experts = int(topk_ids.unique().numel())
+            call = functools.partial(fused_moe, x, w13, w2, topk_weights, topk_ids, **quant)
+            ms = graph_ms(call)
+            gbps = experts * expert_bytes / ms / 1e6
+            rows.append(dict(shape=name, tokens=t, weights="device, triton cvt widening",
+                             experts=experts, weight_dtype="fp8",
+                             mbytes=experts * expert_bytes / 1e6, us=ms * 1e3, gbps=gbps,
+                             of_ceiling=gbps / hbm, target=None, meets_target=None,
+                             us_after_write_flush=None,
+                             bitwise_equal_to_device=torch.equal(call(), expected[t])))
+            print(f"{name} T={t} device, triton cvt widening: {ms * 1e3:.1f} us", flush=True)
+    finally:
+        set_alu_widen(True)
     return rows
 
 
@@ -421,12 +478,10 @@ def main() -> None:
                                              / "fused_moe.json"))
     parser.add_argument("--weight-dtype", choices=("bf16", "fp8"), default="bf16",
                         help="expert weights: bf16, or fp8 (e4m3, 128 x 128 block scales; "
-                             "benchmarked with the tables as they are, no --tune)")
+                             "--tune writes entries of their own)")
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help=f"comma-separated, of {', '.join(SHAPES)} (default: all)")
     args = parser.parse_args()
-    if args.tune and args.weight_dtype != "bf16":
-        parser.error("--tune sweeps bf16 weights; run --weight-dtype fp8 without it")
     shapes = args.shapes.split(",")
     if unknown := sorted(set(shapes) - set(SHAPES)):
         parser.error(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
@@ -436,7 +491,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.tune:
-        tune(out.parent, shapes)
+        tune(out.parent, shapes, args.weight_dtype)
     hbm, read_through = ceilings.hbm_read_gbps(), ceilings.read_through_gbps()
     torch.cuda.empty_cache()
     rows = []
