@@ -331,6 +331,8 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                 _advise(manager, sets)
                 static(policy, batch, n, managed, _mask(sets, E), manager.resident_bytes(),
                        bw["read_through_gbps"])
+                # Experts a layer holds: the budget over 2 MiB-aligned slots (fewer than n).
+                records[-1]["resident_experts"] = min(fitted, E)
                 if cuda:  # what the driver reports, next to the advised bytes
                     records[-1]["driver_used_gb"] = (baseline - uvm.mem_get_info(dev)[0]
                                                      - torch.cuda.memory_reserved(dev)) / 1e9
