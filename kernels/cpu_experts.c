@@ -1,0 +1,161 @@
+/* MoE experts on the CPU, reading bf16 or e4m3 weights where they lie (host memory, or managed
+ * pages advised to the host) for the CPU/GPU hybrid (cpu_experts.py builds and calls this).
+ *
+ * One call computes, for m experts and the token rows routed to each (CSR: pair_offsets),
+ *   out[t] += w_p * w2[e] @ (silu(w1[e] @ x_t) * (w3[e] @ x_t))
+ * in fp32, with one OpenMP region of two phases: gate/up over every (expert, row of w13), then
+ * down over output columns h, experts in the given order, so out's bits do not depend on the
+ * thread count. Each weight row is widened once into a per-thread fp32 buffer (L1-resident)
+ * and dotted with every token routed to its expert: weights stream from DRAM once per call.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { W_BF16 = 0, W_E4M3 = 1 };
+enum { SCALE_NONE = 0, SCALE_CHANNEL = 1, SCALE_BLOCK = 2 };
+
+/* e4m3 -> fp32 in SIMD-friendly integer ops: sign to bit 31, the 7 exponent and mantissa bits
+ * to bits 26..20 give the value times 2^-120 (bias 127 against 7; e4m3 subnormals land on
+ * fp32 subnormals), and one multiply by 2^120 is exact. Finite codes only (the two NaN codes
+ * read as +-480, which no quantised weight holds). */
+static inline float e4m3_value(uint8_t code) {
+    uint32_t u = ((uint32_t)(code & 0x80) << 24) | ((uint32_t)(code & 0x7f) << 20);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f * 0x1p120f;
+}
+
+static inline float bf16_value(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+typedef struct {
+    const void *base;      /* expert 0's matrix */
+    int64_t expert_stride; /* elements between experts */
+    int kind;              /* W_BF16 or W_E4M3 */
+    const float *scale;    /* e4m3 only: the layouts of kernels/fp8.py */
+    int scale_kind;
+    int64_t scale_stride_e, scale_stride_r; /* block: [E, row blocks, col blocks] */
+    int block_n, block_k, halves;            /* halves: 2 for w13 (w1's blocks, then w3's) */
+} Matrix;
+
+/* Row `row` of expert e's matrix (cols wide), widened (and scaled) into wf. */
+static void widen_row(const Matrix *m, int64_t e, int64_t row, int64_t rows, int64_t cols,
+                      float *wf) {
+    if (m->kind == W_BF16) {
+        const uint16_t *w = (const uint16_t *)m->base + e * m->expert_stride + row * cols;
+        for (int64_t k = 0; k < cols; k++) wf[k] = bf16_value(w[k]);
+        return;
+    }
+    const uint8_t *w = (const uint8_t *)m->base + e * m->expert_stride + row * cols;
+    if (m->scale_kind == SCALE_CHANNEL) {
+        float s = m->scale[e * m->scale_stride_e + row];
+        for (int64_t k = 0; k < cols; k++) wf[k] = e4m3_value(w[k]) * s;
+        return;
+    }
+    int64_t half_rows = rows / m->halves;
+    int64_t per_half = (half_rows + m->block_n - 1) / m->block_n;
+    int64_t block_row = (row / half_rows) * per_half + (row % half_rows) / m->block_n;
+    const float *s = m->scale + e * m->scale_stride_e + block_row * m->scale_stride_r;
+    for (int64_t k0 = 0; k0 < cols; k0 += m->block_k) {
+        int64_t k1 = k0 + m->block_k < cols ? k0 + m->block_k : cols;
+        float sk = s[k0 / m->block_k];
+        for (int64_t k = k0; k < k1; k++) wf[k] = e4m3_value(w[k]) * sk;
+    }
+}
+
+/* 64 lanes of partial sums (four AVX-512 registers: independent FMA chains, where one
+ * accumulator would wait on each FMA's latency), added in a fixed order. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lanes[64] = {0.0f};
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+#pragma omp simd
+        for (int l = 0; l < 64; l++) lanes[l] += a[i + l] * b[i + l];
+    }
+    float s = 0.0f;
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int l = 0; l < 64; l++) s += lanes[l];
+    return s;
+}
+
+/* The ABI version (cpu_experts.py checks it after loading). */
+int moe_uvm_cpu_experts_init(void) { return 1; }
+
+/* x [T, H] fp32; experts [m]; pair_offsets [m + 1]; pair_tokens, pair_weights [P] (pairs of
+ * expert j: pair_offsets[j] .. pair_offsets[j + 1]); gate_up scratch [P, 2I] fp32; out [T, H]
+ * fp32, accumulated into. Returns 0, or -1 when the per-thread buffers cannot be allocated. */
+int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, int64_t m,
+                        const int64_t *experts, const int64_t *pair_offsets,
+                        const int64_t *pair_tokens, const float *pair_weights,
+                        const void *w13, int64_t w13_stride, const void *w2, int64_t w2_stride,
+                        int kind, const float *w13_scale, const float *w2_scale,
+                        int scale_kind, const int64_t *scale_strides, int block_n, int block_k,
+                        float *gate_up, float *out, int threads) {
+    Matrix m13 = {w13, w13_stride, kind, w13_scale, scale_kind, scale_strides[0],
+                  scale_strides[1], block_n, block_k, 2};
+    Matrix m2 = {w2, w2_stride, kind, w2_scale, scale_kind, scale_strides[2], scale_strides[3],
+                 block_n, block_k, 1};
+    int64_t two_i = 2 * intermediate;
+    int64_t gate_up_rows = m * two_i;
+    int64_t width = hidden > intermediate ? hidden : intermediate;
+    int failed = 0;
+#ifdef _OPENMP
+    if (threads < 1) threads = omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        float *wf = (float *)malloc(sizeof(float) * (size_t)width);
+        if (wf == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < gate_up_rows; r++) {
+                int64_t j = r / two_i, row = r % two_i;
+                widen_row(&m13, experts[j], row, two_i, hidden, wf);
+                for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p++)
+                    gate_up[p * two_i + row] = dot(wf, x + pair_tokens[p] * hidden, hidden);
+            }
+            /* silu(gate) * up, in place over the gate half of each pair's row */
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < pair_offsets[m]; p++) {
+                float *g = gate_up + p * two_i;
+                for (int64_t i = 0; i < intermediate; i++)
+                    g[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
+            }
+            /* Each thread owns a range of output columns h and walks the experts one after
+             * the other over it: one contiguous stream of w2 at a time (the prefetchers lose
+             * track of dozens of interleaved ones), and each out[t, h] still sums the
+             * experts in the given order. */
+            int thread = 0, team = 1;
+#ifdef _OPENMP
+            thread = omp_get_thread_num();
+            team = omp_get_num_threads();
+#endif
+            int64_t h0 = hidden * thread / team, h1 = hidden * (thread + 1) / team;
+            for (int64_t j = 0; j < m; j++) {
+                for (int64_t h = h0; h < h1; h++) {
+                    widen_row(&m2, experts[j], h, hidden, intermediate, wf);
+                    for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p++) {
+                        float y = dot(wf, gate_up + p * two_i, intermediate);
+                        out[pair_tokens[p] * hidden + h] += pair_weights[p] * y;
+                    }
+                }
+            }
+        }
+        free(wf);
+    }
+    return failed ? -1 : 0;
+}
