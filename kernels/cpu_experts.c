@@ -73,19 +73,33 @@ static void widen_row(const Matrix *m, int64_t e, int64_t row, int64_t rows, int
     }
 }
 
-/* 64 lanes of partial sums (four AVX-512 registers: independent FMA chains, where one
- * accumulator would wait on each FMA's latency), added in a fixed order. */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float lanes[64] = {0.0f};
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-#pragma omp simd
-        for (int l = 0; l < 64; l++) lanes[l] += a[i + l] * b[i + l];
+/* Dots of one row `a` with nb <= 4 token vectors at once, so each load of the row feeds nb
+ * FMAs. 32 lanes of partial sums per token (independent FMA chains), then the tail, then the
+ * lanes in order: a token's dot has the same bits whichever group it is computed in. */
+#define DOT_GROUP(NB)                                                                    \
+    for (int64_t i = 0; i < full; i += 32) {                                             \
+        for (int t = 0; t < NB; t++) {                                                   \
+            _Pragma("omp simd") for (int l = 0; l < 32; l++) lanes[t][l] +=              \
+                a[i + l] * b[t][i + l];                                                  \
+        }                                                                                \
     }
-    float s = 0.0f;
-    for (; i < n; i++) s += a[i] * b[i];
-    for (int l = 0; l < 64; l++) s += lanes[l];
-    return s;
+
+static void dot_group(const float *a, const float *const *b, int nb, int64_t n, float *out) {
+    float lanes[4][32];
+    memset(lanes, 0, sizeof lanes);
+    int64_t full = n / 32 * 32;
+    switch (nb) {
+    case 4: DOT_GROUP(4) break;
+    case 3: DOT_GROUP(3) break;
+    case 2: DOT_GROUP(2) break;
+    default: DOT_GROUP(1) break;
+    }
+    for (int t = 0; t < nb; t++) {
+        float s = 0.0f;
+        for (int64_t k = full; k < n; k++) s += a[k] * b[t][k];
+        for (int l = 0; l < 32; l++) s += lanes[t][l];
+        out[t] = s;
+    }
 }
 
 /* The ABI version (cpu_experts.py checks it after loading). */
@@ -125,8 +139,14 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
             for (int64_t r = 0; r < gate_up_rows; r++) {
                 int64_t j = r / two_i, row = r % two_i;
                 widen_row(&m13, experts[j], row, two_i, hidden, wf);
-                for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p++)
-                    gate_up[p * two_i + row] = dot(wf, x + pair_tokens[p] * hidden, hidden);
+                for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p += 4) {
+                    int nb = pair_offsets[j + 1] - p < 4 ? (int)(pair_offsets[j + 1] - p) : 4;
+                    const float *xs[4];
+                    float y[4];
+                    for (int t = 0; t < nb; t++) xs[t] = x + pair_tokens[p + t] * hidden;
+                    dot_group(wf, xs, nb, hidden, y);
+                    for (int t = 0; t < nb; t++) gate_up[(p + t) * two_i + row] = y[t];
+                }
             }
             /* silu(gate) * up, in place over the gate half of each pair's row */
 #pragma omp for schedule(static)
@@ -148,9 +168,15 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
             for (int64_t j = 0; j < m; j++) {
                 for (int64_t h = h0; h < h1; h++) {
                     widen_row(&m2, experts[j], h, hidden, intermediate, wf);
-                    for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p++) {
-                        float y = dot(wf, gate_up + p * two_i, intermediate);
-                        out[pair_tokens[p] * hidden + h] += pair_weights[p] * y;
+                    for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p += 4) {
+                        int nb = pair_offsets[j + 1] - p < 4 ? (int)(pair_offsets[j + 1] - p)
+                                                             : 4;
+                        const float *acts[4];
+                        float y[4];
+                        for (int t = 0; t < nb; t++) acts[t] = gate_up + (p + t) * two_i;
+                        dot_group(wf, acts, nb, intermediate, y);
+                        for (int t = 0; t < nb; t++)
+                            out[pair_tokens[p + t] * hidden + h] += pair_weights[p + t] * y[t];
                     }
                 }
             }
