@@ -52,6 +52,21 @@ def test_fp8_matches_the_dequantised_reference(seed, block_shape):
     assert rel_err(cpu_experts(x, q13, q2, topk_weights, topk_ids, **quant), ref) < TOLERANCE
 
 
+def test_every_finite_e4m3_code_widens_exactly(seed):
+    """Weights drawn uniformly over the 254 finite e4m3 codes (subnormals, zeros and +-448
+    among them, each hundreds of times): a wrong widening of any one code would move the
+    output far more than the tolerance."""
+    x, w13, w2, topk_weights, topk_ids = inputs()
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F]
+    draw = lambda w: finite[torch.randint(finite.numel(), w.shape)].view(fp8.FP8_DTYPE)  # noqa: E731
+    q13, q2 = draw(w13), draw(w2)
+    quant = dict(w13_scale=torch.full((w13.shape[0], w13.shape[1]), 1 / 448 / 96),
+                 w2_scale=torch.full((w2.shape[0], w2.shape[1]), 1 / 448 / 40), block_shape=None)
+    ref = fused_moe_reference(x, q13, q2, topk_weights, topk_ids, **quant)
+    assert rel_err(cpu_experts(x, q13, q2, topk_weights, topk_ids, **quant), ref) < TOLERANCE
+
+
 def test_padding_and_out_of_range_ids_contribute_nothing(seed):
     x, w13, w2, topk_weights, topk_ids = inputs()
     w13, w2 = w13.bfloat16(), w2.bfloat16()
