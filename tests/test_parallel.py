@@ -5,6 +5,7 @@ Tolerance against one process: each rank sums its experts' part of a token's out
 fp32 all-reduce adds the parts, so the per-token sum is split in two: fp32 layers agree to
 ||out - ref|| / ||ref|| < 1e-5 (rounding only). The two ranks' outputs are bitwise equal."""
 
+import datetime
 import os
 
 import numpy as np
@@ -79,7 +80,7 @@ class _TwoLayers(torch.nn.Module):
 
 def _worker(rank: int, world: int, rendezvous: str, seed: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(seed)
         hidden = torch.randn(5, 32)
@@ -103,6 +104,7 @@ def _worker(rank: int, world: int, rendezvous: str, seed: int) -> None:
         assert all(isinstance(m, ExpertParallelMoE) for m in model.moe)
         err = ((model(h) - ref).norm() / ref.norm()).item()
         assert err < 1e-5, err
+        dist.barrier()  # neither rank tears down while the other may still be communicating
     finally:
         dist.destroy_process_group()
 
