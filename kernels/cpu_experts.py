@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .fp8 import FP8_DTYPE, check_block_shape, scale_shape
@@ -158,6 +159,52 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape)
     return block_shape
 
 
+class GroupedExperts:
+    """The kernel bound to one layer's weights (CPU tensors as `cpu_experts` takes them, checked
+    once): call it with the pairs already grouped by expert, as numpy arrays, for the hybrid's
+    per-step path, where torch's per-op overhead on a few dozen pairs would cost more than the
+    grouping itself. `x` [T, H] fp32 contiguous; `experts` [m] int64 (ascending for results
+    equal to `cpu_experts`); `offsets` [m + 1], `tokens` and `weights` [P] (int64, int64,
+    float32, contiguous; the pairs of experts[j] are offsets[j]..offsets[j+1]); `gate_up`
+    scratch of at least P x 2I fp32; `out` [T, H] fp32, accumulated into."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, *,
+                 w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                 block_shape: tuple[int, int] | None = None) -> None:
+        x = torch.empty(1, w13.shape[2])
+        ids = torch.zeros(1, 1, dtype=torch.int64)
+        block_shape = _check(x, w13, w2, ids.float(), ids, w13_scale, w2_scale, block_shape)
+        self._lib = _library()
+        self.w13, self.w2, self.w13_scale, self.w2_scale = w13, w2, w13_scale, w2_scale
+        self.num_experts, self.hidden, self.intermediate = w13.shape[0], w13.shape[2], w2.shape[2]
+        self.kind = _KINDS[w13.dtype]
+        self.scale_kind, self.bn, self.bk = 0, 1, 1
+        self.strides = torch.zeros(4, dtype=torch.int64)
+        if self.kind == 1:
+            self.scale_kind = 1 if block_shape is None else 2
+            self.strides = torch.tensor(
+                [w13_scale.stride(0), w13_scale.stride(1) if block_shape else 0,
+                 w2_scale.stride(0), w2_scale.stride(1) if block_shape else 0], dtype=torch.int64)
+            self.bn, self.bk = block_shape if block_shape else (1, 1)
+
+    def __call__(self, x: torch.Tensor, experts, offsets, tokens, weights,
+                 gate_up: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        m = len(experts)
+        if m == 0:
+            return
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        status = self._lib.moe_uvm_cpu_experts(
+            x.data_ptr(), self.hidden, self.intermediate, m, experts.ctypes.data,
+            offsets.ctypes.data, tokens.ctypes.data, weights.ctypes.data, self.w13.data_ptr(),
+            self.w13.stride(0), self.w2.data_ptr(), self.w2.stride(0), self.kind,
+            ptr(self.w13_scale), ptr(self.w2_scale), self.scale_kind, self.strides.data_ptr(),
+            self.bn, self.bk, gate_up.data_ptr(), out.data_ptr(), int(threads))
+        if status != 0:
+            raise MemoryError(f"cpu_experts: per-thread buffers of "
+                              f"{max(self.hidden, self.intermediate)} floats could not be "
+                              "allocated")
+
+
 def cpu_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                 w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
@@ -169,43 +216,27 @@ def cpu_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     w13 [E, 2I, H] and w2 [E, H, I] in bf16 or float8_e4m3fn with contiguous rows and any
     stride(0) (read in place), FP8 scales as fused_moe takes them. `threads`: OpenMP threads
     (default torch.get_num_threads()). Returns [T, H] fp32."""
-    block_shape = _check(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
-                         block_shape)
-    lib = _library()
-    num_tokens, hidden = hidden_states.shape
-    num_experts, intermediate = w13.shape[0], w2.shape[2]
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    routed = ((ids >= 0) & (ids < num_experts)).nonzero().squeeze(1)
-    order = routed[torch.argsort(ids[routed], stable=True)]  # pairs grouped by expert
-    experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
-    offsets = torch.zeros(experts.numel() + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    tokens = (order // topk_ids.shape[1]).contiguous()
-    weights = topk_weights.reshape(-1)[order].float().contiguous()
-    x = hidden_states.float().contiguous()
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
-    if experts.numel() == 0:
-        return out
-    gate_up = torch.empty(order.numel(), 2 * intermediate, dtype=torch.float32)
-    kind = _KINDS[w13.dtype]
-    scale_kind, strides, bn, bk = 0, torch.zeros(4, dtype=torch.int64), 1, 1
-    if kind == 1:
-        scale_kind = 1 if block_shape is None else 2
-        strides = torch.tensor([w13_scale.stride(0), w13_scale.stride(1) if block_shape else 0,
-                                w2_scale.stride(0), w2_scale.stride(1) if block_shape else 0],
-                               dtype=torch.int64)
-        bn, bk = block_shape if block_shape else (1, 1)
+    _check(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape)
+    kernel = GroupedExperts(w13, w2, w13_scale=w13_scale, w2_scale=w2_scale,
+                            block_shape=block_shape)
     threads = torch.get_num_threads() if threads is None else int(threads)
     if threads < 1:
         raise ValueError(f"threads={threads}: must be >= 1")
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    status = lib.moe_uvm_cpu_experts(
-        ptr(x), hidden, intermediate, experts.numel(), ptr(experts), ptr(offsets), ptr(tokens),
-        ptr(weights), ptr(w13), w13.stride(0), ptr(w2), w2.stride(0), kind, ptr(w13_scale),
-        ptr(w2_scale), scale_kind, ptr(strides), bn, bk, ptr(gate_up), ptr(out), threads)
-    if status != 0:
-        raise MemoryError(f"cpu_experts: per-thread buffers of {max(hidden, intermediate)} "
-                          f"floats could not be allocated")
+    num_tokens, hidden = hidden_states.shape
+    num_experts, intermediate = w13.shape[0], w2.shape[2]
+    ids = topk_ids.reshape(-1).to(torch.int64).numpy()
+    routed = np.flatnonzero((ids >= 0) & (ids < num_experts))
+    order = routed[np.argsort(ids[routed], kind="stable")]  # pairs grouped by expert
+    experts, counts = np.unique(ids[order], return_counts=True)
+    offsets = np.zeros(len(experts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    tokens = order // topk_ids.shape[1]
+    weights = topk_weights.reshape(-1).float().numpy()[order].astype(np.float32)
+    x = hidden_states.float().contiguous()
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    gate_up = torch.empty(len(order), 2 * intermediate, dtype=torch.float32)
+    kernel(x, experts.astype(np.int64), offsets, tokens.astype(np.int64), weights, gate_up, out,
+           threads)
     return out
 
 

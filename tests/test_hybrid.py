@@ -1,38 +1,125 @@
 """The CPU/GPU hybrid (moe_uvm/hybrid.py): the split of offloaded experts between the two sides,
-and, on a GPU, a layer whose experts live in a managed store computed partly by the CPU kernel
-from the managed pages, against the GPU-only kernel on device copies.
+the grouping of the CPU's pairs, the costs following observed times, the auto switch, and, on a
+GPU, a layer whose experts live in a managed store computed partly by the CPU kernel from the
+managed pages, against the GPU-only kernel on device copies.
 
-Tolerance with the hybrid on: the CPU's fp32 sum is added to the GPU's bf16 output, so the
-result differs from the GPU-only path by bf16 rounding: ||out - ref|| / ||ref|| < 1e-2 (the
-bf16 kernels' own tolerance against the fp32 reference)."""
+Tolerance with the hybrid on: the CPU's fp32 sum is added to the GPU's output in fp32 and
+rounded once, so the result differs from the GPU-only path by bf16 rounding:
+||out - ref|| / ||ref|| < 1e-2 (the bf16 kernels' own tolerance against the fp32 reference).
+On the CPU (the grouping test) the two halves sum in fp32: < 1e-5."""
 
+import numpy as np
 import pytest
 import torch
 
-from moe_uvm.hybrid import CpuShare, host_alias, split_offloaded
+from moe_uvm.hybrid import (
+    CpuShare,
+    ExpertCosts,
+    choose_cpu_experts,
+    group_pairs,
+    host_alias,
+    predicted_layer_us,
+    split_offloaded,
+)
 from moe_uvm.kernels import cpu_experts as cpu_module
 from moe_uvm.kernels import fp8, fused_moe
+from moe_uvm.kernels.reference import fused_moe_reference
 
 from helpers import make_inputs, rel_err
 
 MB = 1_000_000
 
 
+def costs(gpu_gbps=50.0, cpu_gbps=50.0, **kw):
+    kw.setdefault("gpu_fixed_us", 0.0)
+    kw.setdefault("cpu_fixed_us", 0.0)
+    return ExpertCosts.from_bandwidths(10 * MB, gpu_gbps, cpu_gbps, **kw)
+
+
 def test_split_balances_the_two_sides():
     tokens = dict.fromkeys(range(8), 1)
-    # Equal bandwidths: half each; no fixed cost.
-    assert len(split_offloaded(tokens, 10 * MB, gpu_gbps=50, cpu_gbps=50)) == 4
-    # A CPU half as fast takes a third.
-    assert len(split_offloaded(tokens, 10 * MB, gpu_gbps=50, cpu_gbps=25)) in (2, 3)
+    assert len(split_offloaded(tokens, costs())) == 4  # equal speeds: half each
+    assert len(split_offloaded(tokens, costs(cpu_gbps=25))) in (2, 3)  # a CPU half as fast
     # A fixed cost larger than the whole GPU time: the CPU takes nothing.
-    assert split_offloaded(tokens, 10 * MB, gpu_gbps=50, cpu_gbps=50, cpu_fixed_s=1.0) == []
-    assert split_offloaded({}, 10 * MB, gpu_gbps=50, cpu_gbps=50) == []
+    assert split_offloaded(tokens, costs(cpu_fixed_us=1e6)) == []
+    assert split_offloaded({}, costs()) == []
+    # A much faster CPU takes everything (the GPU's fixed cost is saved too).
+    assert split_offloaded(tokens, costs(cpu_gbps=1e4, gpu_fixed_us=10)) == list(range(8))
 
 
 def test_split_gives_the_cpu_the_experts_with_fewest_tokens():
     tokens = {3: 5, 7: 1, 9: 2, 11: 1}
-    cpu = split_offloaded(tokens, 10 * MB, gpu_gbps=50, cpu_gbps=50)
-    assert cpu == [7, 11]  # the two one-token experts, ties by id
+    assert split_offloaded(tokens, costs()) == [7, 11]  # the one-token experts, ties by id
+
+
+def test_split_charges_the_cpu_per_token():
+    # At large batches each expert has many tokens: a per-pair cost far above the expert's
+    # stream time leaves the GPU (whose read-through hardly depends on tokens) everything.
+    tokens = dict.fromkeys(range(32), 16)
+    assert split_offloaded(tokens, costs(cpu_pair_us=1000.0)) == []
+    assert split_offloaded(tokens, costs(cpu_pair_us=0.0))
+
+
+def test_costs_are_validated():
+    with pytest.raises(ValueError, match="bandwidths must be > 0"):
+        ExpertCosts.from_bandwidths(MB, 0.0, 10.0)
+    with pytest.raises(ValueError, match="finite"):
+        ExpertCosts(1.0, float("nan")).check()
+    with pytest.raises(ValueError, match="finite"):
+        ExpertCosts(1.0, 1.0, cpu_fixed_us=-1.0).check()
+
+
+def test_group_pairs_and_the_gpu_share_sum_to_the_whole_layer(seed):
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    E, k, H, I, T = 12, 4, 64, 32, 5
+    x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+    topk_ids[0, 1] = -1  # padding stays padding on both sides
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    ids = topk_ids.reshape(-1).to(torch.int64).numpy()
+    on_cpu = np.isin(ids, [1, 4, 5, 9])
+    (experts, offsets, tokens, weights), gpu_ids = group_pairs(
+        ids, on_cpu, topk_weights.reshape(-1).numpy(), k)
+    assert list(experts) == sorted(set(ids[on_cpu].tolist()))
+    assert offsets[-1] == on_cpu.sum() and np.all(np.diff(offsets) > 0)
+    assert np.all(gpu_ids[on_cpu] == -1) and np.all(gpu_ids[~on_cpu] == ids[~on_cpu])
+    kernel = cpu_module.GroupedExperts(w13, w2)
+    out = torch.zeros(T, H)
+    kernel(x, experts, offsets, tokens, weights, torch.empty(len(tokens), 2 * I), out, 2)
+    gpu_part = fused_moe_reference(x, w13.float(), w2.float(), topk_weights,
+                                   torch.from_numpy(gpu_ids).view(T, k))
+    whole = fused_moe_reference(x, w13.float(), w2.float(), topk_weights, topk_ids)
+    assert rel_err(out + gpu_part, whole) < 1e-5
+    # The same pairs through cpu_experts (which groups them itself) give the same bits.
+    cpu_ids = torch.where(torch.from_numpy(on_cpu).view(T, k), topk_ids, -1)
+    assert torch.equal(out, cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=3))
+
+
+def test_the_auto_switch_measures_and_leaves_it_off_where_it_does_not_pay():
+    c = costs(gpu_fixed_us=15.0, cpu_fixed_us=40.0)
+    # Everything resident: nothing offloaded, nothing to split; off without measuring.
+    assert predicted_layer_us(0, 1, c) == (0.0, 0.0)
+    assert choose_cpu_experts("auto", offloaded_per_layer=0.0, tokens_per_expert=1.0,
+                              costs=c) == (False, "no offloaded experts to share")
+    # A large batch: ~16 tokens on each expert, the CPU's per-pair cost dominates.
+    big = costs(gpu_fixed_us=15.0, cpu_fixed_us=40.0, cpu_pair_us=400.0)
+    on, why = choose_cpu_experts("auto", offloaded_per_layer=64.0, tokens_per_expert=16.0,
+                                 costs=big)
+    assert not on and "predicted" in why
+    # Decode with 8 offloaded experts a layer: predicted faster, then the measurement decides.
+    on, _ = choose_cpu_experts("auto", offloaded_per_layer=8.0, tokens_per_expert=1.0, costs=c)
+    assert on
+    assert choose_cpu_experts("auto", offloaded_per_layer=8.0, tokens_per_expert=1.0, costs=c,
+                              measured_ms=(10.0, 9.9))[0] is False  # < 5% faster: off
+    assert choose_cpu_experts("auto", offloaded_per_layer=8.0, tokens_per_expert=1.0, costs=c,
+                              measured_ms=(10.0, 7.0))[0] is True
+    assert choose_cpu_experts("off", offloaded_per_layer=8.0, tokens_per_expert=1.0,
+                              costs=c)[0] is False
+    assert choose_cpu_experts("on", offloaded_per_layer=0.0, tokens_per_expert=1.0,
+                              costs=c)[0] is True
+    with pytest.raises(ValueError, match="cpu_experts must be one of"):
+        choose_cpu_experts("yes", offloaded_per_layer=1.0, tokens_per_expert=1.0, costs=c)
 
 
 def test_host_alias_refuses_what_the_cpu_cannot_read_in_place():
@@ -68,17 +155,25 @@ def test_gpu_hybrid_layer_matches_the_gpu_kernel(seed, weight_dtype, num_tokens)
         store.advise_resident(resident)
         torch.cuda.synchronize()
         share = CpuShare(store["w13"], store["w2"], lambda: resident, quant=quant,
-                         gpu_gbps=1.0, cpu_gbps=1.0, cpu_fixed_us=0.0, threads=2)
-        out = share(x, topk_weights, topk_ids)
-        assert share.stats.cpu_experts > 0
-        assert out.dtype == x.dtype and rel_err(out, expected) < 1e-2
-        # All resident: nothing offloaded, the GPU kernel alone.
+                         costs=costs(), threads=2)
+        for _ in range(3):  # the costs adapt between steps; the result stays within tolerance
+            out = share(x, topk_weights, topk_ids)
+            assert out.dtype == x.dtype and rel_err(out, expected) < 1e-2
+        assert share.stats.cpu_experts > 0 and len(share.stats.cpu_ms) > 0
+        # A CPU far faster than the GPU: it takes every offloaded expert; no GPU pair is left
+        # when nothing routed is resident.
+        greedy = CpuShare(store["w13"], store["w2"], lambda: [], quant=quant,
+                          costs=costs(cpu_gbps=1e5, gpu_fixed_us=10), adapt=False, threads=2)
+        assert rel_err(greedy(x, topk_weights, topk_ids), expected) < 1e-2
+        assert greedy.stats.gpu_offloaded_experts == 0
+        # All resident: nothing offloaded, the GPU kernel alone, bitwise.
         everything = CpuShare(store["w13"], store["w2"], lambda: range(E), quant=quant,
-                              gpu_gbps=1.0, cpu_gbps=1.0, cpu_fixed_us=0.0)
+                              costs=costs())
         assert torch.equal(everything(x, topk_weights, topk_ids),
                            fused_moe(x, store["w13"], store["w2"], topk_weights, topk_ids,
                                      **quant))
         assert everything.stats.cpu_experts == 0
-        del share, everything  # the aliases go before the store's memory
+        del share, greedy, everything  # the aliases go before the store's memory
+        torch.cuda.synchronize()
     finally:
         store.free()
