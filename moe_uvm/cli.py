@@ -23,13 +23,14 @@ from moe_uvm.tools.commands import (
     plan_command,
     simulate_command,
 )
-from moe_uvm.trace import LONG_NAME, SAMPLE_NAME
+from moe_uvm.trace import FLAT_NAME, LONG_NAME, SAMPLE_NAME
 
 RESULTS = "moe-uvm-results"
 """Default folder of `moe-uvm bench` results, in the current directory."""
 TRACE_HELP = (f"routing trace: an .npz file (format: the README's File formats section), or a "
-              f"bundled one of 8 layers x 128 experts, top-8: '{SAMPLE_NAME}' (1,024 tokens) or "
-              f"'{LONG_NAME}' (16,384 tokens)")
+              f"bundled one of 128 experts, top-8: '{SAMPLE_NAME}' (8 layers, 1,024 tokens), "
+              f"'{LONG_NAME}' (8 layers, 16,384 tokens) or '{FLAT_NAME}' (24 layers, 4,096 "
+              "tokens, near-uniform routing)")
 BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (`moe-uvm bench | head`): the shell's status for
 a process ended by SIGPIPE (128 + 13)."""
@@ -233,6 +234,14 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     gpu.add_argument("--weight-dtype", choices=("bf16", "fp8"),
                      help="expert weights: bf16 (default) or fp8 (e4m3 with 128 x 128 block "
                      "scales, half the bytes over PCIe and from HBM; activations stay bf16)")
+    gpu.add_argument("--cpu-experts", choices=("auto", "on", "off"),
+                     help="the CPU/GPU hybrid: the CPU computes a share of each layer's "
+                     "offloaded experts from host memory while the GPU reads the rest; adds a "
+                     "'hybrid' row per budget with offloaded experts, against profile "
+                     "residency on the GPU alone. auto (default) and on run it, auto marks "
+                     "where it measured faster; off skips it")
+    gpu.add_argument("--cpu-threads", type=int, help="CPU threads of the hybrid (default: "
+                     "every core but one)")
     bench.set_defaults(run=bench_command)
 
 

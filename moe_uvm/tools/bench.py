@@ -22,8 +22,12 @@ layers' expert bytes for resident experts, slots and caches:
   cacheS / speculativeS / frequencyS
                moe-uvm, `profile` residency plus S GPU slots per layer caching offloaded experts
                (fill-on-read), with no / speculative / frequency prefetch
-Every method runs as a captured CUDA graph; caches run on moe_uvm.slots' device-side planners,
-so no method syncs with the host inside a step.
+  hybrid       (not a method: `--cpu-experts auto|on`, the default auto) moe-uvm, `profile`
+               residency with the CPU computing a share of each layer's offloaded experts
+               from their pages (moe_uvm.hybrid)
+Every method but hybrid runs as a captured CUDA graph; caches run on moe_uvm.slots' device-side
+planners, so no method syncs with the host inside a step. The hybrid runs eagerly (one host
+sync per layer: its split needs the routing).
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moe_uvm import uvm
+from moe_uvm import ceilings, uvm
 from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.hybrid import (
+    CpuShare,
+    ExpertCosts,
+    HybridStats,
+    calibrate_cpu_us,
+    default_threads,
+)
 from moe_uvm.kernels import fp8, fused_moe
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
@@ -254,6 +265,57 @@ def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
         if s == warmup:
             first = static_out.clone()
     return timer.median_ms(), first
+
+
+def hybrid_shares(work: Workload, manager: ExpertOffloadManager, managed: list[LayerWeights],
+                  threads: int | None = None) -> list[CpuShare]:
+    """One CpuShare per managed layer, sharing one ExpertCosts: GPU per-expert time from the
+    read-through measured now, the CPU's from its kernel on layer 0's pages (experts drawn at
+    random: cold caches, as in decode); both then follow the observed times."""
+    threads = default_threads() if threads is None else threads
+    gbps = ceilings.read_through_gbps()
+    costs = ExpertCosts.from_bandwidths(work.expert_bytes, gbps, 1.0)
+    shares = [CpuShare(w.w13, w.w2, lambda layer=layer: manager.resident_ids(layer), costs=costs,
+                       quant=w.quant, threads=threads) for layer, w in enumerate(managed)]
+    costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
+    return shares
+
+
+def run_hybrid(shares: list[CpuShare], ids: torch.Tensor, weights: torch.Tensor,
+               h0: torch.Tensor, warmup: int = 0) -> tuple[float, torch.Tensor]:
+    """`run_captured` for the hybrid, eager: median wall time of a step (each ends in a sync)
+    over the steps after `warmup`, and the first timed step's output. The shares' stats cover
+    the timed steps."""
+    times, first = [], None
+    for s in range(ids.shape[0]):
+        if s == warmup:
+            for share in shares:
+                share.stats = HybridStats()
+        start = time.perf_counter()
+        h = h0
+        for layer, share in enumerate(shares):
+            h = h + share(h, weights[s, layer], ids[s, layer])
+        torch.cuda.synchronize()
+        if s >= warmup:
+            times.append(time.perf_counter() - start)
+        if s == warmup:
+            first = h.clone()
+    return statistics.median(times) * 1e3, first
+
+
+def hybrid_layer_error(shares: list[CpuShare], layers: list[LayerWeights], h0: torch.Tensor,
+                       ids: torch.Tensor, weights: torch.Tensor) -> float:
+    """The largest ||hybrid - GPU-only|| / ||GPU-only|| over the layers of one step, each layer
+    given the GPU-only step's input. (Not the step's output: this harness's residual stream of
+    random layers has no normalisation and grows many-fold over the layers, amplifying any
+    rounding difference, bf16's own included.)"""
+    h, worst = h0, 0.0
+    for layer, (share, w) in enumerate(zip(shares, layers, strict=True)):
+        ref = fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], **w.quant)
+        out = share(h, weights[layer], ids[layer])
+        worst = max(worst, ((out.float() - ref.float()).norm() / ref.float().norm()).item())
+        h = h + ref
+    return worst
 
 
 def managed_residency(work: Workload, policy: str, resident: int) -> list[list[int]]:

@@ -14,6 +14,8 @@ import torch
 
 from moe_uvm import ceilings, uvm
 from moe_uvm.autosplit import Costs, fit_kernel_costs, plan_split, save_costs, shape_for_trace
+from moe_uvm.hybrid import CPU_EXPERTS_MODES, choose_cpu_experts
+from moe_uvm.kernels import cpu_experts as cpu_kernel
 from moe_uvm.policies.residency import frequency
 from moe_uvm.presets import ModelShape
 from moe_uvm.profile import Profile
@@ -30,9 +32,12 @@ from moe_uvm.tools.bench import (
     build_workload,
     check_workload,
     host_copies,
+    hybrid_layer_error,
+    hybrid_shares,
     managed_layers,
     managed_residency,
     run_captured,
+    run_hybrid,
 )
 from moe_uvm.trace import LONG_NAME, RoutingTrace, load_trace, trace_path
 
@@ -69,8 +74,15 @@ class BenchConfig:
     tiny: bool = False
     seed: int = 0
     weight_dtype: str = "bf16"
+    cpu_experts: str = "auto"
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cpu_experts not in CPU_EXPERTS_MODES:
+            raise ValueError(f"cpu_experts must be one of {', '.join(CPU_EXPERTS_MODES)}; got "
+                             f"{self.cpu_experts!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.weight_dtype not in ("bf16", "fp8"):
             raise ValueError(f"weight dtype must be bf16 or fp8, got {self.weight_dtype!r}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -211,6 +223,18 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
     manager, managed = managed_layers(work)
     manager.synchronize()
     resident_nb = manager.stores[0].slot_nbytes
+    hybrid, hybrid_note = None, None
+    if cfg.cpu_experts != "off":
+        built, why = cpu_kernel.available() if cuda else (False, "no GPU (CPU harness)")
+        if built:
+            hybrid = hybrid_shares(work, manager, managed, cfg.cpu_threads)
+            progress(f"hybrid: CPU {hybrid[0].costs.cpu_expert_us:.0f} us an expert "
+                     f"(+{hybrid[0].costs.cpu_pair_us:.1f} a pair) on "
+                     f"{hybrid[0].threads} threads, GPU read-through "
+                     f"{hybrid[0].costs.gpu_expert_us:.0f} us an expert")
+        else:
+            hybrid_note = f"cpu_experts={cfg.cpu_experts!r} but no hybrid rows: {why}"
+            progress(hybrid_note)
     if "uva" in cfg.methods:
         host, mapped = host_copies(work)
         uva_slots = [(torch.empty_like(w13), torch.empty_like(w2))
@@ -261,6 +285,39 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                                warmup=run["steps"][0])
         floor, off = _floor(run["touched"], mask, eb, bw["hbm_read_gbps"], pcie_gbps)
         record(method, batch, n, ms, floor, off, device_bytes, torch.equal(out, run["ref"]),
+               pcie_experts_per_step=off / eb)
+
+    def hybrid_row(batch, n, sets):
+        """The hybrid at profile residency, against the GPU-only graph of the same residency
+        (the `profile` row's when measured, else measured now); `chosen`: what auto picks."""
+        run = runs[batch]
+        warm, timed = run["steps"]
+        _advise(manager, sets)
+        gpu = [r for r in records if (r["method"], r["batch"], r["resident"])
+               == ("profile", batch, n)]
+        gpu_ms = gpu[0]["step_ms"] if gpu else run_captured(
+            work, managed, run["ids"], run["weights"], run["h0"], warmup=warm)[0]
+        err = hybrid_layer_error(hybrid, managed, run["h0"], run["ids"][warm],
+                                 run["weights"][warm])
+        ms, _ = run_hybrid(hybrid, run["ids"], run["weights"], run["h0"], warm)
+        mask = _mask(sets, E)
+        costs = hybrid[0].costs
+        cpu_gbps = eb / costs.cpu_expert_us / 1e3
+        floor, off = _floor(run["touched"], mask, eb, bw["hbm_read_gbps"],
+                            bw["read_through_gbps"] + cpu_gbps)
+        offloaded = (run["touched"] & ~mask).sum() / (timed * L)
+        pairs = batch * k * (1 - n / E)  # roughly: routed pairs landing on offloaded experts
+        on, why = choose_cpu_experts(cfg.cpu_experts, offloaded_per_layer=offloaded,
+                                     tokens_per_expert=max(1.0, pairs / max(offloaded, 1.0)),
+                                     costs=costs, measured_ms=(gpu_ms, ms))
+        stats = [s.stats.summary() for s in hybrid]
+        cpu_n = sum(st["cpu_experts"] for st in stats)
+        total = cpu_n + sum(st["gpu_offloaded_experts"] for st in stats)
+        record("hybrid", batch, n, ms, floor, off, manager.resident_bytes(), False,
+               max_layer_rel_err=err, gpu_only_ms=gpu_ms, hybrid_over_gpu_only=gpu_ms / ms,
+               chosen=on, choice=why, cpu_share_of_offloaded=cpu_n / max(total, 1),
+               cpu_expert_us=costs.cpu_expert_us, gpu_expert_us=costs.gpu_expert_us,
+               cpu_threads=hybrid[0].threads, resident_experts=len(sets[0]),
                pcie_experts_per_step=off / eb)
 
     _advise(manager, [[]] * L)
@@ -336,6 +393,8 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                 if cuda:  # what the driver reports, next to the advised bytes
                     records[-1]["driver_used_gb"] = (baseline - uvm.mem_get_info(dev)[0]
                                                      - torch.cuda.memory_reserved(dev)) / 1e9
+            if hybrid is not None and n < E:
+                hybrid_row(batch, n, managed_residency(work, "profile", min(fitted, E)))
             if "auto" in cfg.methods:
                 split, _ = plan_split(work.calibration, budget, resident_nbytes=resident_nb,
                                       slot_nbytes=eb, batch=batch, costs=costs)
@@ -359,7 +418,7 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                 weight_dtype=str(work.w13[0].dtype), ceilings=bw,
                 costs=asdict(costs),
                 device=ceilings.device_summary() if cuda else {"device": "cpu"},
-                note=None if cuda else CPU_NOTE, records=records)
+                note=None if cuda else CPU_NOTE, hybrid_note=hybrid_note, records=records)
 
 
 def _method_label(r: dict) -> str:
@@ -372,6 +431,9 @@ def _method_label(r: dict) -> str:
         return f"auto ({resident:.0f} resident + {split['slots']} {kind} slots /layer)"
     if r["method"] == "layer_split":
         return f"layer_split ({r['resident_layers']} layers)"
+    if r["method"] == "hybrid":
+        picked = "auto: on" if r["chosen"] else "auto: off"
+        return f"hybrid (CPU {r['cpu_share_of_offloaded']:.0%} of offloaded; {picked})"
     return r["method"]
 
 
@@ -383,11 +445,14 @@ def markdown_table(result: dict) -> str:
         budget = "all" if r["method"] == "device" else f"{r['budget_fraction']:.0%}"
         plan = f"{r['predicted_over_measured']:.2f}" if "predicted_over_measured" in r else "-"
         pcie = r.get("pcie_experts_per_step")
+        same = "yes" if r["exact"] else "NO"
+        if "max_layer_rel_err" in r:  # the hybrid: within bf16 rounding, not bitwise
+            same = f"within {r['max_layer_rel_err']:.0e}"
         rows.append(
             f"| {r['batch']} | {budget} | {_method_label(r)} | {r['tokens_per_s']:.1f} | "
             f"{r['step_ms']:.2f} | {r['device_gb']:.2f} | "
             f"{'-' if pcie is None else f'{pcie:.1f}'} | {r['floor_ms']:.2f} | "
-            f"{r['floor_over_measured']:.2f} | {plan} | {'yes' if r['exact'] else 'NO'} |"
+            f"{r['floor_over_measured']:.2f} | {plan} | {same} |"
         )
     return "\n".join(rows)
 
@@ -396,7 +461,7 @@ STYLES = {
     "uva": dict(marker="s", ls=":"), "lru": dict(marker="v"), "freq_lru": dict(marker="^"),
     "layer_split": dict(marker="P", ls="-."), "first_n": dict(marker="o"),
     "profile": dict(marker="D"), "global": dict(marker="x", ls="--"),
-    "auto": dict(marker="*", lw=2.5, ms=10),
+    "auto": dict(marker="*", lw=2.5, ms=10), "hybrid": dict(marker="h", ls="--", lw=2),
 }
 
 

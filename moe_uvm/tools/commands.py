@@ -354,7 +354,8 @@ def bench_command(args: argparse.Namespace) -> int:
         raise CLIError(f"--device cuda, but CUDA is not available ({uvm.unavailable_reason()})")
     gpu_only = {"layers": args.layers, "steps": args.steps, "tiny": args.tiny or None,
                 "warmup_tokens": args.warmup_tokens, "weight_dtype": args.weight_dtype,
-                "methods": None if args.methods is None else _names(args.methods)}
+                "methods": None if args.methods is None else _names(args.methods),
+                "cpu_experts": args.cpu_experts, "cpu_threads": args.cpu_threads}
     given = {name: value for name, value in gpu_only.items() if value is not None}
     reason = "no CUDA GPU here" if args.device == "auto" else "--device simulate"
     if device == "simulate" and given:
