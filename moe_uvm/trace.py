@@ -23,6 +23,13 @@ num_sequences=32, tokens_per_sequence=512, zipf_exponent=0.9, topic_strength=0.8
 the skew (0.63 / 0.81 of routings to the top 25% / 50%) and consecutive-token overlap (0.24) of
 the sample traces. Long enough to warm caches and time 256 steps at batch 16 on tokens never
 replayed; `moe-uvm bench` uses it by default."""
+FLAT_TRACE = Path(__file__).parent / "data" / "flat_trace.npz"
+FLAT_NAME = "flat"
+"""What names FLAT_TRACE (`--trace flat`): 24 layers x 4,096 tokens (16 sequences of 256) of the
+Qwen3-30B-A3B routing shape with near-uniform routing (0.37 / 0.61 of routings to the top 25% /
+50% of experts), made by `synthetic_trace(24, 128, 8, num_sequences=16, tokens_per_sequence=256,
+zipf_exponent=0.3, topic_strength=0.3, layer_coupling=0.3, seed=2027)`: the worst case for
+residency (every expert is needed about as often), e.g. for the CPU/GPU hybrid at 24 layers."""
 
 
 class TraceError(ValueError):
@@ -167,8 +174,10 @@ def _scalar(data: np.lib.npyio.NpzFile, key: str, path: Path) -> int:
 
 
 def trace_path(name: str | Path) -> Path:
-    """The file a trace argument names: SAMPLE_NAME and LONG_NAME are the bundled traces."""
-    return {SAMPLE_NAME: SAMPLE_TRACE, LONG_NAME: LONG_TRACE}.get(str(name), Path(name))
+    """The file a trace argument names: SAMPLE_NAME, LONG_NAME and FLAT_NAME are the bundled
+    traces."""
+    bundled = {SAMPLE_NAME: SAMPLE_TRACE, LONG_NAME: LONG_TRACE, FLAT_NAME: FLAT_TRACE}
+    return bundled.get(str(name), Path(name))
 
 
 def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
@@ -178,8 +187,8 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
         with open(path, "rb") as f:
             head = f.read(6)
     except FileNotFoundError:
-        raise TraceError(f"trace {path}: no such file (give an .npz file, or '{SAMPLE_NAME}' "
-                         "for the bundled trace)") from None
+        raise TraceError(f"trace {path}: no such file (give an .npz file, or a bundled "
+                         f"trace: '{SAMPLE_NAME}', '{LONG_NAME}' or '{FLAT_NAME}')") from None
     except IsADirectoryError:
         raise TraceError(f"trace {path}: a folder, not an .npz file") from None
     except OSError as exc:

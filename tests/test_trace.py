@@ -193,3 +193,12 @@ def test_sequence_bounds_past_the_trace_are_refused_not_clamped(first, stop):
     trace = synthetic_trace(1, 6, 2, num_sequences=4, tokens_per_sequence=3)
     with pytest.raises(TraceError, match="go past the trace's 4 sequences"):
         trace.sequences(first, stop)
+
+
+def test_the_bundled_flat_trace_is_near_uniform_and_24_layers_deep():
+    trace = load_trace("flat")
+    assert (trace.num_layers, trace.num_experts, trace.top_k) == (24, 128, 8)
+    for layer in range(trace.num_layers):
+        counts = np.sort(np.bincount(trace.topk_ids[layer].ravel(), minlength=128))[::-1]
+        top_half = counts[:64].sum() / counts.sum()
+        assert 0.5 < top_half < 0.7  # near-uniform: 0.5 would be exactly uniform
