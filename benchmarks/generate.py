@@ -4,6 +4,10 @@ whose weights are random, built in place from a config (nothing to download).
 
 Methods, each at GPU budgets of the non-expert weights + KV cache + X% of the expert bytes:
   moe-uvm      the planner's split of the budget (auto), static cache, CUDA-graph decode
+  moe-uvm-hybrid
+               the same budget filled with resident experts (profile residency when traced, no
+               slots) and the CPU computing a share of the offloaded experts (cpu_experts="on",
+               moe_uvm.hybrid); eager decode: its split needs each layer's routing on the host
   uva          the budget's first experts resident, the rest read in place over PCIe, no slots
                (vLLM --cpu-offload-gb style), same decoder
   hf-eager     transformers alone, everything on the GPU (100% only), eager generate
@@ -94,18 +98,21 @@ def run_one(spec: dict) -> dict:
         record.update(hbm_read_gbps=hbm_read_gbps(), read_through_gbps=read_through_gbps())
         torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
-    if method in ("moe-uvm", "uva"):
+    if method in ("moe-uvm", "moe-uvm-hybrid", "uva"):
         trace, profile = None, {}
         if spec.get("trace"):
             # The trace's first half is the calibration (a profile, as `moe-uvm calibrate`
             # would write: moe-uvm plans on it); the run is routed by the second half.
             calibration, trace = _trace_halves(spec, shape)
             path = model_dir / "trace_profile.json"
-            if method == "moe-uvm":
+            if method != "uva":
                 calibration.save(path)
                 profile = dict(resident_selection="profile", profile_path=str(path))
         if method == "moe-uvm":
             config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, **profile)
+        elif method == "moe-uvm-hybrid":
+            config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, prefetch_slots=0,
+                                         cpu_experts="on", **profile)
         else:  # a static first-N split of the same bytes, no slots
             config = ExpertOffloadConfig(gpu_budget_gb=budget_gb, prefetch_slots=0)
         loaded = load_model(model_dir, config, random_weights=SEED,
@@ -347,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in (int(b) for b in args.budgets.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for method in args.methods.split(","):
-                if args.trace and method not in ("moe-uvm", "uva"):
+                if args.trace and method not in ("moe-uvm", "moe-uvm-hybrid", "uva"):
                     continue  # only moe-uvm's expert modules can take trace routing
                 if method in ("hf-eager", "hf-static") and budget != 100:
                     continue  # all on the GPU: the 100% row only

@@ -279,6 +279,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="quantise a 16/32-bit checkpoint's experts to e4m3 (128 x 128 block "
                      "scales) as they load: half the bytes over PCIe and in HBM (FP8 "
                      "checkpoints are read as FP8 without it)")
+    gen.add_argument("--cpu-experts", choices=("off", "on", "auto"), default="off",
+                     help="the CPU/GPU hybrid: the CPU computes a share of each layer's "
+                     "offloaded experts from host memory while the GPU reads the rest; decode "
+                     "then runs eagerly (no CUDA graphs). auto: on where the cost model, "
+                     "measured at load, predicts a faster step (default off)")
+    gen.add_argument("--cpu-threads", type=int, help="CPU threads of the hybrid (default: "
+                     "every core but one)")
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="decode all --max-new-tokens (default with --random-weights)")

@@ -328,7 +328,9 @@ def generate(
     graphs are captured before timing starts either way; `report.setup_s` says how long
     warm-up and capture took (not counted in the rates or in `total_s`). `compile`: the
     decoder's torch.compile of the decode step (default: with CUDA graphs; the first compile
-    of a model shape takes minutes at full depth, later ones hit inductor's cache)."""
+    of a model shape takes minutes at full depth, later ones hit inductor's cache). With the
+    CPU/GPU hybrid on (`cpu_experts` in the load's config; `manager.hybrid`) decode is eager
+    and uncompiled."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode not in DECODES:
@@ -343,6 +345,12 @@ def generate(
         torch.cuda.reset_peak_memory_stats(device)
     extra = {"eos_token_id": None} if ignore_eos else {}
     decoder = None
+    if manager.hybrid[0]:  # the CPU/GPU hybrid needs each layer's routing on the host
+        if graphs or compile:
+            raise ValueError("cpu_experts is on (the CPU computes a share of the offloaded "
+                             "experts): decode runs eagerly, so graphs and compile must be "
+                             f"off or unset; got graphs={graphs!r}, compile={compile!r}")
+        graphs, compile = False, False
     groups = _batches([list(p) for p in ids], batch, pad)
     setup = time.perf_counter()
     if decode == "static":
@@ -436,7 +444,8 @@ def generate(
         split=None if manager.split is None else manager.split.to_dict(), setup_s=setup_s,
         decode=("transformers generate (eager)" if decoder is None else
                 f"static cache, {'CUDA graph' if decoder.graphs else 'eager'} steps"
-                + (f", torch.compile ({decoder.compile})" if decoder.compile else "")),
+                + (f", torch.compile ({decoder.compile})" if decoder.compile else ""))
+               + (", CPU/GPU hybrid" if manager.hybrid[0] else ""),
         device=torch.cuda.get_device_name(device) if cuda else "cpu",
     )
     if not cuda:

@@ -41,12 +41,9 @@ import numpy as np
 import torch
 
 from moe_uvm import uvm
+from moe_uvm.config import CPU_EXPERTS_MODES
 from moe_uvm.kernels import fused_moe
 from moe_uvm.kernels.cpu_experts import GroupedExperts
-
-CPU_EXPERTS_MODES = ("off", "on", "auto")
-"""`cpu_experts` settings: off (GPU only; the default), on (always split), auto (on where a
-measurement says the hybrid step is faster than the GPU-only one; see `choose`)."""
 
 _EMA = 0.25  # weight of each new observation in the per-expert costs
 
@@ -376,3 +373,49 @@ def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int
         medians.append(float(np.median(times[1:])) * 1e6)
     pair_us = max(0.0, (medians[1] - medians[0]) / (7 * n))
     return medians[0] / n, pair_us
+
+
+def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool, str]:
+    """`config.cpu_experts` applied to an offload manager's layers (offload_experts calls it):
+    each layer gets a CpuShare (`layer.cpu_share`), all sharing one ExpertCosts measured now
+    (the read-through of 256 MB of managed memory; the CPU kernel on cold experts of layer 0),
+    when the mode is on, or auto and the cost model predicts a decode step (one token) at least
+    5% faster. Returns (on, why); `on` with no CUDA, no CPU kernel or a slot cache raises."""
+    from moe_uvm import ceilings
+    from moe_uvm.kernels import cpu_experts as cpu_kernel
+
+    mode = config.cpu_experts
+    if mode == "off":
+        return False, "cpu_experts='off'"
+    problem = None
+    if not manager.is_managed:
+        problem = "the experts are not in CUDA managed memory (no GPU)"
+    elif has_slots:
+        problem = "a slot cache serves the offloaded experts"
+    else:
+        built, why = cpu_kernel.available()
+        if not built:
+            problem = f"the CPU expert kernel is unavailable: {why}"
+    if problem is not None:
+        if mode == "on":
+            raise ValueError(f"cpu_experts='on': {problem}")
+        return False, problem
+    num_experts, top_k = manager.num_experts, layers[0].top_k
+    offloaded = top_k * float(np.mean([1 - len(manager.resident_ids(i)) / num_experts
+                                       for i in range(len(layers))]))
+    if mode == "auto" and offloaded < 0.5:
+        return False, "no offloaded experts to share"
+    threads = default_threads() if config.cpu_threads is None else config.cpu_threads
+    first = layers[0]
+    expert_nbytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes
+    costs = ExpertCosts.from_bandwidths(expert_nbytes, ceilings.read_through_gbps(1 << 28), 1.0)
+    shares = [CpuShare(m.w13_weight, m.w2_weight,
+                       lambda i=i: manager.resident_ids(i), costs=costs,
+                       quant=m.quantization(), threads=threads) for i, m in enumerate(layers)]
+    costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
+    on, why = choose_cpu_experts(mode, offloaded_per_layer=offloaded, tokens_per_expert=1.0,
+                                 costs=costs)
+    if on:
+        for module, share in zip(layers, shares, strict=True):
+            module.cpu_share = share
+    return on, why

@@ -130,6 +130,7 @@ class FusedMoE(nn.Module):
         self._attach_loaders()
         self.record_routing: Callable[[torch.Tensor], None] | None = None
         self.slot_cache: LayerSlots | None = None  # set by offload_experts with prefetch_slots
+        self.cpu_share: Callable | None = None  # set by offload_experts with cpu_experts on
         self.layer_index: int | None = None  # set by offload_experts
         self.check_ids = _check_ids_from_env() if check_ids is None else check_ids
         # int64 [2]: the lowest and highest expert id since the last check, on the ids' device.
@@ -145,6 +146,7 @@ class FusedMoE(nn.Module):
                                                          device="meta"), requires_grad=False))
         self._attach_loaders()
         self.record_routing, self.slot_cache, self._released = None, None, reason
+        self.cpu_share = None  # it reads the freed pages through its host aliases
 
     def _attach_loaders(self) -> None:
         self.w13_weight.weight_loader = self.weight_loader
@@ -259,6 +261,8 @@ class FusedMoE(nn.Module):
             self.record_routing(topk_ids)
         weights = topk_weights.float()
         quant = self.quantization()
+        if self.cpu_share is not None:  # the hybrid (no slot cache with it)
+            return self.cpu_share(hidden_states, weights, topk_ids)
         if self.slot_cache is None:
             return fused_moe(hidden_states, self.w13_weight, self.w2_weight, weights, topk_ids,
                              **quant)

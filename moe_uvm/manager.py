@@ -109,6 +109,7 @@ class ExpertOffloadManager:
         self.stores = list(stores)
         self.config = config
         self.split = None  # the planner's Split when it chose the config (offload_experts)
+        self.hybrid = (False, "cpu_experts='off'")  # (on, why) of the CPU/GPU hybrid
         self.num_layers = len(stores)
         self.num_experts = experts.pop()
         self.top_k = top_k

@@ -12,6 +12,7 @@ from torch import nn
 
 from moe_uvm.autosplit import Split, auto_config
 from moe_uvm.config import ExpertOffloadConfig
+from moe_uvm.hybrid import attach_cpu_shares
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import (
@@ -175,7 +176,7 @@ def plan_memory(
 
 
 _STATE = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "record_routing",
-          "slot_cache", "layer_index")
+          "slot_cache", "layer_index", "cpu_share")
 """What offload_experts changes on a layer (the original parameters keep their weight_loader)."""
 
 
@@ -227,6 +228,7 @@ def _build(
         )
         _attach(layers, stores, manager, device)
         cache = manager.enable_slot_cache(next_gates)
+        manager.hybrid = attach_cpu_shares(manager, layers, config, has_slots=cache is not None)
     except BaseException:
         # The manager does not own the layers yet, so closing it frees its stores and slot
         # caches without touching them.
@@ -264,6 +266,7 @@ def offload_experts(
     `next_gates[l]`, layer l+1's router weight, enables lookahead. A budget with nothing the
     split decides set goes through the planner first (`resolve_config`): `manager.config` is
     then the config it filled in and `manager.split` its `moe_uvm.autosplit.Split` (else None).
+    `manager.hybrid` is (on, why) of the CPU/GPU hybrid (`config.cpu_experts`).
     """
     layers = find_moe_layers(module_or_modules)
     device = target_device(device)

@@ -177,3 +177,67 @@ def test_gpu_hybrid_layer_matches_the_gpu_kernel(seed, weight_dtype, num_tokens)
         torch.cuda.synchronize()
     finally:
         store.free()
+
+
+def test_cpu_experts_config_is_checked():
+    from moe_uvm.config import ExpertOffloadConfig
+
+    with pytest.raises(ValueError, match="cpu_experts must be one of off, on, auto"):
+        ExpertOffloadConfig(cpu_experts="yes")
+    with pytest.raises(ValueError, match="cpu_threads must be an int >= 1"):
+        ExpertOffloadConfig(cpu_experts="on", cpu_threads=0)
+    with pytest.raises(ValueError, match="does not combine with a slot cache"):
+        ExpertOffloadConfig(cpu_experts="on", prefetch_slots=2)
+    assert ExpertOffloadConfig().cpu_experts == "off"  # the bitwise promises hold by default
+
+
+def test_without_managed_memory_auto_stays_off_and_on_is_refused_leaving_the_layer_intact():
+    from moe_uvm.config import ExpertOffloadConfig
+    from moe_uvm.layer import FusedMoE
+    from moe_uvm.offload import offload_experts
+
+    layer = FusedMoE(8, 2, 64, 32, dtype=torch.float32, device="cpu")
+    torch.nn.init.normal_(layer.w13_weight)
+    before = layer.w13_weight
+    with pytest.raises(ValueError, match="cpu_experts='on': the experts are not in CUDA managed"):
+        offload_experts(layer, ExpertOffloadConfig(num_resident=4, cpu_experts="on"),
+                        device="cpu")
+    assert layer.w13_weight is before and layer.cpu_share is None
+    manager = offload_experts(layer, ExpertOffloadConfig(num_resident=4, cpu_experts="auto"),
+                              device="cpu")
+    assert manager.hybrid == (False, "the experts are not in CUDA managed memory (no GPU)")
+    assert layer.cpu_share is None
+    manager.close()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_leaves_it_off_with_everything_resident_and_on_runs_the_share(seed):
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    from moe_uvm.config import ExpertOffloadConfig
+    from moe_uvm.layer import FusedMoE
+    from moe_uvm.offload import offload_experts
+
+    E, k, H, I, T = 16, 4, 256, 128, 4
+    for resident, mode, expect in ((-1, "auto", False), (4, "on", True)):
+        layer = FusedMoE(E, k, H, I, dtype=torch.bfloat16, device="cuda")
+        torch.nn.init.normal_(layer.w13_weight, std=H**-0.5)
+        torch.nn.init.normal_(layer.w2_weight, std=I**-0.5)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(T, E, device="cuda")
+        expected = layer(x, logits)
+        manager = offload_experts(layer, ExpertOffloadConfig(num_resident=resident,
+                                                             cpu_experts=mode, cpu_threads=2),
+                                  device="cuda")
+        try:
+            assert manager.hybrid[0] is expect, manager.hybrid
+            if not expect:
+                assert manager.hybrid[1] == "no offloaded experts to share"
+                assert torch.equal(layer(x, logits), expected)
+            else:
+                assert layer.cpu_share is not None
+                assert rel_err(layer(x, logits), expected) < 1e-2
+        finally:
+            manager.close()
+        assert layer.cpu_share is None

@@ -464,6 +464,8 @@ def generate_command(args: argparse.Namespace) -> int:
         resident_selection="profile" if args.profile else "first_n",
         profile_path=args.profile,
         quantize_experts=args.quantize_experts,
+        cpu_experts=args.cpu_experts,
+        cpu_threads=args.cpu_threads,
     )
     free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
     what = "random weights" if args.random_weights is not None else "checkpoint"
@@ -471,6 +473,12 @@ def generate_command(args: argparse.Namespace) -> int:
     kv_tokens = args.batch * (max(len(p) for p in ids) + args.max_new_tokens)
     loaded = load_model(model_dir, config, random_weights=args.random_weights, dtype=dtype,
                         device=device, kv_tokens=kv_tokens)
+    hybrid_on, why = loaded.manager.hybrid
+    if args.cpu_experts != "off":
+        print(f"cpu experts: {'on' if hybrid_on else 'off'} ({why})", file=sys.stderr,
+              flush=True)
+    if hybrid_on and (args.no_graphs is False or args.no_compile is False):
+        args.no_graphs = args.no_compile = True  # the hybrid decodes eagerly
     try:
         text = args.batch == 1 and args.prompt is not None
         tokenizer = None
