@@ -182,6 +182,9 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--min-per-layer", type=int, default=0,
                       help="with --profile: experts every layer keeps resident in the static "
                       "split")
+    plan.add_argument("--cpu-gbps", help="also predict the CPU/GPU hybrid (cpu_experts): the "
+                      "CPU expert kernel's GB/s, or 'measure' to time it on this host (only "
+                      "meaningful on the machine that will serve)")
     plan.add_argument("--json", action="store_true", help="print JSON")
     _expert_size_args(plan, "expert size (one of: a preset, or explicit sizes; default "
                       "qwen3-30b-a3b with the bundled trace)")

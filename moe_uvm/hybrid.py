@@ -419,3 +419,33 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool
         for module, share in zip(layers, shares, strict=True):
             module.cpu_share = share
     return on, why
+
+
+def measure_cpu_gbps(hidden: int, intermediate: int, threads: int | None = None,
+                     pool_bytes: float = 2e9) -> float:
+    """The CPU expert kernel's rate on this host, GB/s of bf16 expert bytes at one token per
+    expert: random experts of the given sizes in ordinary host memory (at most `pool_bytes` of
+    them, at least 2), drawn cold for each call. Measured alone: beside a GPU reading through
+    PCIe the H200 host gave 15% less (README)."""
+    threads = default_threads() if threads is None else threads
+    expert_nbytes = 3 * hidden * intermediate * 2
+    n = int(max(2, min(16, pool_bytes // expert_nbytes)))
+    gen = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(n, 2 * intermediate, hidden, generator=gen) * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(n, hidden, intermediate, generator=gen) * intermediate**-0.5).bfloat16()
+    us, _ = calibrate_cpu_us(GroupedExperts(w13, w2), threads, experts_per_call=min(8, n))
+    return expert_nbytes / us / 1e3
+
+
+def predict_hybrid(offloaded_per_layer: float, tokens_per_expert: float, expert_nbytes: int,
+                   read_through_gbps: float, cpu_gbps: float, layers: int) -> dict:
+    """What the hybrid saves a decode step over the GPU-only read-through of the same offloaded
+    experts (`moe-uvm plan --cpu-gbps`): per-layer (GPU-only, hybrid) microseconds from
+    `predicted_layer_us`, the CPU's experts, and the step's saving in ms over `layers`."""
+    costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, cpu_gbps)
+    gpu_only, hybrid = predicted_layer_us(offloaded_per_layer, tokens_per_expert, costs)
+    m = int(round(offloaded_per_layer))
+    cpu = len(split_offloaded(dict.fromkeys(range(m), tokens_per_expert), costs)) if m else 0
+    return dict(gpu_only_layer_us=gpu_only, hybrid_layer_us=hybrid, cpu_experts_per_layer=cpu,
+                offloaded_per_layer=offloaded_per_layer,
+                saved_step_ms=(gpu_only - hybrid) * layers / 1e3)

@@ -161,3 +161,22 @@ def test_plan_command_prints_the_split_and_the_prediction(capsys, monkeypatch, t
     assert auto["model_tokens_per_s"] == pytest.approx(4 / auto["model_step_ms"] * 1e3)
     assert main([*argv, "--fixed-gb", "0.3"]) == 2
     assert "--fixed-gb must be >= 0 and below --gpu-budget-gb" in capsys.readouterr().err
+
+
+def test_plan_accounts_for_the_cpu_gpu_hybrid(capsys, monkeypatch, tmp_path):
+    """--cpu-gbps: a CPU as fast as the read-through takes about half of the offloaded experts
+    and the predicted step shortens; a slow one takes none; a bad value is refused."""
+    monkeypatch.setenv("MOE_UVM_CACHE_DIR", str(tmp_path))
+    argv = ["plan", "--trace", "flat", "--gpu-budget-gb", "10", "--json"]
+    assert main([*argv, "--cpu-gbps", "50"]) == 0
+    fast = json.loads(capsys.readouterr().out)["hybrid"]
+    offloaded = fast["offloaded_per_layer"]
+    assert offloaded > 2 and abs(fast["cpu_experts_per_layer"] - offloaded / 2) <= 1
+    assert fast["hybrid_layer_us"] < 0.7 * fast["gpu_only_layer_us"]
+    assert fast["saved_step_ms"] > 0
+    assert main([*argv, "--cpu-gbps", "0.5"]) == 0
+    slow = json.loads(capsys.readouterr().out)["hybrid"]
+    assert slow["cpu_experts_per_layer"] == 0 and slow["saved_step_ms"] == 0
+    assert slow["model_step_ms"] > fast["model_step_ms"]
+    assert main([*argv, "--cpu-gbps", "fast"]) == 2
+    assert "--cpu-gbps must be a number > 0 or 'measure'" in capsys.readouterr().err

@@ -279,6 +279,8 @@ def plan_command(args: argparse.Namespace) -> int:
                        "model_pcie_bytes_per_token": best.pcie_bytes_per_token * scale,
                        "model_floor_ms": best.floor_ms * scale},
               "candidates": [c.to_dict() for c in candidates]}
+    if args.cpu_gbps is not None:
+        result["hybrid"] = _plan_hybrid(args, candidates, shape, costs, L, scale, step_ms)
     if info is not None:
         kv = info.kv_bytes_per_token * args.batch * args.context
         dense_ms = costs.dense_step_ms(shape.num_layers, info.step_read_bytes, kv)
@@ -316,6 +318,16 @@ def plan_command(args: argparse.Namespace) -> int:
               f"{step_ms:.2f} experts + {w['dense_step_ms']:.2f} attention, shared weights, KV "
               f"cache and output head); fixed parts {w['non_expert_gb']:.2f} GB weights + "
               f"{w['kv_cache_gb']:.2f} GB KV cache")
+    if "hybrid" in result:
+        h = result["hybrid"]
+        verdict = "faster than" if h["model_step_ms"] < step_ms else "not faster than"
+        print(f"  with the CPU/GPU hybrid (cpu_experts, CPU {h['cpu_gbps']:.1f} GB/s "
+              f"{h['cpu_source']}): {h['resident_per_layer']:.1f} resident experts per layer, "
+              f"no slots, the CPU takes {h['cpu_experts_per_layer']} of "
+              f"{h['offloaded_per_layer']:.1f} offloaded experts a layer: predicted "
+              f"{h['model_tokens_per_s']:.1f} tokens/s ({h['model_step_ms']:.2f} ms per step), "
+              f"{verdict} the split above; eager decode (no CUDA graphs) and each layer's "
+              "host round trip are not in this figure")
     print(f"  costs: {costs.source}: HBM {costs.hbm_gbps:.0f} GB/s, read-through "
           f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s at "
           f"{costs.kernel_expert_nbytes / 2**20:.1f} MiB experts, "
@@ -323,6 +335,45 @@ def plan_command(args: argparse.Namespace) -> int:
           + (f"; attention etc. {costs.dense_us_per_layer:.0f} us per decoder layer (fitted on "
              "the H200's whole-model run)" if info is not None else ""))
     return 0
+
+
+def _plan_hybrid(args, candidates, shape, costs, layers: int, scale: float,
+                 step_ms: float) -> dict:
+    """The hybrid on the best split without slots (the hybrid serves offloaded experts only
+    without a slot cache): its step less what the CPU's share saves."""
+    from moe_uvm.autosplit import expert_nbytes
+    from moe_uvm.hybrid import measure_cpu_gbps, predict_hybrid
+
+    if args.cpu_gbps == "measure":
+        from moe_uvm.kernels import cpu_experts as cpu_kernel
+
+        built, why = cpu_kernel.available()
+        if not built:
+            raise CLIError(f"--cpu-gbps measure: the CPU expert kernel is unavailable: {why}")
+        gbps, source = measure_cpu_gbps(shape.hidden_size, shape.moe_intermediate_size), \
+            "measured here, alone"
+    else:
+        try:
+            gbps, source = float(args.cpu_gbps), "given"
+        except ValueError:
+            gbps = float("nan")
+        if not (gbps > 0 and gbps < float("inf")):
+            raise CLIError(f"--cpu-gbps must be a number > 0 or 'measure', got "
+                           f"{args.cpu_gbps!r}") from None
+    plain = [c for c in candidates if c.slots == 0]
+    if not plain:
+        raise CLIError("--cpu-gbps: the budget fits no split without slots")
+    base = min(plain, key=lambda c: c.predicted_step_ms)
+    nbytes = expert_nbytes(shape)[1]
+    offloaded = base.pcie_bytes_per_token * args.batch / nbytes / layers
+    k = shape.top_k
+    tokens = max(1.0, args.batch * k * (1 - base.hit_rate) / max(offloaded, 1.0))
+    h = predict_hybrid(offloaded, tokens, nbytes, costs.read_through_gbps, gbps, layers)
+    model_ms = (base.predicted_step_ms - h["saved_step_ms"]) * scale
+    return dict(h, cpu_gbps=gbps, cpu_source=source,
+                resident_per_layer=sum(base.resident) / layers, model_step_ms=model_ms,
+                model_tokens_per_s=args.batch / model_ms * 1e3,
+                faster_than_auto=model_ms < step_ms)
 
 
 def _print_static_plan(args: argparse.Namespace, shape: ModelShape, result: dict) -> None:
