@@ -1,6 +1,6 @@
 """CPU/GPU hybrid decode against GPU-only, on MoE layers in managed memory (issue 18).
 
-N MoE layers of the trace's model shape (random weights, the residual stream through each, as
+N MoE layers of a model shape (random weights, the residual stream through each, as
 `moe-uvm bench` times them) driven by the routing trace, at resident fractions of the experts
 (profile residency; the rest offloaded: CPU-preferred managed pages read in place). Per
 (resident, batch), medians in tokens/s:
@@ -14,7 +14,7 @@ fp32 sum is added to the GPU's output in fp32), and the split it made. The CPU k
 per expert is measured first on cold experts of layer 0's pages, the read-through in the same
 run.
 
-    python benchmarks/hybrid_decode.py --trace T [--layers 24] [--resident 0%,50%]
+    python benchmarks/hybrid_decode.py --trace T [--model-shape S] [--layers 24] [--resident 0%,50%]
         [--batch 1,4] [--steps 24] [--warmup 4] [--threads N] [--out FILE.json]
 """
 
@@ -91,7 +91,9 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", required=True, help="routing trace (.npz); its model shape")
+    parser.add_argument("--trace", required=True, help="routing trace (.npz, or a bundled name)")
+    parser.add_argument("--model-shape", default="qwen3-30b-a3b",
+                        help="expert sizes (a preset: qwen3-30b-a3b, mixtral-8x7b)")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--resident", default="0%,50%")
     parser.add_argument("--batch", default="1,4")
@@ -108,8 +110,9 @@ def main() -> None:
     if not 0 <= args.warmup < args.steps - 1:
         sys.exit(f"--warmup {args.warmup} must leave at least 2 timed steps of {args.steps}")
     batches = [int(b) for b in args.batch.split(",")]
-    cfg = BenchConfig(trace=args.trace, layers=args.layers, resident=args.resident,
-                      batches=tuple(batches), steps=args.steps, warmup_tokens=0)
+    cfg = BenchConfig(trace=args.trace, model_shape=args.model_shape, layers=args.layers,
+                      resident=args.resident, batches=tuple(batches), steps=args.steps,
+                      warmup_tokens=0)
     work = make_workload(cfg)
     counts = resident_sizes(args.resident, work.num_experts)
     manager, managed = managed_layers(work)
@@ -135,7 +138,7 @@ def main() -> None:
                   f"({row['cpu_expert_us']:.0f} us each vs GPU {row['gpu_expert_us']:.0f}), "
                   f"layer error {row['max_layer_rel_err']:.1e}", flush=True)
     result = dict(ceilings.device_summary(), layers=work.num_layers, trace=args.trace,
-                  shape=dict(experts=work.num_experts, hidden=work.hidden,
+                  shape=dict(name=args.model_shape, experts=work.num_experts, hidden=work.hidden,
                              expert_bytes=work.expert_bytes),
                   threads=args.threads, start_costs=start_costs, steps=args.steps,
                   warmup=args.warmup, rows=rows)
