@@ -3,14 +3,14 @@ FP8 (--weight-dtype fp8: e4m3 with 128 x 128 block scales, bf16 activations):
 time (CUDA-graph replay, L2 flushed before each), bytes of distinct experts read, bandwidth
 against the HBM read and managed read-through ceilings measured in the same run, for weights in
 device memory, in managed memory advised resident, and advised offloaded; plus the plain-torch
-reference. The default (--no-tune) benchmarks this GPU model's tables in kernels/configs/
+reference. The default (--no-tune) benchmarks this GPU model's tables in moe_uvm/kernels/configs/
 (or the rules, for a GPU without a file).
 `--tune` first sweeps grouped-path configs per (shape, T) with block_m >= min_block_m (for
 T >= 64 keeping, among configs within 3% of the best device time, the fastest with offloaded
 weights) and one-token configs at T=1 (or the grouped path where that is faster), writes them
-into this GPU model's file in kernels/configs/ (other shapes' entries kept), and benchmarks
+into this GPU model's file in moe_uvm/kernels/configs/ (other shapes' entries kept), and benchmarks
 with them. FP8 weights are tuned into entries of their own (grouped path only), and their
-benchmark adds device rows widened by Triton's conversion (the A/B of kernels/fp8_widen.py).
+benchmark adds device rows widened by Triton's conversion (the A/B of moe_uvm/kernels/fp8_widen.py).
 
     python benchmarks/fused_moe.py [--tune | --no-tune] [--weight-dtype bf16|fp8]
         [--out benchmarks/results/fused_moe.json]
@@ -431,7 +431,7 @@ def bench_shape(name: str, shape: dict, hbm: float, read_through: float,
 
 def widen_rows(name, w13, w2, quant, inputs, expected, expert_bytes, hbm) -> list[dict]:
     """FP8 weights in device memory widened by Triton's conversion instead of widen_bf16 (the
-    A/B of kernels/fp8_widen.py): same config, same bits expected."""
+    A/B of moe_uvm/kernels/fp8_widen.py): same config, same bits expected."""
     rows = []
     set_alu_widen(False)
     try:

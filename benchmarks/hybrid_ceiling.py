@@ -122,7 +122,7 @@ def expert_step(w13, w2, x: torch.Tensor, experts: list[int], out: torch.Tensor)
 
 
 def kernel_step(pool, x: torch.Tensor, experts: list[int], threads: int) -> None:
-    """The same step with moe-uvm's CPU expert kernel (kernels/cpu_experts.c): every token
+    """The same step with moe-uvm's CPU expert kernel (moe_uvm/kernels/cpu_experts.c): every token
     routed to the step's experts, equal weights."""
     w13, w2, quant = pool
     ids = torch.tensor(experts, dtype=torch.int64).expand(x.shape[0], -1)

@@ -1,7 +1,7 @@
 """Slot-cache planning per MoE layer and decode step inside a CUDA graph, Qwen3-30B-A3B routing
 (128 experts, top-8) with S = 8 / 32 slots and T = 1 / 16 tokens: the torch references of
-kernels/slot_plan_reference.py (plan_fill, + count_prefetch; plan_prefetch, + predicted_mask)
-against the one-launch kernels of kernels/slot_plan.py. Each graph makes 48 calls (one per
+moe_uvm.kernels.slot_plan_reference (plan_fill, + count_prefetch; plan_prefetch, + predicted_mask)
+against the one-launch kernels of moe_uvm/kernels/slot_plan.py. Each graph makes 48 calls (one per
 layer of a 48-layer step, each on its own pool and routing); per call = median replay time / 48.
 The floor measured in the same run is a graph of 48 one-element kernels (one graph node each).
 

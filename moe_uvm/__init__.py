@@ -9,17 +9,8 @@ The names most code needs are importable from the package itself (loaded on firs
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 __version__ = "0.1.0"
-
-# kernels/ and policies/ sit beside this folder in a source checkout and become moe_uvm.kernels
-# and moe_uvm.policies through the install's package-dir mapping. Imported from the checkout
-# itself (`python -m pytest` puts it first on sys.path, ahead of any install), this package has
-# no such subfolders: look for them in the checkout too, so every kind of install works there.
-_CHECKOUT = Path(__file__).resolve().parent.parent
-if not (Path(__file__).parent / "kernels").is_dir() and (_CHECKOUT / "kernels").is_dir():
-    __path__.append(str(_CHECKOUT))
 
 _EXPORTS = {
     "ExpertOffloadConfig": "moe_uvm.config",

@@ -12,7 +12,8 @@ HBM bytes are resident and slot reads plus slot writes, PCIe bytes offloaded rea
 copies. The floor every result is compared against is the same sum with the measured HBM read
 bandwidth and no launch term (README, "Decode, the main job").
 
-It lives in moe_uvm, not policies/, because it runs the simulator (which itself uses policies/).
+It lives in moe_uvm, not moe_uvm/policies/, because it runs the simulator (which itself uses
+moe_uvm/policies/).
 """
 
 from __future__ import annotations

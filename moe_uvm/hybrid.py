@@ -1,5 +1,5 @@
 """CPU/GPU hybrid for offloaded experts (issue 18): per layer and step, the CPU computes a share
-of the routed offloaded experts from their managed pages, in place (kernels/cpu_experts.c),
+of the routed offloaded experts from their managed pages, in place (moe_uvm/kernels/cpu_experts.c),
 while the GPU reads the rest over PCIe in the fused kernel; the CPU's weighted sum is added to
 the GPU's.
 

@@ -26,6 +26,6 @@ for b in "${benches[@]}"; do
 done
 # only what this run wrote comes back, as one archive (the transfer takes at most 8 files,
 # two folders deep): unpack it in the checkout with `tar xzf results.tgz`
-find benchmarks/results moe-uvm-results kernels/configs -type f -newer "$stamp" 2>/dev/null >"$out/new_files.txt"
+find benchmarks/results moe-uvm-results moe_uvm/kernels/configs -type f -newer "$stamp" 2>/dev/null >"$out/new_files.txt"
 [ -s "$out/new_files.txt" ] && tar czf "$out/results.tgz" -T "$out/new_files.txt"
 exit $status

@@ -141,17 +141,11 @@ KERNEL_MODULES = ("fused_moe", "slot_plan", "slot_copy", "expert_ids")
 def use_reference_kernels(patch) -> None:
     """On CPU, run the plain-torch references instead of the Triton interpreter (whole models
     take minutes per token there; the kernels are checked against these references in their
-    own tests). `patch`: a pytest MonkeyPatch. transformers looks for the `kernels` hub package
-    and, from the checkout's root, imports our kernels/ folder under that name, whose custom ops
-    then re-register over moe_uvm.kernels' ones: that copy is patched too (call this after
-    transformers has loaded a model)."""
+    own tests). `patch`: a pytest MonkeyPatch."""
     import importlib
-    import sys
 
     for name in KERNEL_MODULES:
         patch.setattr(importlib.import_module(f"moe_uvm.kernels.{name}"), "_INTERPRETED", False)
-        if f"kernels.{name}" in sys.modules:
-            patch.setattr(sys.modules[f"kernels.{name}"], "_INTERPRETED", False)
 
 
 def tiny_checkpoint():

@@ -369,7 +369,7 @@ def _widen_both(src, alu_out, cvt_out, n, BLOCK: tl.constexpr):
 
 @pytest.mark.gpu
 def test_gpu_alu_widening_is_exact_for_every_finite_e4m3_value():
-    """kernels/fp8_widen.py's integer widening gives the bf16 Triton's conversion gives, for
+    """moe_uvm/kernels/fp8_widen.py's integer widening gives the bf16 Triton's conversion gives, for
     all 254 finite e4m3 codes (subnormals, both zeros and +-448 included), in every lane
     position of its four-value packs."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)

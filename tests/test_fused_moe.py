@@ -352,7 +352,7 @@ def test_tuned_entry_below_the_rule_is_skipped():
 
 def test_every_shipped_table_file_loads_and_is_named_for_its_device():
     files = sorted(CONFIG_DIR.glob("*.json"))
-    assert files, "kernels/configs/ holds no tuned tables"
+    assert files, "moe_uvm/kernels/configs/ holds no tuned tables"
     for path in files:
         tables = load_tables(path)
         assert config_file(tables.device_name) == path

@@ -45,5 +45,25 @@ def test_kernels_and_policies_import_from_the_checkout_without_the_install_mappi
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     kernels, policies = out.stdout.split()
-    assert pathlib.Path(kernels).parent.parent == root
-    assert pathlib.Path(policies).parent.parent == root
+    assert pathlib.Path(kernels).parent.parent == root / "moe_uvm"
+    assert pathlib.Path(policies).parent.parent == root / "moe_uvm"
+
+
+def test_the_checkout_shadows_no_top_level_package():
+    """With the checkout first on sys.path (`python -m pytest`), `import kernels` must not find
+    ours: transformers imports the Hugging Face package of that name when it is installed."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(moe_uvm.__file__).resolve().parent.parent
+    code = (
+        "import importlib.util, sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "for name in ('kernels', 'policies'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    print(spec.origin if spec and spec.origin else '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    for origin in out.stdout.split():
+        assert not origin.startswith(str(root) + "/"), origin

@@ -1,4 +1,4 @@
-"""Count-based slot eviction (kernels/slot_evict.py, kernels/slot_admit.py, SlotCache eviction):
+"""Count-based slot eviction (moe_uvm.kernels.slot_evict and .slot_admit, SlotCache eviction):
 lfu's admission and llama.cpp's frequency-class LRU against plain-Python models of each cache,
 the one-launch lfu planner against the torch reference (interpreter on CPU, compiled on a GPU),
 and (GPU) lfu / freq_lru caches inside CUDA-graph replay reading exactly what no cache reads."""

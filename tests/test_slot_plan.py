@@ -1,5 +1,5 @@
 """The one-launch slot planners (plan_fill_fused, plan_prefetch_fused) against the torch
-references in kernels/slot_plan_reference.py: the same plans, pool state and counters bitwise,
+references in moe_uvm.kernels.slot_plan_reference: the same plans, pool state and counters bitwise,
 on random pools (stamp ties, empty slots, resident experts, padding and repeated ids, score
 ties, zero, negative and non-finite scores), over random call sequences, and (GPU) inside CUDA-graph
 replay at Qwen3-like sizes and at the largest supported sizes."""

@@ -27,7 +27,7 @@ def fused_moe_reference(
     With `expert_slot` given, expert e with `expert_slot[e] = s >= 0` is read from
     `w13_slots[s]` / `w2_slots[s]` instead. With `fill_slot` given, each routed expert read from
     w13/w2 with `fill_slot[e] = s >= 0` is copied to `w13_slots[s]` / `w2_slots[s]` (what the
-    kernel's fill-on-read leaves there). FP8 weights (w13_scale, w2_scale; kernels/fp8.py says
+    kernel's fill-on-read leaves there). FP8 weights (w13_scale, w2_scale; fp8.py here says
     the layouts) are dequantised to fp32 first, with the scales of the expert (not the slot).
     Loops over experts and syncs with the host: for tests and the CPU path only. Returns
     [T, H] in hidden_states' dtype.

@@ -385,7 +385,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     """The Triton path of fused_moe, with an explicit config for tuning. A MoeDecodeConfig runs
     the one-token GEMV path (T must be 1, weights not FP8), a MoeBlockConfig the grouped path;
     None picks: the GEMV path when T == 1 and select_decode_config gives a config, else
-    select_config, with the tuned tables of the GPU model (kernels/configs/) or the rules where
+    select_config, with the tuned tables of the GPU model (kernels/configs/ here) or the rules where
     it has none. FP8 weights always take the grouped kernels."""
     args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
             fill_slot)

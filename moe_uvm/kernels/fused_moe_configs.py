@@ -1,5 +1,5 @@
 """Launch configs of the fused-MoE kernels: MoeBlockConfig for the grouped path, MoeDecodeConfig
-for the one-token path, the tables tuned per GPU model (data files in kernels/configs/) and the
+for the one-token path, the tables tuned per GPU model (data files in configs/ here) and the
 rules for GPUs, shapes and token counts they do not cover."""
 
 import functools
@@ -91,7 +91,7 @@ _KEY_FIELDS = ("num_experts", "hidden", "intermediate", "top_k", "dtype")
 
 @dataclass(frozen=True)
 class TunedTables:
-    """Configs tuned on one GPU model, from its file in kernels/configs/ (written by
+    """Configs tuned on one GPU model, from its file in moe_uvm/kernels/configs/ (written by
     `python benchmarks/fused_moe.py --tune`). `grouped`: key -> ((largest T, config), ...) in
     ascending T; T above the last entry, keys not listed and entries whose block_m is below
     min_block_m use default_config. `decode`: key -> the one-token config, or None where the
@@ -110,7 +110,7 @@ rules alone."""
 
 
 def config_file(device_name: str) -> Path:
-    """kernels/configs/<device name, spaces and other punctuation as '_'>.json"""
+    """moe_uvm/kernels/configs/<device name, spaces and other punctuation as '_'>.json"""
     return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9.-]+", "_", device_name).strip("_") + ".json")
 
 
