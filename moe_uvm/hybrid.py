@@ -123,21 +123,27 @@ def split_offloaded(tokens_per_expert: dict[int, int], costs: ExpertCosts) -> li
     return sorted(order[:best_n])
 
 
+def _predicted(offloaded: float, tokens_per_expert: float,
+               costs: ExpertCosts) -> tuple[float, float, int]:
+    """`predicted_layer_us` and the number of experts the split gives the CPU."""
+    m = int(round(offloaded))
+    if m <= 0:
+        return 0.0, 0.0, 0
+    gpu_only = costs.gpu_fixed_us + m * costs.gpu_expert_us
+    n = len(split_offloaded(dict.fromkeys(range(m), tokens_per_expert), costs))
+    if n == 0:
+        return gpu_only, gpu_only, 0
+    cpu = costs.cpu_fixed_us + n * (costs.cpu_expert_us + costs.cpu_pair_us * tokens_per_expert)
+    gpu = costs.gpu_fixed_us + (m - n) * costs.gpu_expert_us if n < m else 0.0
+    return gpu_only, max(gpu, cpu), n
+
+
 def predicted_layer_us(offloaded: float, tokens_per_expert: float,
                        costs: ExpertCosts) -> tuple[float, float]:
     """(GPU-only, hybrid) predicted time of a layer's offloaded experts, microseconds: `offloaded`
     experts (rounded) with `tokens_per_expert` tokens each, the hybrid split as
     `split_offloaded` makes it. (0, 0) with nothing offloaded."""
-    m = int(round(offloaded))
-    if m <= 0:
-        return 0.0, 0.0
-    gpu_only = costs.gpu_fixed_us + m * costs.gpu_expert_us
-    n = len(split_offloaded(dict.fromkeys(range(m), tokens_per_expert), costs))
-    if n == 0:
-        return gpu_only, gpu_only
-    cpu = costs.cpu_fixed_us + n * (costs.cpu_expert_us + costs.cpu_pair_us * tokens_per_expert)
-    gpu = costs.gpu_fixed_us + (m - n) * costs.gpu_expert_us if n < m else 0.0
-    return gpu_only, max(gpu, cpu)
+    return _predicted(offloaded, tokens_per_expert, costs)[:2]
 
 
 def choose_cpu_experts(mode: str, *, offloaded_per_layer: float, tokens_per_expert: float,
@@ -375,6 +381,21 @@ def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int
     return medians[0] / n, pair_us
 
 
+def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
+                    resident_ids: Callable[[int], Iterable[int]], *, expert_nbytes: int,
+                    read_through_gbps: float, threads: int | None = None) -> list[CpuShare]:
+    """One CpuShare per (w13, w2, quant) of managed layers, all sharing one ExpertCosts: the GPU's
+    per-expert time from `read_through_gbps`, the CPU's from its kernel on cold experts of the
+    first layer (`calibrate_cpu_us`); both then follow the observed times.
+    `resident_ids(layer)` gives a layer's resident experts now."""
+    threads = default_threads() if threads is None else threads
+    costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, 1.0)
+    shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
+                       threads=threads) for i, (w13, w2, quant) in enumerate(layers)]
+    costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
+    return shares
+
+
 def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool, str]:
     """`config.cpu_experts` applied to an offload manager's layers (offload_experts calls it):
     each layer gets a CpuShare (`layer.cpu_share`), all sharing one ExpertCosts measured now
@@ -405,16 +426,13 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool
                                        for i in range(len(layers))]))
     if mode == "auto" and offloaded < 0.5:
         return False, "no offloaded experts to share"
-    threads = default_threads() if config.cpu_threads is None else config.cpu_threads
     first = layers[0]
-    expert_nbytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes
-    costs = ExpertCosts.from_bandwidths(expert_nbytes, ceilings.read_through_gbps(1 << 28), 1.0)
-    shares = [CpuShare(m.w13_weight, m.w2_weight,
-                       lambda i=i: manager.resident_ids(i), costs=costs,
-                       quant=m.quantization(), threads=threads) for i, m in enumerate(layers)]
-    costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
+    shares = measured_shares(
+        [(m.w13_weight, m.w2_weight, m.quantization()) for m in layers], manager.resident_ids,
+        expert_nbytes=first.w13_weight[0].nbytes + first.w2_weight[0].nbytes,
+        read_through_gbps=ceilings.read_through_gbps(1 << 28), threads=config.cpu_threads)
     on, why = choose_cpu_experts(mode, offloaded_per_layer=offloaded, tokens_per_expert=1.0,
-                                 costs=costs)
+                                 costs=shares[0].costs)
     if on:
         for module, share in zip(layers, shares, strict=True):
             module.cpu_share = share
@@ -443,9 +461,7 @@ def predict_hybrid(offloaded_per_layer: float, tokens_per_expert: float, expert_
     experts (`moe-uvm plan --cpu-gbps`): per-layer (GPU-only, hybrid) microseconds from
     `predicted_layer_us`, the CPU's experts, and the step's saving in ms over `layers`."""
     costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, cpu_gbps)
-    gpu_only, hybrid = predicted_layer_us(offloaded_per_layer, tokens_per_expert, costs)
-    m = int(round(offloaded_per_layer))
-    cpu = len(split_offloaded(dict.fromkeys(range(m), tokens_per_expert), costs)) if m else 0
+    gpu_only, hybrid, cpu = _predicted(offloaded_per_layer, tokens_per_expert, costs)
     return dict(gpu_only_layer_us=gpu_only, hybrid_layer_us=hybrid, cpu_experts_per_layer=cpu,
                 offloaded_per_layer=offloaded_per_layer,
                 saved_step_ms=(gpu_only - hybrid) * layers / 1e3)

@@ -41,13 +41,7 @@ import torch
 
 from moe_uvm import ceilings, uvm
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.hybrid import (
-    CpuShare,
-    ExpertCosts,
-    HybridStats,
-    calibrate_cpu_us,
-    default_threads,
-)
+from moe_uvm.hybrid import CpuShare, HybridStats, measured_shares
 from moe_uvm.kernels import fp8, fused_moe
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
@@ -269,16 +263,10 @@ def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
 
 def hybrid_shares(work: Workload, manager: ExpertOffloadManager, managed: list[LayerWeights],
                   threads: int | None = None) -> list[CpuShare]:
-    """One CpuShare per managed layer, sharing one ExpertCosts: GPU per-expert time from the
-    read-through measured now, the CPU's from its kernel on layer 0's pages (experts drawn at
-    random: cold caches, as in decode); both then follow the observed times."""
-    threads = default_threads() if threads is None else threads
-    gbps = ceilings.read_through_gbps()
-    costs = ExpertCosts.from_bandwidths(work.expert_bytes, gbps, 1.0)
-    shares = [CpuShare(w.w13, w.w2, lambda layer=layer: manager.resident_ids(layer), costs=costs,
-                       quant=w.quant, threads=threads) for layer, w in enumerate(managed)]
-    costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
-    return shares
+    """`measured_shares` over the managed layers, with the read-through measured now."""
+    return measured_shares([(w.w13, w.w2, w.quant) for w in managed], manager.resident_ids,
+                           expert_nbytes=work.expert_bytes,
+                           read_through_gbps=ceilings.read_through_gbps(), threads=threads)
 
 
 def run_hybrid(shares: list[CpuShare], ids: torch.Tensor, weights: torch.Tensor,

@@ -528,7 +528,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.cpu_experts != "off":
         print(f"cpu experts: {'on' if hybrid_on else 'off'} ({why})", file=sys.stderr,
               flush=True)
-    if hybrid_on and (args.no_graphs is False or args.no_compile is False):
+    if hybrid_on:
         args.no_graphs = args.no_compile = True  # the hybrid decodes eagerly
     try:
         text = args.batch == 1 and args.prompt is not None
