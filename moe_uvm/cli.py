@@ -290,6 +290,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--cpu-threads", type=int, help="CPU threads of the hybrid (default: "
                      "every core but one)")
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    gen.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="expert parallelism over N processes, one GPU each (gloo on the CPU): "
+                     "each holds its share of every layer's experts under its own "
+                     "--gpu-budget-gb, the rest of the model whole; under torchrun, its "
+                     "WORLD_SIZE instead (default 1)")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="decode all --max-new-tokens (default with --random-weights)")
     gen.add_argument("--decode", choices=("static", "hf"), default="static",

@@ -137,10 +137,12 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     kv_tokens: int = 0,
+    expert_parallel=None,
 ):
     """`hf.load_offloaded` for generation: a local checkpoint, or with `random_weights=SEED`
     a folder holding only config.json (weights built in place). `kv_tokens`: KV-cache tokens
-    (batch x (prompt + new tokens)) the decoder will hold, taken out of the budget first."""
+    (batch x (prompt + new tokens)) the decoder will hold, taken out of the budget first.
+    `expert_parallel`: this rank's share of the experts (moe_uvm.parallel.ExpertParallel)."""
     from moe_uvm.integrations import hf
 
     path = Path(model)
@@ -153,7 +155,8 @@ def load_model(
         info = describe(path, dtype)
         workspace[KV_CACHE] = info.kv_bytes_per_token * kv_tokens
     return hf.load_offloaded(path, config, dtype=dtype, device=device,
-                             random_weights=random_weights, workspace=workspace)
+                             random_weights=random_weights, workspace=workspace,
+                             expert_parallel=expert_parallel)
 
 
 def prompt_ids(

@@ -12,18 +12,157 @@ rank. With two ranks that sum is a single fp32 addition, the same on both ranks 
 run; against one process it differs by rounding (the per-token sum is split in two), so
 outputs match one process within the activations' rounding, not bitwise.
 
-Not yet: the all-to-all variant for larger batches, the Hugging Face integration and
-`moe-uvm generate` / `bench --nproc`, and a measurement on two GPUs."""
+`ExpertParallel` is the same split for a whole model: which rank owns which expert of every
+layer, and this rank's slice of a routing profile. The Hugging Face integration takes one
+(`load_offloaded(..., expert_parallel=...)`, `offload_model_experts`): each block's experts
+become a FusedExperts over this rank's experts, summed over the ranks the same way, and
+`moe-uvm generate --nproc N` runs a checkpoint so (`run_ranks`).
+
+Not yet: the all-to-all variant for larger batches, `bench --nproc`, and a measurement on two
+GPUs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
+from moe_uvm.config import ExpertOffloadConfig
 from moe_uvm.layer import FusedMoE
+from moe_uvm.policies.placement import place_experts
+from moe_uvm.profile import Profile, load_profile
+
+
+def _require_group(what: str, group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        raise RuntimeError(f"{what} needs torch.distributed initialised (torchrun, "
+                           "dist.init_process_group, or moe-uvm generate --nproc)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """Expert parallelism over a whole model: `owner[l, e]` is the rank holding expert e of MoE
+    layer l, every rank holding the same number of experts in every layer (each rank's stores,
+    budget and residency are then alike). Build it with `place` on every rank alike (same
+    counts give the same placement)."""
+
+    owner: np.ndarray
+    group: dist.ProcessGroup | None = None
+    rank: int = field(init=False)
+    world_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        rank, world = _require_group("ExpertParallel", self.group)
+        owner = np.asarray(self.owner)
+        if owner.ndim != 2 or not np.issubdtype(owner.dtype, np.integer):
+            raise ValueError(f"owner must be an integer array [layers, experts]; got "
+                             f"{owner.dtype} of shape {owner.shape}")
+        if owner.min() < 0 or owner.max() >= world:
+            raise ValueError(f"owner values must be ranks in [0, {world}); got "
+                             f"{owner.min()}..{owner.max()}")
+        held = np.stack([np.bincount(row, minlength=world) for row in owner])
+        if (held == 0).any():
+            layer, idle = (int(i) for i in np.argwhere(held == 0)[0])
+            raise ValueError(f"rank {idle} owns no expert of layer {layer}: every rank needs at "
+                             "least one in every layer")
+        if (held != held[0]).any():
+            raise ValueError("every rank must own the same number of experts in every layer; "
+                             f"got per-layer shares {held.tolist()}")
+        object.__setattr__(self, "owner", owner.astype(np.int64))
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "world_size", world)
+
+    @classmethod
+    def place(cls, num_layers: int, num_experts: int, profile: Profile | str | None = None,
+              group: dist.ProcessGroup | None = None) -> ExpertParallel:
+        """Placement over the group's ranks balancing a profile's routing counts (a Profile or
+        its path), round-robin without one."""
+        _, world = _require_group("ExpertParallel.place", group)
+        if isinstance(profile, (str, os.PathLike)):
+            profile = load_profile(profile)
+        if profile is not None:
+            if (profile.num_layers, profile.num_experts) != (num_layers, num_experts):
+                raise ValueError(f"profile is for {profile.num_layers} MoE layers x "
+                                 f"{profile.num_experts} experts; the model has {num_layers} x "
+                                 f"{num_experts}")
+            return cls(place_experts(num_experts, world, profile.counts), group)
+        return cls(place_experts(num_experts, world, num_layers=num_layers), group)
+
+    @property
+    def num_layers(self) -> int:
+        return self.owner.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.owner.shape[1]
+
+    def owned(self, layer: int) -> np.ndarray:
+        """The experts of MoE layer `layer` this rank holds, ascending."""
+        return np.flatnonzero(self.owner[layer] == self.rank)
+
+    def local_profile(self, profile: Profile) -> Profile:
+        """This rank's slice of a whole-model profile: layer l's counts of the experts it owns
+        (co-occurrence between its experts of layers l and l+1), in local expert order."""
+        profile.check_matches(self.num_layers, self.num_experts, profile.top_k)
+        owned = [self.owned(layer) for layer in range(self.num_layers)]
+        counts = np.stack([profile.counts[layer, ids] for layer, ids in enumerate(owned)])
+        co = None
+        if profile.cooccurrence is not None:
+            co = np.stack([profile.cooccurrence[layer][np.ix_(owned[layer], owned[layer + 1])]
+                           for layer in range(self.num_layers - 1)])
+        return Profile(self.num_layers, counts.shape[1], min(profile.top_k, counts.shape[1]),
+                       profile.num_tokens, counts, co, profile.model_id)
+
+    def local_config(self, config: ExpertOffloadConfig) -> ExpertOffloadConfig:
+        """`config` for this rank's experts: the same budget (each GPU its own), its profile
+        sliced to this rank's experts and written to a temporary file."""
+        if not config.profile_path:
+            return config
+        local = self.local_profile(load_profile(config.profile_path))
+        folder = tempfile.mkdtemp(prefix=f"moe-uvm-rank{self.rank}-")
+        path = os.path.join(folder, "profile.json")
+        local.save(path)
+        return replace(config, profile_path=path)
+
+    def shard(self, layer: int, device: torch.device | str) -> ExpertShard:
+        """What a FusedExperts of MoE layer `layer` needs to run this rank's experts."""
+        return ExpertShard(torch.as_tensor(self.owned(layer)), self.num_experts, self.group,
+                           device)
+
+
+class ExpertShard:
+    """One MoE layer's experts held by this rank: `owned` global ids (ascending) and the map
+    from global ids to local ones (-1: another rank's) on `device`."""
+
+    def __init__(self, owned: torch.Tensor, num_experts: int,
+                 group: dist.ProcessGroup | None, device: torch.device | str) -> None:
+        self.owned, self.num_experts, self.group = owned.long(), num_experts, group
+        to_local = torch.full((num_experts,), -1, dtype=torch.int32)
+        to_local[self.owned] = torch.arange(len(self.owned), dtype=torch.int32)
+        self.to_local = to_local.to(device)
+        self.local_of = {int(e): i for i, e in enumerate(self.owned.tolist())}
+
+    def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global ids [T, k] to this rank's (-1 for padding and for other ranks' experts);
+        device ops only (CUDA-graph safe)."""
+        ids = topk_ids.long()
+        routed = (ids >= 0) & (ids < self.num_experts)
+        return torch.where(routed, self.to_local[ids.clamp(0, self.num_experts - 1)], -1)
+
+    def reduce(self, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's part of each token's weighted sum, added over the ranks in fp32."""
+        part = part.float()
+        dist.all_reduce(part, group=self.group)
+        return part.to(dtype)
 
 
 class ExpertParallelMoE(nn.Module):
@@ -35,10 +174,7 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, layer: FusedMoE, owner: Sequence[int] | torch.Tensor, *,
                  group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        if not dist.is_initialized():
-            raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised "
-                               "(torchrun, or dist.init_process_group)")
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        rank, world = _require_group("ExpertParallelMoE", group)
         owner = torch.as_tensor(owner, dtype=torch.int64).cpu()
         E = layer.num_experts
         if owner.shape != (E,) or owner.min() < 0 or owner.max() >= world:
@@ -66,9 +202,7 @@ class ExpertParallelMoE(nn.Module):
                 local.w13_weight_scale.copy_(layer.w13_weight_scale.index_select(0, index))
                 local.w2_weight_scale.copy_(layer.w2_weight_scale.index_select(0, index))
         self.local = local
-        to_local = torch.full((E,), -1, dtype=torch.int32)
-        to_local[self.owned] = torch.arange(len(self.owned), dtype=torch.int32)
-        self.register_buffer("to_local", to_local.to(device), persistent=False)
+        self.shard = ExpertShard(self.owned, E, group, device)
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unsharded layer's routing (softmax, top-k over all experts, renormalisation)."""
@@ -81,12 +215,8 @@ class ExpertParallelMoE(nn.Module):
     def experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         """This rank's experts' part of the weighted sum, all-reduced over the group (fp32)."""
-        ids = topk_ids.long()
-        routed = (ids >= 0) & (ids < self.num_experts)
-        local_ids = torch.where(routed, self.to_local[ids.clamp(0, self.num_experts - 1)], -1)
-        part = self.local.experts(hidden_states, topk_weights, local_ids).float()
-        dist.all_reduce(part, group=self.group)
-        return part.to(hidden_states.dtype)
+        part = self.local.experts(hidden_states, topk_weights, self.shard.local_ids(topk_ids))
+        return self.shard.reduce(part, hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.route(router_logits)
@@ -114,3 +244,53 @@ def shard_moe_layers(model: nn.Module, owner, *, group: dist.ProcessGroup | None
         setattr(parent, name, wrapper)
         wrappers.append(wrapper)
     return wrappers
+
+
+def world_from_env() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, init_method: str, cuda: bool, fn: Callable,
+               args: tuple) -> None:
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if init_method == "env://":
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
+                                world_size=world, device_id=device if cuda else None)
+    try:
+        fn(dist.get_rank(), world, device, *args)
+        dist.barrier()  # no rank tears down while another may still be communicating
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, nproc: int, *args, cuda: bool) -> None:
+    """`fn(rank, world_size, device, *args)` once per rank, each with the process group
+    initialised (NCCL with one GPU per rank when `cuda`, else gloo on the CPU): under torchrun
+    (WORLD_SIZE set) in this process as its rank (device LOCAL_RANK); otherwise in `nproc` new
+    processes (torch.multiprocessing spawn, rendezvous on a free local port). `fn` must be a
+    module-level function and `args` picklable. An error in a rank raises here."""
+    if world_from_env() > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local)
+        _rank_main(local, world_from_env(), "env://", cuda, fn, args)
+        return
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if cuda and nproc > torch.cuda.device_count():
+        raise ValueError(f"{nproc} processes need {nproc} GPUs; {torch.cuda.device_count()} "
+                         "are visible")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    mp.spawn(_rank_main, args=(nproc, init, cuda, fn, args), nprocs=nproc, join=True)

@@ -19,12 +19,14 @@ from moe_uvm.integrations.hf_blocks import (
     attach_experts,
     find_moe_blocks,
     plan_expert_memory,
+    shard_blocks,
     supported_families,
 )
 from moe_uvm.integrations.hf_calibrate import calibrate_model, read_prompts
 from moe_uvm.integrations.hf_load import CheckpointError, LoadedModel, load_offloaded
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import NON_EXPERT_WEIGHTS, target_device
+from moe_uvm.parallel import ExpertParallel
 
 __all__ = [
     "FAMILIES",
@@ -58,6 +60,7 @@ def offload_model_experts(
     config: ExpertOffloadConfig | None = None,
     *,
     device: torch.device | str | None = None,
+    expert_parallel: ExpertParallel | None = None,
 ) -> ExpertOffloadManager:
     """Move the routed experts of a loaded transformers MoE model into managed expert stores and
     run them through FusedMoE; routers, shared experts and everything else stay the model's own,
@@ -71,6 +74,10 @@ def offload_model_experts(
     GPU use `load_offloaded`, which never materialises them. A model with no supported MoE block
     is refused, naming the supported families; on any error in the experts' conversion the model
     keeps its own experts.
+
+    `expert_parallel` (moe_uvm.parallel.ExpertParallel, one process per GPU): this rank's
+    stores hold only the experts it owns, under its own budget; every rank keeps the rest of
+    the model and runs the same tokens, and the blocks add the ranks' parts.
     """
     config = config or ExpertOffloadConfig()
     blocks = find_moe_blocks(model)
@@ -83,6 +90,7 @@ def offload_model_experts(
             "load_offloaded to stream a checkpoint into managed memory"
         )
     device = target_device(device or experts.gate_up_proj.device)
+    blocks, config = shard_blocks(blocks, expert_parallel, config, device)
     memory = plan_expert_memory(blocks, config, device)
     memory.add(NON_EXPERT_WEIGHTS, _bytes_to_move(model, blocks, device))
     with memory.reserve(allow_oversubscription=config.allow_oversubscription):

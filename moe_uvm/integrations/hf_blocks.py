@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import MemoryPlan
 from moe_uvm.offload import offload_experts, plan_memory
+from moe_uvm.parallel import ExpertParallel, ExpertShard
 
 # Quantise-at-load (ExpertOffloadConfig.quantize_experts="fp8"): the FP8 checkpoints' layout.
 QUANTIZE_BLOCK = (128, 128)
@@ -125,18 +126,24 @@ def _(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: tor
 class FusedExperts(nn.Module):
     """Takes the place of a transformers routed-experts module: same call,
     `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`, computed
-    by `self.moe` (a FusedMoE whose weights live in the offload manager's stores)."""
+    by `self.moe` (a FusedMoE whose weights live in the offload manager's stores).
+
+    With a `shard` (expert parallelism, moe_uvm.parallel) `self.moe` holds only this rank's
+    experts of the layer's `num_experts`: the ids are mapped to local ones (other ranks' are
+    padding), and the ranks' parts are added by one fp32 all-reduce."""
 
     def __init__(
         self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-        dtype: torch.dtype, fmt: ExpertFormat | None = None,
+        dtype: torch.dtype, fmt: ExpertFormat | None = None, shard: ExpertShard | None = None,
     ) -> None:
         super().__init__()
+        self.num_experts, self.top_k, self.shard = num_experts, top_k, shard
+        local = num_experts if shard is None else len(shard.owned)
         # Built on meta: offload_experts gives it store-backed weights before anything is written.
         # Routing is the block's own, so FusedMoE.route (and its renormalize flag) is never used.
         self.moe = FusedMoE(
-            num_experts, top_k, hidden_size, intermediate_size, renormalize=False, dtype=dtype,
-            device="meta", **(fmt or ExpertFormat()).layer_args(),
+            local, min(top_k, local), hidden_size, intermediate_size, renormalize=False,
+            dtype=dtype, device="meta", **(fmt or ExpertFormat()).layer_args(),
         )
         self.routing_override = None  # TraceRouting's, for benchmarks: ids -> ids
         self._handle = next(_HANDLES)
@@ -168,12 +175,15 @@ class FusedExperts(nn.Module):
                 f"{where}: gate_up_proj {tuple(gate_up.shape)} and down_proj "
                 f"{tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
             )
-        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype, fmt)
+        return cls(E, block.module.gate.top_k, H, two_I // 2, gate_up.dtype, fmt, block.shard)
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> None:
         """Copy a transformers 3-D expert tensor (`gate_up_proj` [E, 2I, H] or `down_proj`
-        [E, H, I], same row layout as w13/w2) into the store."""
+        [E, H, I], same row layout as w13/w2) into the store (this rank's experts of it under
+        expert parallelism)."""
         param = {"gate_up_proj": self.moe.w13_weight, "down_proj": self.moe.w2_weight}[name]
+        if self.shard is not None and tensor.shape[0] == self.num_experts:
+            tensor = tensor.index_select(0, self.shard.owned.to(tensor.device))
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
@@ -186,6 +196,24 @@ class FusedExperts(nn.Module):
             scales.data.copy_(scale)
             return
         param.data.copy_(tensor)
+
+    def local_expert(self, expert: int) -> int | None:
+        """Where global expert `expert` sits in `self.moe`; None when another rank holds it."""
+        return expert if self.shard is None else self.shard.local_of.get(expert)
+
+    def load_expert(self, tensor: torch.Tensor, expert: int, shard: str) -> None:
+        """One expert's w1, w3 or w2 (`shard`) of a per-expert checkpoint; another rank's
+        expert is skipped."""
+        local = self.local_expert(expert)
+        if local is not None:
+            param = self.moe.w2_weight if shard == "w2" else self.moe.w13_weight
+            self.moe.weight_loader(param, tensor, local, shard)
+
+    def load_expert_scale(self, tensor: torch.Tensor, expert: int, shard: str) -> None:
+        """One expert's FP8 block scales, as `load_expert`."""
+        local = self.local_expert(expert)
+        if local is not None:
+            self.moe.scale_loader(tensor, local, shard)
 
     # Hot path (every MoE layer of every step): the fused kernel, nothing else.
     def forward(
@@ -200,7 +228,10 @@ class FusedExperts(nn.Module):
     ) -> torch.Tensor:
         if self.routing_override is not None:
             top_k_index = self.routing_override(top_k_index)
-        return self.moe.experts(hidden_states, top_k_weights, top_k_index)
+        if self.shard is None:
+            return self.moe.experts(hidden_states, top_k_weights, top_k_index)
+        part = self.moe.experts(hidden_states, top_k_weights, self.shard.local_ids(top_k_index))
+        return self.shard.reduce(part, hidden_states.dtype)
 
 
 class TraceRouting:
@@ -224,9 +255,9 @@ class TraceRouting:
             experts = block.module.experts
             if not isinstance(experts, FusedExperts):
                 raise ValueError(f"{block.name}: experts not offloaded by moe-uvm")
-            if (experts.moe.num_experts, experts.moe.top_k) != (self.num_experts, self.top_k):
+            if (experts.num_experts, experts.top_k) != (self.num_experts, self.top_k):
                 raise ValueError(
-                    f"{block.name}: {experts.moe.num_experts} experts, top-{experts.moe.top_k}; "
+                    f"{block.name}: {experts.num_experts} experts, top-{experts.top_k}; "
                     f"the trace has {self.num_experts} experts, top-{self.top_k}")
             experts.routing_override = self._layer(index % self.ids.shape[0])
 
@@ -252,18 +283,20 @@ class TraceRouting:
 
 @dataclass(frozen=True)
 class MoeBlock:
-    """A supported sparse-MoE block found in a model: its module path, module and family."""
+    """A supported sparse-MoE block found in a model: its module path, module and family, and
+    under expert parallelism this rank's share of its experts (`ExpertParallel.shard`)."""
 
     name: str
     module: nn.Module
     family: MoeFamily
+    shard: ExpertShard | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(experts, hidden, intermediate) of the routed experts, wrapped or not."""
         experts = self.module.experts
         if isinstance(experts, FusedExperts):
-            return experts.moe.num_experts, experts.moe.hidden_size, experts.moe.intermediate_size
+            return experts.num_experts, experts.moe.hidden_size, experts.moe.intermediate_size
         E, two_I, H = experts.gate_up_proj.shape
         return E, H, two_I // 2
 
@@ -298,6 +331,29 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
             f"({supported_families()})"
         )
     return blocks
+
+
+def shard_blocks(blocks: list[MoeBlock], expert_parallel: ExpertParallel | None,
+                 config: ExpertOffloadConfig, device: torch.device | str
+                 ) -> tuple[list[MoeBlock], ExpertOffloadConfig]:
+    """The blocks with this rank's share of their experts (`expert_parallel`; unchanged
+    without), and the config for that share (its profile sliced to this rank's experts)."""
+    if expert_parallel is None:
+        return blocks, config
+    shape = (len(blocks), blocks[0].num_experts)
+    if expert_parallel.owner.shape != shape:
+        raise ValueError(f"expert_parallel places {expert_parallel.owner.shape[0]} layers x "
+                         f"{expert_parallel.owner.shape[1]} experts; the model has {shape[0]} "
+                         f"MoE layers x {shape[1]} experts")
+    if config.prefetch == "lookahead":
+        raise ValueError("prefetch='lookahead' is not available with expert parallelism (the "
+                         "next router scores all experts, the slots hold this rank's); use "
+                         "'speculative', 'frequency' or 'none'")
+    if config.cpu_experts != "off":
+        raise ValueError("cpu_experts must be 'off' with expert parallelism (the CPU/GPU hybrid "
+                         f"runs on one GPU); got {config.cpu_experts!r}")
+    sharded = [replace(b, shard=expert_parallel.shard(i, device)) for i, b in enumerate(blocks)]
+    return sharded, expert_parallel.local_config(config)
 
 
 def plan_expert_memory(

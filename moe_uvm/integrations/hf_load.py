@@ -39,6 +39,7 @@ from moe_uvm.integrations.hf_blocks import (
     find_moe_blocks,
     next_gate_weights,
     plan_expert_memory,
+    shard_blocks,
 )
 from moe_uvm.kernels import fp8
 from moe_uvm.manager import ExpertOffloadManager
@@ -50,6 +51,7 @@ from moe_uvm.memory import (
     target_device,
 )
 from moe_uvm.offload import resolve_config
+from moe_uvm.parallel import ExpertParallel
 
 EXPERT_KEY = re.compile(
     r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
@@ -362,7 +364,7 @@ class _Plan:
                     f"with {list(expected)} scales ({self.fp8_block} blocks)")
                 return None
             covered[expert, 3 + column] = True
-            return lambda tensor: block.module.experts.moe.scale_loader(tensor, expert, shard)
+            return lambda tensor: block.module.experts.load_expert_scale(tensor, expert, shard)
         if self.fp8_block and not is_fp8:
             self.mismatched.append(f"{key}: a 16/32-bit expert weight in an FP8 checkpoint")
             return None
@@ -373,13 +375,7 @@ class _Plan:
             )
             return None
         covered[expert, column] = True
-
-        def load(tensor: torch.Tensor) -> None:
-            moe = block.module.experts.moe
-            param = moe.w2_weight if shard == "w2" else moe.w13_weight
-            moe.weight_loader(param, tensor, expert, shard)
-
-        return load
+        return lambda tensor: block.module.experts.load_expert(tensor, expert, shard)
 
     def check(self, path: Path) -> None:
         """Raise CheckpointError naming every missing, unexpected and mismatched tensor."""
@@ -532,6 +528,7 @@ def load_offloaded(
     dense_config: DenseOffloadConfig | None = None,
     random_weights: int | None = None,
     workspace: dict[str, int] | None = None,
+    expert_parallel: ExpertParallel | None = None,
 ) -> LoadedModel:
     """Build the causal LM of a local transformers checkpoint without materialising its weights,
     put its routed experts in managed memory per `config`, and read the safetensors shards once:
@@ -554,7 +551,11 @@ def load_offloaded(
 
     `workspace`: device bytes the caller allocates after the load, by name (the decoder's KV
     cache): taken out of gpu_budget_gb with the fixed parts, and counted in the free-memory
-    check."""
+    check.
+
+    `expert_parallel` (moe_uvm.parallel.ExpertParallel, one process per GPU): this rank loads
+    only the experts it owns, into its own stores under its own `gpu_budget_gb` (the profile
+    sliced to them), and the rest of the model whole; the blocks add the ranks' parts."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a local checkpoint directory")
@@ -573,6 +574,7 @@ def load_offloaded(
         layers, host_ids = _dense_offload_ids(model, dense_config, blocks)
     fp32 = _fp32_patterns(model, dtype)
     device = target_device(device)
+    blocks, config = shard_blocks(blocks, expert_parallel, config, device)
 
     def materialize(slot: _Slot, tensor: torch.Tensor) -> None:
         where = torch.device("cpu") if id(slot.like) in host_ids else device

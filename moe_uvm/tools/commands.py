@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -491,12 +492,14 @@ def generate_command(args: argparse.Namespace) -> int:
         from transformers import AutoConfig
 
         from moe_uvm.config import ExpertOffloadConfig
-        from moe_uvm.generate import DTYPES, generate, load_model, prompt_ids
+        from moe_uvm.generate import DTYPES, prompt_ids
     except ImportError as exc:
         raise CLIError(f"generate needs the hf extra (pip install moe-uvm[hf]): {exc}") from None
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA GPU is usable here")
+    if args.nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
     device = torch.device("cuda" if cuda else "cpu")
     hf_config = AutoConfig.from_pretrained(model_dir)
     if trace is not None:
@@ -518,12 +521,57 @@ def generate_command(args: argparse.Namespace) -> int:
         cpu_experts=args.cpu_experts,
         cpu_threads=args.cpu_threads,
     )
+    inputs = (model_dir, ids, config, dtype, trace)
+    from moe_uvm.parallel import run_ranks, world_from_env
+
+    if args.nproc == 1 and world_from_env() == 1:
+        return _generate(device, args, *inputs)
+    if args.cpu_experts != "off":
+        raise CLIError("--cpu-experts goes with one process (the CPU/GPU hybrid runs on one "
+                       "GPU); drop it or --nproc")
+    if cuda and world_from_env() == 1 and args.nproc > torch.cuda.device_count():
+        raise CLIError(f"--nproc {args.nproc}: {torch.cuda.device_count()} GPUs are visible")
+    import torch.multiprocessing as mp
+
+    try:
+        run_ranks(_generate_rank, args.nproc, args, *inputs, cuda=cuda)
+    except mp.ProcessRaisedException as exc:  # a rank's error, its traceback in the message
+        last = str(exc).strip().splitlines()[-1]
+        raise CLIError(f"a rank failed: {last}") from None
+    return 0
+
+
+def _generate_rank(rank: int, world: int, device, args: argparse.Namespace, model_dir: Path,
+                   ids: list[list[int]], config, dtype, trace) -> None:
+    """One rank of `moe-uvm generate --nproc N` (or under torchrun): its share of the experts,
+    the rest of the model whole; rank 0 prints."""
+    from moe_uvm.integrations.hf_shape import describe
+    from moe_uvm.parallel import ExpertParallel
+
+    shape = describe(model_dir, quantize_experts=args.quantize_experts).shape
+    ep = ExpertParallel.place(shape.num_moe_layers, shape.num_experts, config.profile_path)
+    if rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the rank's life)
+    else:
+        print(f"expert parallel: {world} ranks, {len(ep.owned(0))} of {shape.num_experts} "
+              "experts per layer on each", file=sys.stderr, flush=True)
+    _generate(device, args, model_dir, ids, config, dtype, trace, expert_parallel=ep)
+
+
+def _generate(device, args: argparse.Namespace, model_dir: Path, ids: list[list[int]], config,
+              dtype, trace, expert_parallel=None) -> int:
+    """Load, decode and report, on `device` (this rank's share with `expert_parallel`)."""
+    import torch
+
+    from moe_uvm.generate import generate, load_model
+
+    cuda = device.type == "cuda"
     free_before = torch.cuda.mem_get_info(device)[0] if cuda else None
     what = "random weights" if args.random_weights is not None else "checkpoint"
     print(f"loading {model_dir} ({what}) onto {device}...", file=sys.stderr, flush=True)
     kv_tokens = args.batch * (max(len(p) for p in ids) + args.max_new_tokens)
     loaded = load_model(model_dir, config, random_weights=args.random_weights, dtype=dtype,
-                        device=device, kv_tokens=kv_tokens)
+                        device=device, kv_tokens=kv_tokens, expert_parallel=expert_parallel)
     hybrid_on, why = loaded.manager.hybrid
     if args.cpu_experts != "off":
         print(f"cpu experts: {'on' if hybrid_on else 'off'} ({why})", file=sys.stderr,
@@ -563,6 +611,11 @@ def generate_command(args: argparse.Namespace) -> int:
             graphs=False if args.no_graphs else None, prefill_chunk=args.prefill_chunk,
             routing_trace=trace, warmup=args.warmup,
             compile=False if args.no_compile else None)
+        if expert_parallel is not None:
+            ep = expert_parallel
+            report.notes.append(
+                f"expert parallel over {ep.world_size} ranks: memory, hit rate and expert reads "
+                f"are this rank's ({len(ep.owned(0))} of {ep.num_experts} experts per layer)")
         print(file=sys.stderr if tokenizer is None else sys.stdout)
         for line in report.lines():
             print(line)
