@@ -12,9 +12,11 @@ One step of a layer (`CpuShare.__call__`, eager):
 1. the routing, weights and token rows go to pinned host buffers; one sync;
 2. the split (`split_offloaded`): the offloaded experts with the fewest tokens go to the CPU,
    as many as make both sides finish together under the current per-expert costs;
-3. the CPU share is handed to one persistent worker thread (the OpenMP team's master; ctypes
-   drops the GIL), and only then are the GPU's ids copied and its kernel launched, so both
-   sides start at once;
+3. the GPU's ids are copied and its kernel launched (asynchronously), then the calling thread
+   computes the CPU share (the OpenMP team's master; ctypes drops the GIL) while the GPU runs.
+   An earlier version handed the CPU share to a worker thread first: the worker then waited
+   for the GIL while this thread launched the GPU kernel, about 0.5 ms per layer on the H200
+   host, which lost every batch-1 step;
 4. the CPU's fp32 sum goes back through a pinned buffer and is added to the GPU's output in
    one kernel.
 The per-expert costs start from measured bandwidths and follow what each step observes (the
@@ -31,10 +33,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +79,7 @@ class ExpertCosts:
     """Per-expert times the split balances, in microseconds. GPU: one offloaded expert read
     through PCIe (its token count hardly matters at decode sizes). CPU: one expert streamed
     from DRAM plus `cpu_pair_us` per routed (token, expert) pair. Fixed: each side's cost per
-    layer and step whatever its share (kernel launch and tail; worker hand-off, OpenMP wake-up,
+    layer and step whatever its share (kernel launch and tail; OpenMP wake-up,
     the copies)."""
 
     gpu_expert_us: float
@@ -203,20 +203,6 @@ class HybridStats:
                     cpu_ms_median=float(np.median(self.cpu_ms)) if self.cpu_ms else 0.0)
 
 
-_worker_lock = threading.Lock()
-_worker: ThreadPoolExecutor | None = None
-
-
-def _cpu_worker() -> ThreadPoolExecutor:
-    """The one thread every CpuShare runs its CPU side on: OpenMP keeps a team per master
-    thread, so always the same master reuses warm threads."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(1, thread_name_prefix="moe-uvm-cpu-experts")
-        return _worker
-
-
 class _Buffers:
     """Pinned host buffers and device buffers of one batch size (decode reuses them)."""
 
@@ -330,8 +316,8 @@ class CpuShare:
         groups, gpu_ids = group_pairs(ids, cpu_side[slot], b.weights.numpy().reshape(-1),
                                      topk_ids.shape[1])
         group_ids, offsets, tokens, weights = groups
-        future = _cpu_worker().submit(self._run_cpu, b, group_ids, offsets, tokens, weights)
-        # The GPU's share: the CPU's pairs are padding there.
+        # The GPU's share first (the CPU's pairs are padding there): its launch returns at
+        # once, then this thread computes the CPU's share while the kernel runs.
         b.gpu_ids.numpy().reshape(-1)[:] = gpu_ids
         b.gpu_ids_dev.copy_(b.gpu_ids, non_blocking=True)  # (a few bytes: even if unused)
         gpu_experts = len(experts) - len(cpu_set)
@@ -343,7 +329,7 @@ class CpuShare:
             if self.adapt and gpu_experts:
                 b.gpu_end.record()
                 self._pending_gpu = (b, gpu_experts)
-        seconds = future.result()
+        seconds = self._run_cpu(b, group_ids, offsets, tokens, weights)
         self.stats.cpu_ms.append(seconds * 1e3)
         if self.adapt:
             self._observe_cpu(seconds, len(cpu_set), len(tokens))
