@@ -245,6 +245,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                      "where it measured faster; off skips it")
     gpu.add_argument("--cpu-threads", type=int, help="CPU threads of the hybrid (default: "
                      "every core but one)")
+    gpu.add_argument("--nproc", type=int, metavar="N",
+                     help="expert parallelism over N processes, one GPU each (gloo with "
+                     "--device cpu; under torchrun its WORLD_SIZE): rows one-gpu (rank 0 "
+                     "alone), ep (the same resident fraction in total) and ep-full (each GPU "
+                     "the one-GPU budget), profile residency, with read-through from one GPU "
+                     "and from all at once; writes parallel.json")
     bench.set_defaults(run=bench_command)
 
 

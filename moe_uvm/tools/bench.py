@@ -160,11 +160,13 @@ class LayerWeights:
 
 
 def decode_step(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                layers: list[LayerWeights]) -> torch.Tensor:
-    """HOT PATH: one decode step over all MoE layers (residual stream through each)."""
+                layers: list[LayerWeights], reduce=None) -> torch.Tensor:
+    """HOT PATH: one decode step over all MoE layers (residual stream through each); `reduce`
+    (expert parallelism): applied to each layer's output before the add (the ranks' sum)."""
     for layer, w in enumerate(layers):
-        h = h + fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], expert_slot=w.expert_slot,
-                          w13_slots=w.w13_slots, w2_slots=w.w2_slots, **w.quant)
+        out = fused_moe(h, w.w13, w.w2, weights[layer], ids[layer], expert_slot=w.expert_slot,
+                        w13_slots=w.w13_slots, w2_slots=w.w2_slots, **w.quant)
+        h = h + (out if reduce is None else reduce(out))
     return h
 
 
@@ -209,16 +211,16 @@ def decode_step_cached(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
 def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
                  weights: torch.Tensor, h0: torch.Tensor, cache: SlotCache | None = None,
-                 warmup: int = 0) -> tuple[float, torch.Tensor]:
+                 warmup: int = 0, reduce=None) -> tuple[float, torch.Tensor]:
     """Median step time of a CUDA-graph-captured decode step (eager on the CPU path) over the
     routing steps after the first `warmup` (replayed untimed, so caches and policies settle),
     and the first timed step's output for the equality check. With a slot cache, it starts
-    empty and its counters cover the timed steps only."""
+    empty and its counters cover the timed steps only. `reduce`: decode_step's (no cache)."""
     static_ids, static_w, static_h = ids[0].clone(), weights[0].clone(), h0.clone()
 
     def body():
         if cache is None:
-            return decode_step(static_h, static_ids, static_w, layers)
+            return decode_step(static_h, static_ids, static_w, layers, reduce)
         return decode_step_cached(static_h, static_ids, static_w, layers, cache)
 
     if cache is not None:

@@ -407,12 +407,14 @@ def bench_command(args: argparse.Namespace) -> int:
     gpu_only = {"layers": args.layers, "steps": args.steps, "tiny": args.tiny or None,
                 "warmup_tokens": args.warmup_tokens, "weight_dtype": args.weight_dtype,
                 "methods": None if args.methods is None else _names(args.methods),
-                "cpu_experts": args.cpu_experts, "cpu_threads": args.cpu_threads}
+                "cpu_experts": args.cpu_experts, "cpu_threads": args.cpu_threads,
+                "nproc": args.nproc}
     given = {name: value for name, value in gpu_only.items() if value is not None}
     reason = "no CUDA GPU here" if args.device == "auto" else "--device simulate"
     if device == "simulate" and given:
         raise CLIError(f"{', '.join('--' + name for name in given)}: GPU benchmark only; this "
                        f"runs the CPU policy simulation ({reason}), so drop them")
+    nproc = given.pop("nproc", None)
     cfg = bench_sweep.BenchConfig(
         model_shape=args.model_shape, trace=args.trace, resident=args.resident,
         batches=tuple(_ints(args.batch, "--batch")), slots=tuple(_ints(args.slots, "--slots")),
@@ -423,6 +425,10 @@ def bench_command(args: argparse.Namespace) -> int:
     out = _results_folder(Path(args.out))
     if device == "simulate":
         return _bench_simulation(cfg, out, reason)
+    from moe_uvm.parallel import world_from_env
+
+    if nproc is not None or world_from_env() > 1:
+        return _bench_parallel(cfg, 1 if nproc is None else nproc, out)
     result = bench_sweep.sweep(cfg, progress=lambda line: print(line, file=sys.stderr))
     paths = bench_sweep.write_outputs(result, out)
     dev = result["device"]
@@ -437,6 +443,39 @@ def bench_command(args: argparse.Namespace) -> int:
     print("\n".join(bench_sweep.summarize_goals(result)))
     print(f"results in {out}: {', '.join(p.name for p in paths)}\n")
     print(bench_sweep.markdown_table(result))
+    return 0
+
+
+def _bench_parallel(cfg: BenchConfig, nproc: int, out: Path) -> int:
+    """`moe-uvm bench --nproc N`: expert-parallel rows against one GPU (bench_parallel)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from moe_uvm.parallel import world_from_env
+    from moe_uvm.tools import bench_parallel
+    from moe_uvm.tools.bench import DEFAULT_METHODS
+
+    if nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {nproc}")
+    if cfg.slots or cfg.prefetch != ("none",) or set(cfg.methods) != set(DEFAULT_METHODS):
+        raise CLIError("--nproc runs its own rows (one-gpu, ep, ep-full at profile residency): "
+                       "drop --slots, --prefetch and --methods")
+    if cfg.device == "cuda" and world_from_env() == 1 and nproc > torch.cuda.device_count():
+        raise CLIError(f"--nproc {nproc}: {torch.cuda.device_count()} GPUs are visible")
+    try:
+        result = bench_parallel.parallel_sweep(cfg, nproc)
+    except mp.ProcessRaisedException as exc:
+        raise CLIError(f"a rank failed: {str(exc).strip().splitlines()[-1]}") from None
+    if not result:
+        return 0  # a torchrun rank other than 0
+    path = out / "parallel.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['device']} x {result['ranks']}: {result['layers']} MoE layers of "
+          f"{cfg.model_shape} ({result['num_experts']} experts, top-{result['top_k']}), trace "
+          f"{trace_path(cfg.trace).name}; medians over up to {cfg.steps} steps (the slowest "
+          "rank's)")
+    print("\n".join(bench_parallel.summarize(result)))
+    print(f"results in {path}")
     return 0
 
 
