@@ -23,7 +23,9 @@ GPUs."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
@@ -124,11 +126,13 @@ class ExpertParallel:
 
     def local_config(self, config: ExpertOffloadConfig) -> ExpertOffloadConfig:
         """`config` for this rank's experts: the same budget (each GPU its own), its profile
-        sliced to this rank's experts and written to a temporary file."""
+        sliced to this rank's experts and written to a temporary file (removed when the
+        process exits)."""
         if not config.profile_path:
             return config
         local = self.local_profile(load_profile(config.profile_path))
         folder = tempfile.mkdtemp(prefix=f"moe-uvm-rank{self.rank}-")
+        atexit.register(shutil.rmtree, folder, True)  # read at load; gone with the process
         path = os.path.join(folder, "profile.json")
         local.save(path)
         return replace(config, profile_path=path)
