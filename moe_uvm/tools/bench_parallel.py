@@ -171,11 +171,12 @@ def _rank(rank: int, world: int, device: torch.device, cfg: BenchConfig, out: st
             owner=ep.owner.tolist(), records=records)))
 
 
-def parallel_sweep(cfg: BenchConfig, nproc: int) -> dict:
-    """Run the ranks (spawned, or this process under torchrun) and return rank 0's result."""
+def parallel_sweep(cfg: BenchConfig, nproc: int, *, cuda: bool) -> dict:
+    """Run the ranks (spawned, or this process under torchrun; NCCL on GPUs when `cuda`, else
+    gloo) and return rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="moe-uvm-bench-") as folder:
         out = os.path.join(folder, "result.json")
-        run_ranks(_rank, nproc, cfg, out, cuda=cfg.device == "cuda")
+        run_ranks(_rank, nproc, cfg, out, cuda=cuda)
         if not os.path.exists(out):  # under torchrun, only rank 0 writes it
             return {}
         return json.loads(Path(out).read_text())

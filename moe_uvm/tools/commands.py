@@ -448,10 +448,6 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def _bench_parallel(cfg: BenchConfig, nproc: int, out: Path) -> int:
     """`moe-uvm bench --nproc N`: expert-parallel rows against one GPU (bench_parallel)."""
-    import torch
-    import torch.multiprocessing as mp
-
-    from moe_uvm.parallel import world_from_env
     from moe_uvm.tools import bench_parallel
     from moe_uvm.tools.bench import DEFAULT_METHODS
 
@@ -460,12 +456,8 @@ def _bench_parallel(cfg: BenchConfig, nproc: int, out: Path) -> int:
     if cfg.slots or cfg.prefetch != ("none",) or set(cfg.methods) != set(DEFAULT_METHODS):
         raise CLIError("--nproc runs its own rows (one-gpu, ep, ep-full at profile residency): "
                        "drop --slots, --prefetch and --methods")
-    if cfg.device == "cuda" and world_from_env() == 1 and nproc > torch.cuda.device_count():
-        raise CLIError(f"--nproc {nproc}: {torch.cuda.device_count()} GPUs are visible")
-    try:
-        result = bench_parallel.parallel_sweep(cfg, nproc)
-    except mp.ProcessRaisedException as exc:
-        raise CLIError(f"a rank failed: {str(exc).strip().splitlines()[-1]}") from None
+    result = _in_ranks(bench_parallel.parallel_sweep, nproc, cfg, nproc,
+                       cuda=cfg.device == "cuda")
     if not result:
         return 0  # a torchrun rank other than 0
     path = out / "parallel.json"
@@ -568,16 +560,25 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.cpu_experts != "off":
         raise CLIError("--cpu-experts goes with one process (the CPU/GPU hybrid runs on one "
                        "GPU); drop it or --nproc")
-    if cuda and world_from_env() == 1 and args.nproc > torch.cuda.device_count():
-        raise CLIError(f"--nproc {args.nproc}: {torch.cuda.device_count()} GPUs are visible")
+    _in_ranks(run_ranks, args.nproc, _generate_rank, args.nproc, args, *inputs, cuda=cuda)
+    return 0
+
+
+def _in_ranks(launch, nproc: int, *args, cuda: bool):
+    """`launch(*args, cuda=cuda)`, which runs ranks (moe_uvm.parallel.run_ranks): refused
+    up front when `nproc` GPUs are not there (unless under torchrun); a rank's error becomes a
+    CLIError naming it."""
+    import torch
     import torch.multiprocessing as mp
 
+    from moe_uvm.parallel import world_from_env
+
+    if cuda and world_from_env() == 1 and nproc > torch.cuda.device_count():
+        raise CLIError(f"--nproc {nproc}: {torch.cuda.device_count()} GPUs are visible")
     try:
-        run_ranks(_generate_rank, args.nproc, args, *inputs, cuda=cuda)
-    except mp.ProcessRaisedException as exc:  # a rank's error, its traceback in the message
-        last = str(exc).strip().splitlines()[-1]
-        raise CLIError(f"a rank failed: {last}") from None
-    return 0
+        return launch(*args, cuda=cuda)
+    except mp.ProcessRaisedException as exc:  # its traceback is in the message
+        raise CLIError(f"a rank failed: {str(exc).strip().splitlines()[-1]}") from None
 
 
 def _generate_rank(rank: int, world: int, device, args: argparse.Namespace, model_dir: Path,
