@@ -39,7 +39,15 @@ from moe_uvm.tools.bench import (
     managed_residency,
     run_captured,
 )
-from moe_uvm.tools.bench_sweep import CPU_NOTE, BenchConfig, _advise, _steps, make_workload
+from moe_uvm.tools.bench_sweep import (
+    CPU_NOTE,
+    BenchConfig,
+    _advise,
+    _steps,
+    load_inputs,
+    make_workload,
+    workload_layers,
+)
 
 
 def _local_workload(work: Workload, ep: ExpertParallel) -> Workload:
@@ -78,20 +86,11 @@ def _concurrent_read_through(cuda: bool) -> dict[str, float]:
 
 
 def _layers_everywhere(cfg: BenchConfig, device: torch.device) -> BenchConfig:
-    """cfg with the layer count every rank can hold (make_workload caps it by free memory)."""
-    if cfg.device != "cuda":
-        return cfg
-    layers = torch.tensor([make_workload_layers(cfg)], device=device)
+    """cfg with the layer count every rank can hold (each caps it by its free memory)."""
+    trace, shape, _ = load_inputs(cfg)
+    layers = torch.tensor([workload_layers(cfg, trace, shape)], device=device)
     dist.all_reduce(layers, op=dist.ReduceOp.MIN)
     return replace(cfg, layers=int(layers.item()))
-
-
-def make_workload_layers(cfg: BenchConfig) -> int:
-    from moe_uvm.tools.bench_sweep import _layer_budget, load_inputs
-
-    trace, shape, _ = load_inputs(cfg)
-    return min(cfg.layers or trace.num_layers,
-               _layer_budget(shape.num_experts * shape.bytes_per_expert))
 
 
 def _rank(rank: int, world: int, device: torch.device, cfg: BenchConfig, out: str) -> None:

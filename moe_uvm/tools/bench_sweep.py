@@ -137,15 +137,22 @@ def load_inputs(cfg: BenchConfig) -> tuple[RoutingTrace, ModelShape, int]:
     return trace, shape, cal
 
 
+def workload_layers(cfg: BenchConfig, trace: RoutingTrace, shape: ModelShape) -> int:
+    """The layers `make_workload` builds: cfg's (default the trace's), at most 2 with `tiny`,
+    capped on a GPU so three copies of the experts fit in its free memory."""
+    layers = cfg.layers or trace.num_layers
+    if cfg.tiny:
+        return min(layers, 2)
+    if cfg.device != "cpu":
+        return min(layers, _layer_budget(shape.num_experts * shape.bytes_per_expert))
+    return layers
+
+
 def make_workload(cfg: BenchConfig) -> Workload:
     trace, shape, cal = load_inputs(cfg)
     hidden, inter = (64, 32) if cfg.tiny else (shape.hidden_size, shape.moe_intermediate_size)
     dtype = torch.float32 if cfg.device == "cpu" else torch.bfloat16
-    layers = cfg.layers or trace.num_layers
-    if cfg.tiny:
-        layers = min(layers, 2)
-    elif cfg.device != "cpu":
-        layers = min(layers, _layer_budget(shape.num_experts * shape.bytes_per_expert))
+    layers = workload_layers(cfg, trace, shape)
     return build_workload(trace, num_layers=layers, hidden=hidden, intermediate=inter,
                           calibrate_sequences=cal, dtype=dtype,
                           device=torch.device(cfg.device), seed=cfg.seed,
