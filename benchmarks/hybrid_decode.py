@@ -5,10 +5,10 @@ N MoE layers of a model shape (random weights, the residual stream through each,
 (profile residency; the rest offloaded: CPU-preferred managed pages read in place). Per
 (resident, batch), medians in tokens/s:
 - GPU-only, captured in a CUDA graph (what `moe-uvm bench` reports) and eager;
-- host round trip: the hybrid's per-layer sync and copies with the CPU given nothing, so its
-  cost per layer is (this - GPU-only eager) / layers;
-- hybrid (eager: its split needs each layer's routing on the host), after a few warm-up steps
-  in which its per-expert costs adapt;
+- host round trip: the hybrid's step in a CUDA graph with the CPU given nothing (its copies
+  and two host nodes a layer), so its cost per layer is (this - GPU-only graph) / layers;
+- hybrid, captured in a CUDA graph (its host functions are host nodes) and enqueued eagerly,
+  after a few warm-up steps in which the CPU's per-expert cost adapts;
 and the hybrid's layer outputs against the all-device GPU-only ones (||a-b||/||b||; the CPU's
 fp32 sum is added to the GPU's output in fp32), and the split it made. The CPU kernel's cost
 per expert is measured first on cold experts of layer 0's pages, the read-through in the same
@@ -70,16 +70,19 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
                      quant=w.quant, threads=shares[0].threads, adapt=False)
             for layer, w in enumerate(managed)]
     trip_ms, _ = run_hybrid(idle, ids, weights, h0, args.warmup)
+    del idle
     err = hybrid_layer_error(shares, device_layers, h0, ids[args.warmup],
                              weights[args.warmup])
+    eager_hybrid_ms, _ = run_hybrid(shares, ids, weights, h0, args.warmup, graph=False)
     hybrid_ms, _ = run_hybrid(shares, ids, weights, h0, args.warmup)
     stats = [s.stats.summary() for s in shares]
     cpu_n = sum(st["cpu_experts"] for st in stats)
     total = cpu_n + sum(st["gpu_offloaded_experts"] for st in stats)
-    costs = shares[0].costs
+    costs = shares[0].current_costs()
     return dict(batch=batch, gpu_graph_ms=graph_ms, gpu_eager_ms=eager, round_trip_ms=trip_ms,
-                round_trip_us_per_layer=(trip_ms - eager) / len(managed) * 1e3,
-                hybrid_ms=hybrid_ms, gpu_graph_tok_s=batch / graph_ms * 1e3,
+                round_trip_us_per_layer=(trip_ms - graph_ms) / len(managed) * 1e3,
+                hybrid_ms=hybrid_ms, hybrid_eager_ms=eager_hybrid_ms,
+                gpu_graph_tok_s=batch / graph_ms * 1e3,
                 hybrid_tok_s=batch / hybrid_ms * 1e3, hybrid_over_graph=graph_ms / hybrid_ms,
                 cpu_share_of_offloaded=cpu_n / max(total, 1),
                 cpu_layer_ms_median=statistics.median(
@@ -133,7 +136,8 @@ def main() -> None:
             print(f"resident {n}/{work.num_experts} B={batch}: GPU graph "
                   f"{row['gpu_graph_ms']:.2f} ms, eager {row['gpu_eager_ms']:.2f}, round trip "
                   f"{row['round_trip_us_per_layer']:.0f} us a layer, hybrid "
-                  f"{row['hybrid_ms']:.2f} ms ({row['hybrid_over_graph']:.2f}x graph), CPU took "
+                  f"{row['hybrid_ms']:.2f} ms ({row['hybrid_over_graph']:.2f}x graph; eager "
+                  f"{row['hybrid_eager_ms']:.2f} ms), CPU took "
                   f"{row['cpu_share_of_offloaded']:.0%} of the offloaded experts "
                   f"({row['cpu_expert_us']:.0f} us each vs GPU {row['gpu_expert_us']:.0f}), "
                   f"layer error {row['max_layer_rel_err']:.1e}", flush=True)

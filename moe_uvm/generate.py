@@ -332,8 +332,8 @@ def generate(
     warm-up and capture took (not counted in the rates or in `total_s`). `compile`: the
     decoder's torch.compile of the decode step (default: with CUDA graphs; the first compile
     of a model shape takes minutes at full depth, later ones hit inductor's cache). With the
-    CPU/GPU hybrid on (`cpu_experts` in the load's config; `manager.hybrid`) decode is eager
-    and uncompiled."""
+    CPU/GPU hybrid on (`cpu_experts` in the load's config; `manager.hybrid`) the decode step is
+    captured in graphs with the hybrid's host functions as host nodes, and not compiled."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode not in DECODES:
@@ -348,12 +348,12 @@ def generate(
         torch.cuda.reset_peak_memory_stats(device)
     extra = {"eos_token_id": None} if ignore_eos else {}
     decoder = None
-    if manager.hybrid[0]:  # the CPU/GPU hybrid needs each layer's routing on the host
-        if graphs or compile:
+    if manager.hybrid[0]:  # the CPU/GPU hybrid's host functions: graphs yes, compile no
+        if compile:
             raise ValueError("cpu_experts is on (the CPU computes a share of the offloaded "
-                             "experts): decode runs eagerly, so graphs and compile must be "
-                             f"off or unset; got graphs={graphs!r}, compile={compile!r}")
-        graphs, compile = False, False
+                             "experts through host functions torch.compile cannot trace): "
+                             f"compile must be off or unset; got compile={compile!r}")
+        compile = False
     groups = _batches([list(p) for p in ids], batch, pad)
     setup = time.perf_counter()
     if decode == "static":

@@ -8,26 +8,26 @@ alone 51.4 GB/s; the CPU kernel alone 51 GB/s on 15 threads at batch 1; both at 
 GB/s. With all 16 threads the CPU side collapses (14 GB/s: the thread driving the GPU has no
 core), so the default leaves one core free.
 
-One step of a layer (`CpuShare.__call__`, eager):
-1. the routing, weights and token rows go to pinned host buffers; one sync;
-2. the split (`split_offloaded`): the offloaded experts with the fewest tokens go to the CPU,
-   as many as make both sides finish together under the current per-expert costs;
-3. the GPU's ids are copied and its kernel launched (asynchronously), then the calling thread
-   computes the CPU share (the OpenMP team's master; ctypes drops the GIL) while the GPU runs.
-   An earlier version handed the CPU share to a worker thread first: the worker then waited
-   for the GIL while this thread launched the GPU kernel, about 0.5 ms per layer on the H200
-   host, which lost every batch-1 step;
-4. the CPU's fp32 sum goes back through a pinned buffer and is added to the GPU's output in
-   one kernel.
-The per-expert costs start from measured bandwidths and follow what each step observes (the
-CPU side's wall time; the GPU kernel's CUDA-event time, read at the next step's sync), so the
-split tracks the machine under the real concurrency rather than a calibration run's caches.
+A step of a layer (`CpuShare.__call__`) is enqueued, never waited on, so it runs the same
+eagerly and inside a captured CUDA graph: the GPU writes the layer's routing into pinned host
+memory; a CUDA host function (cuLaunchHostFunc; a host node in a graph) splits the routed
+offloaded experts (`split_offloaded`'s rule, in C: the experts with the fewest tokens go to the
+CPU, as many as make both sides finish together under the current per-expert costs); a second
+host function on a side stream computes the CPU's share while the GPU's kernel reads the rest;
+the main stream then adds the CPU's fp32 sum. Host nodes rather than piecewise graphs: the
+split needs the routing on the host, and with host nodes the whole decode step, hybrid layers
+included, stays one graph with no Python between layers, so the round trip is the driver's
+host-node latency. (The first version synced the host at each layer and ran the split in
+Python: 190-320 us a layer on the H200 host, and decode could not be captured.)
 
-It does not run inside a CUDA graph (the split needs each layer's routing on the host): under
-capture the layer runs the GPU kernel alone. Accumulation order differs from the GPU-only path
-(the CPU's fp32 sum is added to the GPU's bf16 output in fp32 and rounded once), so outputs
-agree within bf16 rounding, not bitwise; the bitwise promises hold with the hybrid off, the
-default."""
+The GPU's per-expert cost comes from measurements of the fused kernel on the layer's
+offloaded pages; the CPU's starts from its kernel on cold experts and follows the observed
+wall time of each step's CPU side, so the split tracks the CPU under the real concurrency.
+
+Accumulation order differs from the GPU-only path (the CPU's fp32 sum is added to the GPU's
+bf16 output in fp32 and rounded once), so outputs agree within bf16 rounding, not bitwise; the
+bitwise promises hold with the hybrid off, the default. With the costs fixed (adapt=False) the
+split depends only on the routing, and a graph's replay equals the eager step bitwise."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ import torch
 
 from moe_uvm import uvm
 from moe_uvm.config import CPU_EXPERTS_MODES
+from moe_uvm.kernels import cpu_experts as cpu_kernel
 from moe_uvm.kernels import fused_moe
 from moe_uvm.kernels.cpu_experts import GroupedExperts
 
@@ -193,7 +194,7 @@ class HybridStats:
     cpu_experts: int = 0
     gpu_offloaded_experts: int = 0
     cpu_ms: list[float] = field(default_factory=list)
-    """Wall time of the CPU side of each split step (hand-off to done)."""
+    """Wall time of the CPU side of the last split steps (at most 256 a batch size)."""
 
     def summary(self) -> dict:
         total = self.cpu_experts + self.gpu_offloaded_experts
@@ -203,33 +204,164 @@ class HybridStats:
                     cpu_ms_median=float(np.median(self.cpu_ms)) if self.cpu_ms else 0.0)
 
 
-class _Buffers:
-    """Pinned host buffers and device buffers of one batch size (decode reuses them)."""
+_RING = 256  # HYBRID_RING of cpu_experts.c
+_P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
-    def __init__(self, tokens: int, top_k: int, hidden: int, intermediate: int,
-                 dtype: torch.dtype, ids_dtype: torch.dtype, device: torch.device) -> None:
-        pin = dict(pin_memory=True)
-        self.shape = (tokens, top_k, dtype, ids_dtype)
-        self.x = torch.empty(tokens, hidden, dtype=dtype, **pin)
-        self.x32 = torch.empty(tokens, hidden, dtype=torch.float32)
-        self.ids = torch.empty(tokens, top_k, dtype=ids_dtype, **pin)
-        self.weights = torch.empty(tokens, top_k, dtype=torch.float32, **pin)
-        self.gpu_ids = torch.empty(tokens, top_k, dtype=ids_dtype, **pin)
-        self.out = torch.empty(tokens, hidden, dtype=torch.float32, **pin)
-        self.gate_up = torch.empty(tokens * top_k, 2 * intermediate, dtype=torch.float32)
-        self.gpu_ids_dev = torch.empty(tokens, top_k, dtype=ids_dtype, device=device)
-        self.out_dev = torch.empty(tokens, hidden, dtype=torch.float32, device=device)
-        self.ready = torch.cuda.Event()
-        self.gpu_start = torch.cuda.Event(enable_timing=True)
-        self.gpu_end = torch.cuda.Event(enable_timing=True)
+
+class _State(ctypes.Structure):
+    """cpu_experts.c's HybridState, field for field (its size is checked against the C one)."""
+
+    _fields_ = [(name, _I64) for name in ("tokens", "top_k", "num_experts", "hidden",
+                                          "intermediate", "threads")]
+    _fields_ += [("w13", _P), ("w2", _P), ("w13_stride", _I64), ("w2_stride", _I64),
+                 ("w13_scale", _P), ("w2_scale", _P), ("scale_strides", _P)]
+    _fields_ += [(name, _I64) for name in ("kind", "scale_kind", "block_n", "block_k")]
+    _fields_ += [(name, _P) for name in ("ids", "weights", "x", "gpu_ids", "out", "resident",
+                                         "gate_up", "experts", "offsets", "pair_tokens",
+                                         "pair_weights", "counts", "order")]
+    _fields_ += [(name, _F64) for name in ("gpu_expert_us", "cpu_expert_us", "cpu_pair_us",
+                                           "gpu_fixed_us", "cpu_fixed_us", "ema")]
+    _fields_ += [(name, _I64) for name in ("m", "pairs", "steps", "cpu_experts",
+                                           "gpu_offloaded_experts", "timed", "status")]
+    _fields_ += [("cpu_us", _F64 * _RING)]
+
+
+class HostStep:
+    """The host side of one layer at one batch size: pinned buffers that the GPU writes the
+    routing into and reads the CPU's share from, scratch, and the C state the two host functions
+    work on. `tensors` keeps every buffer the state points into alive. The GPU pieces are
+    CpuShare's; this class is usable without a GPU (tests call the host functions directly)."""
+
+    def __init__(self, kernel: GroupedExperts, tokens: int, top_k: int, resident: torch.Tensor,
+                 costs: ExpertCosts, threads: int, adapt: bool, pin: bool) -> None:
+        lib = cpu_kernel.hybrid_library()
+        if lib.moe_uvm_hybrid_state_size() != ctypes.sizeof(_State):
+            raise cpu_kernel.CpuKernelUnavailable(
+                f"the compiled hybrid state is {lib.moe_uvm_hybrid_state_size()} bytes, "
+                f"hybrid.py's {ctypes.sizeof(_State)}: rebuild (clear the moe-uvm cache)")
+        self.lib = lib
+        pairs, hidden, inter = tokens * top_k, kernel.hidden, kernel.intermediate
+        host = dict(pin_memory=pin)
+        self.ids = torch.full((pairs,), -1, dtype=torch.int64, **host)
+        self.weights = torch.zeros(pairs, dtype=torch.float32, **host)
+        self.x = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
+        self.gpu_ids = torch.full((pairs,), -1, dtype=torch.int64, **host)
+        self.out = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
+        i64 = dict(dtype=torch.int64)
+        self.scratch = dict(gate_up=torch.empty(pairs, 2 * inter),
+                            experts=torch.empty(pairs, **i64),
+                            offsets=torch.zeros(pairs + 1, **i64),
+                            pair_tokens=torch.empty(pairs, **i64),
+                            pair_weights=torch.empty(pairs),
+                            counts=torch.empty(kernel.num_experts, **i64),
+                            order=torch.empty(kernel.num_experts, **i64))
+        self.tensors = (kernel, resident)  # the weights' aliases and the mask, kept alive
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        s = _State(tokens=tokens, top_k=top_k, num_experts=kernel.num_experts, hidden=hidden,
+                   intermediate=inter, threads=threads, w13=kernel.w13.data_ptr(),
+                   w2=kernel.w2.data_ptr(), w13_stride=kernel.w13.stride(0),
+                   w2_stride=kernel.w2.stride(0), w13_scale=ptr(kernel.w13_scale),
+                   w2_scale=ptr(kernel.w2_scale), scale_strides=kernel.strides.data_ptr(),
+                   kind=kernel.kind, scale_kind=kernel.scale_kind, block_n=kernel.bn,
+                   block_k=kernel.bk, ids=self.ids.data_ptr(), weights=self.weights.data_ptr(),
+                   x=self.x.data_ptr(), gpu_ids=self.gpu_ids.data_ptr(),
+                   out=self.out.data_ptr(), resident=resident.data_ptr(),
+                   gpu_expert_us=costs.gpu_expert_us, cpu_expert_us=costs.cpu_expert_us,
+                   cpu_pair_us=costs.cpu_pair_us, gpu_fixed_us=costs.gpu_fixed_us,
+                   cpu_fixed_us=costs.cpu_fixed_us, ema=_EMA if adapt else 0.0)
+        for name, tensor in self.scratch.items():
+            setattr(s, name, tensor.data_ptr())
+        self.state = s
+        self.address = ctypes.addressof(s)
+        self.split_fn = ctypes.cast(lib.moe_uvm_hybrid_split, ctypes.c_void_p).value
+        self.compute_fn = ctypes.cast(lib.moe_uvm_hybrid_compute, ctypes.c_void_p).value
+
+    def split(self) -> None:
+        """The first host function, called here (CPU tests; the GPU path enqueues it)."""
+        self.lib.moe_uvm_hybrid_split(self.address)
+
+    def compute(self) -> None:
+        self.lib.moe_uvm_hybrid_compute(self.address)
+        self.check()
+
+    def check(self) -> None:
+        if self.state.status:
+            raise MemoryError("cpu_experts: the CPU share's per-thread buffers could not be "
+                              "allocated (a host node's step added nothing)")
+
+    def groups(self) -> tuple[np.ndarray, ...]:
+        """The last split's CPU pairs as group_pairs lays them out: (experts, offsets, tokens,
+        weights)."""
+        m, pairs = self.state.m, self.state.pairs
+        sc = self.scratch
+        return (sc["experts"][:m].numpy().copy(), sc["offsets"][:m + 1].numpy().copy(),
+                sc["pair_tokens"][:pairs].numpy().copy(), sc["pair_weights"][:pairs].numpy().copy())
+
+    def costs(self) -> ExpertCosts:
+        s = self.state
+        return ExpertCosts(s.gpu_expert_us, s.cpu_expert_us, s.cpu_pair_us, s.gpu_fixed_us,
+                           s.cpu_fixed_us)
+
+    def stats(self) -> HybridStats:
+        s = self.state
+        timed = min(s.timed, _RING)
+        return HybridStats(steps=s.steps, cpu_experts=s.cpu_experts,
+                           gpu_offloaded_experts=s.gpu_offloaded_experts,
+                           cpu_ms=[v / 1e3 for v in s.cpu_us[:timed]])
+
+    def reset_stats(self) -> None:
+        s = self.state
+        s.steps = s.cpu_experts = s.gpu_offloaded_experts = s.timed = 0
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the CPU's host function goes on, beside the GPU's kernel (one per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+class _GpuStep:
+    """HostStep plus the device side: CUDA views of its pinned buffers, the GPU's ids, two
+    events."""
+
+    def __init__(self, host: HostStep, tokens: int, top_k: int, ids_dtype: torch.dtype,
+                 device: torch.device) -> None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.host = host
+        self.ids = uvm.mapped_host_view(host.ids, index)
+        self.weights = uvm.mapped_host_view(host.weights, index)
+        self.x = uvm.mapped_host_view(host.x, index)
+        self.gpu_ids_host = uvm.mapped_host_view(host.gpu_ids, index).view(tokens, top_k)
+        self.out = uvm.mapped_host_view(host.out, index)
+        self.gpu_ids = torch.full((tokens, top_k), -1, dtype=ids_dtype, device=device)
+        self.split_done = torch.cuda.Event()
+        self.cpu_done = torch.cuda.Event()
 
 
 class CpuShare:
     """The hybrid for one MoE layer whose experts live in a managed store: call it as
-    `share(hidden, topk_weights, topk_ids)` in place of `fused_moe` (eager). `resident_ids`
-    gives the layer's resident experts now (e.g. `lambda: manager.resident_ids(layer)`);
-    `costs` the per-expert costs the split starts from (ExpertCosts.from_bandwidths with the
-    machine's read-through and CPU-kernel bandwidths); `adapt`: follow the observed times."""
+    `share(hidden, topk_weights, topk_ids)` in place of `fused_moe`, eagerly or inside a CUDA
+    graph capture (run it once at each batch size before capturing: the pinned buffers are
+    allocated then). `resident_ids` gives the layer's resident experts now (e.g.
+    `lambda: manager.resident_ids(layer)`; read at each eager call while `follow_calls`, else
+    set through `set_gpu_experts`, which the offload manager calls around each re-advise so
+    captured graphs follow it); `costs` the per-expert costs the split starts from
+    (ExpertCosts.from_bandwidths with the machine's read-through and CPU-kernel bandwidths);
+    `adapt`: the CPU's per-expert time follows what each step observes.
+
+    A step, all in stream order (nothing waits on the host):
+    1. the GPU writes the routing, weights and token rows (fp32) into pinned buffers;
+    2. host function `moe_uvm_hybrid_split` (cpu_experts.c; split_offloaded's rule) picks the
+       CPU's experts, writes the GPU's ids (the CPU's pairs as -1) and groups the CPU's pairs;
+    3. on a side stream, host function `moe_uvm_hybrid_compute` computes the CPU's share into a
+       pinned fp32 buffer, while the GPU copies its ids in and runs its kernel;
+    4. the main stream waits for the side stream and adds the CPU's sum to the GPU's output (in
+       fp32, rounded once)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
                  resident_ids: Callable[[], Iterable[int]], *, costs: ExpertCosts,
@@ -247,97 +379,87 @@ class CpuShare:
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"threads={threads}: must be >= 1")
-        self.stats = HybridStats()
-        self._buffers: _Buffers | None = None
-        self._pending_gpu: tuple[_Buffers, int] | None = None  # event timing to read next step
+        self.resident = torch.zeros(self.num_experts, dtype=torch.uint8)
+        self.follow_calls = True  # re-read resident_ids() at each eager call
+        self.set_gpu_experts(self.resident_ids())
+        self._steps: dict[tuple, _GpuStep] = {}  # by (tokens, top_k, ids dtype)
 
-    def _get_buffers(self, hidden: torch.Tensor, topk_ids: torch.Tensor) -> _Buffers:
-        shape = (hidden.shape[0], topk_ids.shape[1], hidden.dtype, topk_ids.dtype)
-        if self._buffers is None or self._buffers.shape != shape:
-            self._buffers = _Buffers(shape[0], shape[1], self.w13.shape[2], self.w2.shape[2],
-                                     hidden.dtype, topk_ids.dtype, hidden.device)
-            self._pending_gpu = None
-        return self._buffers
+    def set_gpu_experts(self, ids: Iterable[int]) -> None:
+        """The experts the split leaves to the GPU (the resident ones), for the steps enqueued
+        or replayed from now: the mask is built whole, then copied over the old one, so a split
+        running meanwhile sees, per expert, the old or the new value. (The offload manager
+        calls this around each re-advise with the old and new sets together while pages move,
+        so the CPU never reads a page bound for the GPU.)"""
+        mask = torch.zeros(self.num_experts, dtype=torch.uint8)
+        ids = list(ids)
+        if ids:
+            mask[ids] = 1
+        self.resident.copy_(mask)
 
-    def _observe_gpu(self) -> None:
-        """Fold the previous split step's GPU kernel time (now complete) into the costs."""
-        if self._pending_gpu is None:
-            return
-        buffers, experts = self._pending_gpu
-        self._pending_gpu = None
-        us = buffers.gpu_start.elapsed_time(buffers.gpu_end) * 1e3
-        per_expert = (us - self.costs.gpu_fixed_us) / experts
-        if per_expert > 0:
-            self.costs.gpu_expert_us += _EMA * (per_expert - self.costs.gpu_expert_us)
+    def _step(self, hidden: torch.Tensor, topk_ids: torch.Tensor) -> _GpuStep:
+        key = (hidden.shape[0], topk_ids.shape[1], topk_ids.dtype)
+        step = self._steps.get(key)
+        if step is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"CpuShare: first call at {key[0]} tokens inside a CUDA graph capture; run "
+                    "the step once eagerly at this batch size first (its pinned buffers are "
+                    "allocated then)")
+            host = HostStep(self.kernel, key[0], key[1], self.resident, self.costs,
+                            self.threads, self.adapt, pin=True)
+            step = self._steps[key] = _GpuStep(host, key[0], key[1], key[2], hidden.device)
+        return step
 
-    def _observe_cpu(self, seconds: float, experts: int, pairs: int) -> None:
-        us = seconds * 1e6 - self.costs.cpu_fixed_us - self.costs.cpu_pair_us * pairs
-        per_expert = us / experts
-        if per_expert > 0:
-            self.costs.cpu_expert_us += _EMA * (per_expert - self.costs.cpu_expert_us)
+    @property
+    def stats(self) -> HybridStats:
+        """Totals over every batch size since the last `reset_stats` (waits for the GPU)."""
+        torch.cuda.synchronize()
+        total = HybridStats()
+        for step in self._steps.values():
+            step.host.check()
+            one = step.host.stats()
+            total.steps += one.steps
+            total.cpu_experts += one.cpu_experts
+            total.gpu_offloaded_experts += one.gpu_offloaded_experts
+            total.cpu_ms += one.cpu_ms
+        return total
 
-    def _run_cpu(self, buffers: _Buffers, experts, offsets, tokens, weights) -> float:
-        start = time.perf_counter()
-        buffers.x32.copy_(buffers.x)
-        buffers.out.zero_()
-        self.kernel(buffers.x32, experts, offsets, tokens, weights, buffers.gate_up,
-                    buffers.out, self.threads)
-        return time.perf_counter() - start
+    def reset_stats(self) -> None:
+        torch.cuda.synchronize()
+        for step in self._steps.values():
+            step.host.reset_stats()
+
+    def current_costs(self) -> ExpertCosts:
+        """The costs as the last batch size's steps left them (the starting costs before any)."""
+        torch.cuda.synchronize()
+        if not self._steps:
+            return self.costs
+        return list(self._steps.values())[-1].host.costs()
 
     def __call__(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
-        if torch.cuda.is_current_stream_capturing():
-            return fused_moe(hidden, self.w13, self.w2, topk_weights, topk_ids, **self.quant)
-        b = self._get_buffers(hidden, topk_ids)
-        # One sync: the routing, weights and rows in pinned buffers.
-        b.ids.copy_(topk_ids, non_blocking=True)
-        b.weights.copy_(topk_weights, non_blocking=True)
-        b.x.copy_(hidden, non_blocking=True)
-        b.ready.record()
-        b.ready.synchronize()
-        if self.adapt:
-            self._observe_gpu()
-        num_experts = self.num_experts
-        ids = b.ids.numpy().reshape(-1).astype(np.int64)
-        cpu_side = np.ones(num_experts + 1, bool)  # index num_experts: padding, never the CPU's
-        cpu_side[num_experts] = False
-        cpu_side[list(self.resident_ids())] = False
-        slot = np.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-        experts, counts = np.unique(slot[cpu_side[slot]], return_counts=True)
-        cpu_set = split_offloaded(dict(zip(experts.tolist(), counts.tolist(), strict=True)),
-                                  self.costs)
-        self.stats.steps += 1
-        self.stats.cpu_experts += len(cpu_set)
-        self.stats.gpu_offloaded_experts += len(experts) - len(cpu_set)
-        if not cpu_set:
-            return fused_moe(hidden, self.w13, self.w2, topk_weights, topk_ids, **self.quant)
-        cpu_side[:] = False
-        cpu_side[cpu_set] = True
-        groups, gpu_ids = group_pairs(ids, cpu_side[slot], b.weights.numpy().reshape(-1),
-                                     topk_ids.shape[1])
-        group_ids, offsets, tokens, weights = groups
-        # The GPU's share first (the CPU's pairs are padding there): its launch returns at
-        # once, then this thread computes the CPU's share while the kernel runs.
-        b.gpu_ids.numpy().reshape(-1)[:] = gpu_ids
-        b.gpu_ids_dev.copy_(b.gpu_ids, non_blocking=True)  # (a few bytes: even if unused)
-        gpu_experts = len(experts) - len(cpu_set)
-        out = None
-        if (gpu_ids >= 0).any():  # else the CPU has every routed pair: no GPU kernel
-            if self.adapt and gpu_experts:
-                b.gpu_start.record()
-            out = fused_moe(hidden, self.w13, self.w2, topk_weights, b.gpu_ids_dev, **self.quant)
-            if self.adapt and gpu_experts:
-                b.gpu_end.record()
-                self._pending_gpu = (b, gpu_experts)
-        seconds = self._run_cpu(b, group_ids, offsets, tokens, weights)
-        self.stats.cpu_ms.append(seconds * 1e3)
-        if self.adapt:
-            self._observe_cpu(seconds, len(cpu_set), len(tokens))
-        b.out_dev.copy_(b.out, non_blocking=True)
-        if out is None:
-            return b.out_dev.to(hidden.dtype)
+        """HOT PATH: the hybrid's step, enqueued (captured inside a CUDA graph)."""
+        step = self._step(hidden, topk_ids)
+        host = step.host
+        if not torch.cuda.is_current_stream_capturing():
+            host.check()  # a failure of an earlier step's host function
+            if self.follow_calls:
+                self.set_gpu_experts(self.resident_ids())
+        stream = torch.cuda.current_stream(hidden.device)
+        step.ids.copy_(topk_ids.reshape(-1))
+        step.weights.copy_(topk_weights.reshape(-1))
+        step.x.copy_(hidden)
+        uvm.launch_host_func(stream.cuda_stream, host.split_fn, host.address)
+        step.split_done.record(stream)
+        side = _side_stream(hidden.device)
+        side.wait_event(step.split_done)
+        uvm.launch_host_func(side.cuda_stream, host.compute_fn, host.address)
+        step.cpu_done.record(side)
+        step.gpu_ids.copy_(step.gpu_ids_host)
+        out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids, **self.quant)
+        stream.wait_event(step.cpu_done)
         # In fp32, rounded once to the output's dtype (one kernel).
-        return out.add_(b.out_dev)
+        return out.add_(step.out)
 
 
 def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int = 8,
@@ -367,15 +489,58 @@ def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int
     return medians[0] / n, pair_us
 
 
+def calibrate_gpu_us(w13: torch.Tensor, w2: torch.Tensor, offloaded: list[int], top_k: int,
+                     quant: dict | None = None, calls: int = 7,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """(fixed microseconds, microseconds per expert) of the fused kernel reading offloaded
+    experts through PCIe at one token: medians of `calls` calls routed to 1 and to
+    min(top_k, len(offloaded)) experts of `offloaded` (drawn in turn from a shuffle, so none is
+    in the GPU's L2 from the call before), as a line through the two. None with fewer than
+    two offloaded experts."""
+    n = min(top_k, len(offloaded))
+    if n < 2:
+        return None
+    quant = quant or {}
+    rng = np.random.default_rng(seed)
+    pool = rng.permutation(np.asarray(offloaded, dtype=np.int64))
+    device = w13.device
+    x = torch.randn(1, w13.shape[2], device=device).to(torch.bfloat16 if w13.element_size() == 1
+                                                        else w13.dtype)
+    weights = torch.full((1, top_k), 1.0 / top_k, device=device)
+    medians, drawn = [], 0
+    for count in (1, n):
+        times = []
+        for _ in range(calls + 1):
+            pick = [int(pool[(drawn + j) % len(pool)]) for j in range(count)]
+            drawn += count
+            ids = torch.tensor([pick + [-1] * (top_k - count)], device=device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fused_moe(x, w13, w2, weights, ids, **quant)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        medians.append(float(np.median(times[1:])))
+    per_expert = max((medians[1] - medians[0]) / (n - 1), 1e-3)
+    return max(medians[0] - per_expert, 0.0), per_expert
+
+
 def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
                     resident_ids: Callable[[int], Iterable[int]], *, expert_nbytes: int,
-                    read_through_gbps: float, threads: int | None = None) -> list[CpuShare]:
-    """One CpuShare per (w13, w2, quant) of managed layers, all sharing one ExpertCosts: the GPU's
-    per-expert time from `read_through_gbps`, the CPU's from its kernel on cold experts of the
-    first layer (`calibrate_cpu_us`); both then follow the observed times.
-    `resident_ids(layer)` gives a layer's resident experts now."""
+                    read_through_gbps: float, top_k: int,
+                    threads: int | None = None) -> list[CpuShare]:
+    """One CpuShare per (w13, w2, quant) of managed layers, all starting from one ExpertCosts:
+    the GPU's from its fused kernel on layer 0's offloaded experts (`calibrate_gpu_us`; from
+    `read_through_gbps` when fewer than two are offloaded), the CPU's from its kernel on cold
+    experts of layer 0 (`calibrate_cpu_us`), which each share's steps then follow.
+    `resident_ids(layer)` gives a layer's resident experts now; `top_k` the routing's."""
     threads = default_threads() if threads is None else threads
     costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, 1.0)
+    w13, w2, quant = layers[0]
+    offloaded = sorted(set(range(w13.shape[0])) - set(resident_ids(0)))
+    gpu = calibrate_gpu_us(w13, w2, offloaded, top_k, quant)
+    if gpu is not None:
+        costs.gpu_fixed_us, costs.gpu_expert_us = gpu
     shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
                        threads=threads) for i, (w13, w2, quant) in enumerate(layers)]
     costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
@@ -389,7 +554,6 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool
     when the mode is on, or auto and the cost model predicts a decode step (one token) at least
     5% faster. Returns (on, why); `on` with no CUDA, no CPU kernel or a slot cache raises."""
     from moe_uvm import ceilings
-    from moe_uvm.kernels import cpu_experts as cpu_kernel
 
     mode = config.cpu_experts
     if mode == "off":
@@ -416,12 +580,15 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool
     shares = measured_shares(
         [(m.w13_weight, m.w2_weight, m.quantization()) for m in layers], manager.resident_ids,
         expert_nbytes=first.w13_weight[0].nbytes + first.w2_weight[0].nbytes,
-        read_through_gbps=ceilings.read_through_gbps(1 << 28), threads=config.cpu_threads)
+        read_through_gbps=ceilings.read_through_gbps(1 << 28), top_k=top_k,
+        threads=config.cpu_threads)
     on, why = choose_cpu_experts(mode, offloaded_per_layer=offloaded, tokens_per_expert=1.0,
                                  costs=shares[0].costs)
     if on:
         for module, share in zip(layers, shares, strict=True):
             module.cpu_share = share
+            share.follow_calls = False  # the manager tells it (graphs replay no Python)
+        manager.add_gpu_set_listener(lambda layer, ids: shares[layer].set_gpu_experts(ids))
     return on, why
 
 

@@ -10,7 +10,7 @@ import math
 import queue
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -110,6 +110,8 @@ class ExpertOffloadManager:
         self.config = config
         self.split = None  # the planner's Split when it chose the config (offload_experts)
         self.hybrid = (False, "cpu_experts='off'")  # (on, why) of the CPU/GPU hybrid
+        # told (layer, ids) of the experts the GPU computes itself (the hybrid's masks)
+        self._gpu_set_listeners: list[Callable[[int, tuple[int, ...]], None]] = []
         self.num_layers = len(stores)
         self.num_experts = experts.pop()
         self.top_k = top_k
@@ -390,6 +392,9 @@ class ExpertOffloadManager:
         steps += [(store.advise_resident, store.advise_offloaded, run) for run in coalesce(promote)]
         handle = self._stream_handle()
         done = []
+        # While pages move, the GPU computes both the old and the new resident experts itself
+        # (either is correct wherever the pages are; the CPU never reads a GPU-bound page).
+        self._tell_gpu_set(layer, tuple(sorted(set(old) | set(new))))
         try:
             for forward, backward, (first, count) in steps:
                 # Undoing a half-applied run re-applies its old state whole.
@@ -409,11 +414,13 @@ class ExpertOffloadManager:
                     self.slot_cache.set_layer_resident(layer, old, self._stream)
                 except Exception as undo_exc:
                     restored += f"; slot-cache mask not restored ({undo_exc})"
+            self._tell_gpu_set(layer, old)
             raise ReadviseError(
                 f"re-advise of layer {layer} failed: {type(exc).__name__}: {exc}; previous "
                 f"residency ({len(old)} experts) {restored}"
             ) from exc
         self._resident[layer] = new
+        self._tell_gpu_set(layer, new)
         with self._count_lock:
             self.warmup.set_resident(layer, list(new))
         moved = (len(promote) + len(demote)) * store.slot_nbytes
@@ -423,6 +430,16 @@ class ExpertOffloadManager:
             self._stats["demoted"] += len(demote)
             self._stats["bytes_moved"] += moved
         return ReadviseResult(layer, promote, demote, moved)
+
+    def add_gpu_set_listener(self, listener: Callable[[int, tuple[int, ...]], None]) -> None:
+        """Call `listener(layer, ids)` with the experts the GPU must compute itself whenever a
+        re-advise changes them: the old and new resident sets together while pages move, then
+        the new set (the old one if it failed). The CPU/GPU hybrid keeps its masks with it."""
+        self._gpu_set_listeners.append(listener)
+
+    def _tell_gpu_set(self, layer: int, ids: tuple[int, ...]) -> None:
+        for listener in self._gpu_set_listeners:
+            listener(layer, ids)
 
     def enable_slot_cache(self, next_gates: Sequence[torch.Tensor] | None = None):
         """Create the per-layer GPU slot caches the config asks for (prefetch_slots > 0), fed by

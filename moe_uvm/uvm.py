@@ -1,9 +1,12 @@
 """The only module that calls the CUDA runtime: managed allocations, advice, prefetch, range
 queries and memory info, every call checked (failures raise `UVMError` naming the call and the
-CUDA error). Imports without CUDA or cuda-bindings; calls then raise a clear `UVMError`."""
+CUDA error). Imports without CUDA or cuda-bindings; calls then raise a clear `UVMError`.
+(One driver call goes through ctypes: `launch_host_func`, which says why.)"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -123,6 +126,38 @@ def relax_capture_mode() -> None:
         _, name = driver.cuGetErrorName(err)
         name = name.decode() if isinstance(name, bytes) else str(name)
         raise UVMError(f"cuThreadExchangeStreamCaptureMode(RELAXED) failed: {name}")
+
+
+@functools.cache
+def _driver_library() -> ctypes.CDLL:
+    """libcuda (already loaded by the runtime): cuLaunchHostFunc through ctypes, because
+    cuda.bindings wraps a host function in a trampoline that takes the GIL and frees its
+    argument after the first call, which a graph's host node, called at every replay, cannot
+    have."""
+    _runtime()
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise UVMError(f"loading the CUDA driver library libcuda.so.1 failed: {exc}") from None
+    lib.cuLaunchHostFunc.restype = ctypes.c_int
+    lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cuGetErrorName.restype = ctypes.c_int
+    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+def launch_host_func(stream: int, fn: int, data: int) -> None:
+    """Enqueue the compiled host function at address `fn` (`void fn(void *)`), called with
+    `data`, on `stream` (a cudaStream_t handle) in stream order; under stream capture it becomes
+    a host node of the graph, called at every replay. The function runs on the driver's thread
+    and must make no CUDA call; `data` must stay valid while any graph holding it can run."""
+    lib = _driver_library()
+    err = lib.cuLaunchHostFunc(stream, fn, data)
+    if err != 0:
+        name = ctypes.c_char_p()
+        known = lib.cuGetErrorName(err, ctypes.byref(name)) == 0 and name.value
+        raise UVMError(f"cuLaunchHostFunc failed: "
+                       f"{name.value.decode() if known else f'CUresult {err}'}")
 
 
 def mem_get_info(device: int = 0) -> tuple[int, int]:

@@ -96,6 +96,83 @@ def test_group_pairs_and_the_gpu_share_sum_to_the_whole_layer(seed):
     assert torch.equal(out, cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=3))
 
 
+@pytest.mark.parametrize("num_tokens", [1, 4, 16])
+def test_host_functions_split_and_compute_as_the_python_reference(seed, num_tokens):
+    """The C host functions a GPU step enqueues, called directly: the split is
+    split_offloaded's, the grouping group_pairs', the GPU's ids the rest, and the CPU's sum
+    cpu_experts' on the CPU's pairs (bitwise); over fresh random routings and costs."""
+    from moe_uvm.hybrid import HostStep
+
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    E, k, H, I, T = 16, 4, 64, 32, num_tokens
+    rng = np.random.default_rng(seed)
+    _, w13, w2, _, _ = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    kernel = cpu_module.GroupedExperts(w13, w2)
+    resident_mask = torch.zeros(E, dtype=torch.uint8)
+    c = costs(cpu_gbps=float(rng.uniform(20, 80)), gpu_fixed_us=15.0, cpu_fixed_us=30.0,
+              cpu_pair_us=float(rng.uniform(0, 50)))
+    step = HostStep(kernel, T, k, resident_mask, c, threads=3, adapt=False, pin=False)
+    took, timed = 0, 0
+    for _ in range(6):
+        x, _, _, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+        ids = topk_ids.reshape(-1).to(torch.int64).numpy().copy()
+        ids[rng.random(ids.size) < 0.1] = -1  # padding stays the GPU's (and contributes 0)
+        resident = rng.choice(E, int(rng.integers(0, E)), replace=False)
+        resident_mask.zero_()
+        resident_mask[torch.from_numpy(resident)] = 1
+        step.ids.copy_(torch.from_numpy(ids))
+        step.weights.copy_(topk_weights.reshape(-1))
+        step.x.copy_(x)
+        step.split()
+        offloaded = [e for e in ids.tolist() if e >= 0 and e not in set(resident.tolist())]
+        tokens = {e: offloaded.count(e) for e in set(offloaded)}
+        expected_set = split_offloaded(tokens, c)
+        on_cpu = np.isin(ids, expected_set)
+        groups, gpu_ids = group_pairs(ids, on_cpu, topk_weights.reshape(-1).numpy(), k)
+        for got, want in zip(step.groups(), groups, strict=True):
+            assert np.array_equal(got, want)
+        assert np.array_equal(step.gpu_ids.numpy(), gpu_ids)
+        step.compute()
+        cpu_ids = torch.from_numpy(np.where(on_cpu, ids, -1)).view(T, k)
+        expected = cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=2)
+        assert torch.equal(step.out, expected)
+        took += len(expected_set)
+        timed += bool(expected_set)
+    stats = step.stats()
+    assert stats.steps == 6 and stats.cpu_experts == took and took > 0
+    assert len(stats.cpu_ms) == timed  # the CPU side is timed when it has experts
+    assert step.costs().cpu_expert_us == c.cpu_expert_us  # adapt=False: the costs stay
+
+
+def test_host_step_adapts_the_cpu_cost_to_what_it_observes(seed):
+    from moe_uvm.hybrid import HostStep
+
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    E, k, H, I, T = 8, 2, 64, 32, 2
+    x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+    kernel = cpu_module.GroupedExperts(w13.bfloat16(), w2.bfloat16())
+    # A CPU cost 1e4 times too high at first (but a GPU costlier still): the CPU takes its
+    # experts, and its observed time pulls the estimate down.
+    c = ExpertCosts(gpu_expert_us=1e9, cpu_expert_us=1e5, gpu_fixed_us=0.0, cpu_fixed_us=0.0)
+    step = HostStep(kernel, T, k, torch.zeros(E, dtype=torch.uint8), c, threads=2, adapt=True,
+                    pin=False)
+    step.ids.copy_(topk_ids.reshape(-1))
+    step.weights.copy_(topk_weights.reshape(-1))
+    step.x.copy_(x)
+    for _ in range(4):
+        step.split()
+        step.compute()
+    assert step.stats().cpu_experts > 0 and len(step.stats().cpu_ms) == 4
+    assert step.costs().cpu_expert_us < 0.5 * 1e5
+    step.reset_stats()
+    assert step.stats().steps == 0 and step.stats().cpu_ms == []
+
+
 def test_the_auto_switch_measures_and_leaves_it_off_where_it_does_not_pay():
     c = costs(gpu_fixed_us=15.0, cpu_fixed_us=40.0)
     # Everything resident: nothing offloaded, nothing to split; off without measuring.
@@ -174,6 +251,59 @@ def test_gpu_hybrid_layer_matches_the_gpu_kernel(seed, weight_dtype, num_tokens)
                                      **quant))
         assert everything.stats.cpu_experts == 0
         del share, greedy, everything  # the aliases go before the store's memory
+        torch.cuda.synchronize()
+    finally:
+        store.free()
+
+
+@pytest.mark.gpu
+def test_gpu_hybrid_in_a_cuda_graph_replays_the_eager_step_bitwise(seed):
+    """Fixed costs: the split depends only on the routing, so a graph's replay (host nodes)
+    equals the eager step bitwise, on fresh routings copied into the captured inputs; a new
+    GPU set given after capture is what the replays split by."""
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    from moe_uvm.store import ManagedExpertStore
+
+    E, k, H, I, T = 16, 4, 256, 128, 2
+    x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.bfloat16, "cuda")
+    store = ManagedExpertStore(E, {"w13": ((2 * I, H), w13.dtype), "w2": ((H, I), w2.dtype)},
+                               device="cuda:0")
+    try:
+        store.advise_offloaded(range(E))
+        store["w13"].copy_(w13)
+        store["w2"].copy_(w2)
+        torch.cuda.synchronize()
+        share = CpuShare(store["w13"], store["w2"], lambda: [], costs=costs(), adapt=False,
+                         threads=2)
+        share.follow_calls = False
+        static = (x.clone(), topk_weights.clone(), topk_ids.clone())
+        share(*static)  # the first call allocates its pinned buffers
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = share(*static)
+        share.reset_stats()
+        for _ in range(3):
+            fresh = make_inputs(T, E, k, H, I, torch.bfloat16, "cuda")
+            for dst, src in zip(static, (fresh[0], fresh[3], fresh[4]), strict=True):
+                dst.copy_(src)
+            graph.replay()
+            eager = share(*static)
+            torch.cuda.synchronize()
+            assert torch.equal(captured, eager)
+            ref = fused_moe(fresh[0], store["w13"], store["w2"], fresh[3], fresh[4])
+            assert rel_err(captured, ref) < 1e-2
+        assert share.stats.cpu_experts > 0 and share.stats.steps == 6
+        share.set_gpu_experts(range(E))  # everything the GPU's: no CPU share in the replays
+        share.reset_stats()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert share.stats.cpu_experts == 0 and share.stats.steps == 1
+        assert torch.equal(captured, fused_moe(*static[:1], store["w13"], store["w2"],
+                                               *static[1:]))
+        del graph, share
         torch.cuda.synchronize()
     finally:
         store.free()

@@ -134,6 +134,28 @@ def test_failed_readvise_rolls_back_and_says_so(monkeypatch):
     assert done[2:] == [(0, "offloaded", (6,)), (0, "offloaded", (4,)), (0, "resident", (0, 1))]
 
 
+def test_gpu_set_listeners_hear_both_sets_while_pages_move_then_the_outcome(monkeypatch):
+    """The hybrid's masks: during a re-advise the GPU computes old and new resident experts,
+    so the CPU never reads a page bound for the GPU; then the new set, or the old on failure."""
+    s = stores(2)
+    m = ExpertOffloadManager(s, ExpertOffloadConfig(num_resident=3))
+    heard = []
+    m.add_gpu_set_listener(lambda layer, ids: heard.append((layer, tuple(ids))))
+    seen_during = []
+    log = AdviceLog(monkeypatch, s)
+    inner = s[1].advise_resident
+    monkeypatch.setattr(s[1], "advise_resident",
+                        lambda ids, *a: (seen_during.append(heard[-1]), inner(ids, *a)))
+    m.readvise(1, [0, 5, 6])
+    assert heard == [(1, (0, 1, 2, 5, 6)), (1, (0, 5, 6))]
+    assert seen_during == [(1, (0, 1, 2, 5, 6))]  # promotions ran under the union
+    heard.clear()
+    log.fail_at = len(log.calls) + 1  # the demote runs, the promote fails
+    with pytest.raises(ReadviseError):
+        m.readvise(0, [0, 1, 7])
+    assert heard == [(0, (0, 1, 2, 7)), (0, (0, 1, 2))]
+
+
 def test_layers_must_agree_on_expert_count():
     mixed = stores(1, 8) + stores(1, 4)
     with pytest.raises(ValueError, match="same number of experts"):

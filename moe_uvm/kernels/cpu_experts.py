@@ -31,7 +31,7 @@ import torch
 from .fp8 import FP8_DTYPE, check_block_shape, scale_shape
 
 _SOURCE = Path(__file__).with_name("cpu_experts.c")
-_ABI = 1
+_ABI = 2
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 _KINDS = {torch.bfloat16: 0, FP8_DTYPE: 1}
 _P = ctypes.c_void_p
@@ -103,7 +103,17 @@ def _library() -> ctypes.CDLL:
     lib.moe_uvm_cpu_experts.argtypes = [
         _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _INT, _P, _P, _INT, _P, _INT,
         _INT, _P, _P, _INT]
+    lib.moe_uvm_hybrid_state_size.restype = _I64
+    for name in ("moe_uvm_hybrid_split", "moe_uvm_hybrid_compute"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [_P]
     return lib
+
+
+def hybrid_library() -> ctypes.CDLL:
+    """The compiled library, for the hybrid's host functions (moe_uvm_hybrid_split and
+    moe_uvm_hybrid_compute over moe_uvm.hybrid's state struct). Raises CpuKernelUnavailable."""
+    return _library()
 
 
 def available() -> tuple[bool, str]:

@@ -25,9 +25,9 @@ layers' expert bytes for resident experts, slots and caches:
   hybrid       (not a method: `--cpu-experts auto|on`, the default auto) moe-uvm, `profile`
                residency with the CPU computing a share of each layer's offloaded experts
                from their pages (moe_uvm.hybrid)
-Every method but hybrid runs as a captured CUDA graph; caches run on moe_uvm.slots' device-side
-planners, so no method syncs with the host inside a step. The hybrid runs eagerly (one host
-sync per layer: its split needs the routing).
+Every method runs as a captured CUDA graph; caches run on moe_uvm.slots' device-side
+planners, and the hybrid's split and CPU share are host nodes of the graph, so no method syncs
+with the host inside a step.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 
 from moe_uvm import ceilings, uvm
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.hybrid import CpuShare, HybridStats, measured_shares
+from moe_uvm.hybrid import CpuShare, measured_shares
 from moe_uvm.kernels import fp8, fused_moe
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
@@ -268,28 +268,49 @@ def hybrid_shares(work: Workload, manager: ExpertOffloadManager, managed: list[L
     """`measured_shares` over the managed layers, with the read-through measured now."""
     return measured_shares([(w.w13, w.w2, w.quant) for w in managed], manager.resident_ids,
                            expert_nbytes=work.expert_bytes,
-                           read_through_gbps=ceilings.read_through_gbps(), threads=threads)
+                           read_through_gbps=ceilings.read_through_gbps(), top_k=work.top_k,
+                           threads=threads)
 
 
 def run_hybrid(shares: list[CpuShare], ids: torch.Tensor, weights: torch.Tensor,
-               h0: torch.Tensor, warmup: int = 0) -> tuple[float, torch.Tensor]:
-    """`run_captured` for the hybrid, eager: median wall time of a step (each ends in a sync)
-    over the steps after `warmup`, and the first timed step's output. The shares' stats cover
-    the timed steps."""
+               h0: torch.Tensor, warmup: int = 0, graph: bool = True) -> tuple[float, torch.Tensor]:
+    """`run_captured` for the hybrid: median time of a step over the steps after `warmup`, and
+    the first timed step's output. `graph`: the step captured in a CUDA graph (the hybrid's
+    host functions become host nodes), else enqueued eagerly; wall time of each step, which
+    ends in a sync. The shares' stats cover the timed steps."""
+    static_ids, static_w, static_h = ids[0].clone(), weights[0].clone(), h0.clone()
+
+    def body():
+        h = static_h
+        for layer, share in enumerate(shares):
+            h = h + share(h, static_w[layer], static_ids[layer])
+        return h
+
+    body()  # allocates the shares' pinned buffers for this batch size
+    torch.cuda.synchronize()
+    static_out, replay = None, None
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = body()
+        replay = g.replay
     times, first = [], None
     for s in range(ids.shape[0]):
+        static_ids.copy_(ids[s])
+        static_w.copy_(weights[s])
         if s == warmup:
             for share in shares:
-                share.stats = HybridStats()
+                share.reset_stats()
         start = time.perf_counter()
-        h = h0
-        for layer, share in enumerate(shares):
-            h = h + share(h, weights[s, layer], ids[s, layer])
+        if graph:
+            replay()
+        else:
+            static_out = body()
         torch.cuda.synchronize()
         if s >= warmup:
             times.append(time.perf_counter() - start)
         if s == warmup:
-            first = h.clone()
+            first = static_out.clone()
     return statistics.median(times) * 1e3, first
 
 

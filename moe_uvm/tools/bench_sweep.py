@@ -308,7 +308,7 @@ def sweep(cfg: BenchConfig, progress=print) -> dict:
                                  run["weights"][warm])
         ms, _ = run_hybrid(hybrid, run["ids"], run["weights"], run["h0"], warm)
         mask = _mask(sets, E)
-        costs = hybrid[0].costs
+        costs = hybrid[0].current_costs()
         cpu_gbps = eb / costs.cpu_expert_us / 1e3
         floor, off = _floor(run["touched"], mask, eb, bw["hbm_read_gbps"],
                             bw["read_through_gbps"] + cpu_gbps)

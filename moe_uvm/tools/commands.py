@@ -617,7 +617,7 @@ def _generate(device, args: argparse.Namespace, model_dir: Path, ids: list[list[
         print(f"cpu experts: {'on' if hybrid_on else 'off'} ({why})", file=sys.stderr,
               flush=True)
     if hybrid_on:
-        args.no_graphs = args.no_compile = True  # the hybrid decodes eagerly
+        args.no_compile = True  # its host functions are captured in graphs, not compiled
     try:
         text = args.batch == 1 and args.prompt is not None
         tokenizer = None
