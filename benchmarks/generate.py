@@ -7,7 +7,8 @@ Methods, each at GPU budgets of the non-expert weights + KV cache + X% of the ex
   moe-uvm-hybrid
                the same budget filled with resident experts (profile residency when traced, no
                slots) and the CPU computing a share of the offloaded experts (cpu_experts="on",
-               moe_uvm.hybrid); eager decode: its split needs each layer's routing on the host
+               moe_uvm.hybrid); CUDA-graph decode with its host functions as host nodes,
+               not compiled
   uva          the budget's first experts resident, the rest read in place over PCIe, no slots
                (vLLM --cpu-offload-gb style), same decoder
   hf-eager     transformers alone, everything on the GPU (100% only), eager generate
