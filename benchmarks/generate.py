@@ -121,6 +121,7 @@ def run_one(spec: dict) -> dict:
                             kv_tokens=spec["batch"] * context)
         tokens, report = generate(loaded, ids, max_new_tokens=spec["new_tokens"],
                                   batch=spec["batch"], ignore_eos=True, warmup=True,
+                                  compile=None if spec.get("compile", True) else False,
                                   free_before=free_before, routing_trace=trace)
         record.update(report.to_dict(), tokens=tokens)
         record.update(_predictions(loaded.manager.split, info, spec, record, context))
@@ -305,7 +306,7 @@ without a profile and routed from the trace's first token)."""
 def key(record: dict) -> tuple:
     return (record["shape"], record["layers"], record["method"], record["budget"],
             record["batch"], record["new_tokens"], record["prompt_tokens"], record.get("trace"),
-            record.get("trace_use"))
+            record.get("trace_use"), record.get("compile", True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", help="routing trace (.npz) replacing the routers' choices "
                         "(moe-uvm and uva only; speed and expert reads, not quality); "
                         f"'{UNIFORM}': uniform routing made for the model's shape")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="moe-uvm methods: CUDA-graph decode without torch.compile (as the "
+                        "hybrid runs: the same build on both sides; no minutes of compile)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape")
     parser.add_argument("--table", action="store_true",
                         help="print the JSON's table, run nothing")
@@ -366,16 +370,23 @@ def main(argv: list[str] | None = None) -> int:
                             budget=budget, batch=batch, new_tokens=new,
                             prompt_tokens=args.prompt_tokens, model_dir=str(model_dir),
                             trace=args.trace, trace_use=ROUTING if args.trace else None)
+                if args.no_compile and method.startswith("moe-uvm"):
+                    spec["compile"] = False
                 if key(spec) in done:
                     print(f"have {method} {budget}% batch {batch}")
                     continue
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
-                                      capture_output=True, text=True, timeout=args.timeout)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RECORD ")]
-                if proc.returncode != 0 or not lines:
-                    record = dict(spec, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+                try:
+                    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
+                                          capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    record = dict(spec, error=f"timed out after {args.timeout} s")
                 else:
-                    record = json.loads(lines[-1][len("RECORD "):])
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RECORD ")]
+                    if proc.returncode != 0 or not lines:
+                        record = dict(spec,
+                                      error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+                    else:
+                        record = json.loads(lines[-1][len("RECORD "):])
                 results["records"].append(record)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
