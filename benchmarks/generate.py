@@ -88,7 +88,8 @@ def run_one(spec: dict) -> dict:
     expert_bytes = shape.num_moe_layers * shape.num_experts * shape.bytes_per_expert
     context = spec["prompt_tokens"] + spec["new_tokens"]
     fixed = info.fixed_bytes(spec["batch"] * context)  # as the loader counts them
-    budget_gb = (fixed + spec["budget"] / 100 * expert_bytes) / 1e9
+    # 0%: the fixed parts and 1 MB (the loader refuses a budget that leaves the experts nothing)
+    budget_gb = (fixed + max(spec["budget"] / 100 * expert_bytes, 1e6)) / 1e9
     ids = prompt_ids(model_dir, prompt_tokens=spec["prompt_tokens"], batch=spec["batch"],
                      vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"],
                      seed=SEED)

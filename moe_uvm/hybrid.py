@@ -9,16 +9,17 @@ GB/s. With all 16 threads the CPU side collapses (14 GB/s: the thread driving th
 core), so the default leaves one core free.
 
 A step of a layer (`CpuShare.__call__`) is enqueued, never waited on, so it runs the same
-eagerly and inside a captured CUDA graph: the GPU writes the layer's routing into pinned host
-memory; a CUDA host function (cuLaunchHostFunc; a host node in a graph) splits the routed
-offloaded experts (`split_offloaded`'s rule, in C: the experts with the fewest tokens go to the
-CPU, as many as make both sides finish together under the current per-expert costs); a second
-host function on a side stream computes the CPU's share while the GPU's kernel reads the rest;
-the main stream then adds the CPU's fp32 sum. Host nodes rather than piecewise graphs: the
-split needs the routing on the host, and with host nodes the whole decode step, hybrid layers
-included, stays one graph with no Python between layers, so the round trip is the driver's
-host-node latency. (The first version synced the host at each layer and ran the split in
-Python: 190-320 us a layer on the H200 host, and decode could not be captured.)
+eagerly and inside a captured CUDA graph. A GPU kernel splits the routed offloaded experts
+(kernels/hybrid_split.py, `split_offloaded`'s rule: the experts with the fewest tokens go to
+the CPU, as many as make both sides finish together under the current per-expert costs) and
+writes the routing and the CPU's experts into pinned host memory; a CUDA host function
+(cuLaunchHostFunc; a host node in a graph) on a side stream computes the CPU's share while the
+GPU's kernel reads the rest; the main stream then adds the CPU's fp32 sum. Host nodes rather
+than piecewise graphs: the whole decode step, hybrid layers included, stays one graph with no
+Python between layers, and the GPU never waits for the host before its kernel. (The first
+version synced the host at each layer and split in Python: 190-320 us a layer on the H200
+host, no graphs. A second ran the split as a host node too: the GPU then waited for a
+host-thread wake-up before each layer's kernel, 125-175 us a layer at batch 1 on an H100.)
 
 The GPU's per-expert cost comes from measurements of the fused kernel on the layer's
 offloaded pages; the CPU's starts from its kernel on cold experts and follows the observed
@@ -45,6 +46,7 @@ from moe_uvm.config import CPU_EXPERTS_MODES
 from moe_uvm.kernels import cpu_experts as cpu_kernel
 from moe_uvm.kernels import fused_moe
 from moe_uvm.kernels.cpu_experts import GroupedExperts
+from moe_uvm.kernels.hybrid_split import COSTS, split_on_device
 
 _EMA = 0.25  # weight of each new observation in the per-expert costs
 
@@ -115,9 +117,10 @@ def split_offloaded(tokens_per_expert: dict[int, int], costs: ExpertCosts) -> li
     m = len(order)
     best_n = 0
     best = costs.gpu_fixed_us + m * costs.gpu_expert_us if m else 0.0
-    cpu = costs.cpu_fixed_us
+    tokens = 0
     for n in range(1, m + 1):
-        cpu += costs.cpu_expert_us + costs.cpu_pair_us * tokens_per_expert[order[n - 1]]
+        tokens += tokens_per_expert[order[n - 1]]
+        cpu = costs.cpu_fixed_us + n * costs.cpu_expert_us + costs.cpu_pair_us * tokens
         gpu = costs.gpu_fixed_us + (m - n) * costs.gpu_expert_us if n < m else 0.0
         if max(gpu, cpu) < best:
             best_n, best = n, max(gpu, cpu)
@@ -216,21 +219,21 @@ class _State(ctypes.Structure):
     _fields_ += [("w13", _P), ("w2", _P), ("w13_stride", _I64), ("w2_stride", _I64),
                  ("w13_scale", _P), ("w2_scale", _P), ("scale_strides", _P)]
     _fields_ += [(name, _I64) for name in ("kind", "scale_kind", "block_n", "block_k")]
-    _fields_ += [(name, _P) for name in ("ids", "weights", "x", "gpu_ids", "out", "resident",
-                                         "gate_up", "experts", "offsets", "pair_tokens",
-                                         "pair_weights", "counts", "order")]
-    _fields_ += [(name, _F64) for name in ("gpu_expert_us", "cpu_expert_us", "cpu_pair_us",
-                                           "gpu_fixed_us", "cpu_fixed_us", "ema")]
+    _fields_ += [(name, _P) for name in ("ids", "weights", "x", "chosen", "out", "resident",
+                                         "costs", "gate_up", "experts", "offsets",
+                                         "pair_tokens", "pair_weights", "seen")]
+    _fields_ += [("ema", _F64)]
     _fields_ += [(name, _I64) for name in ("m", "pairs", "steps", "cpu_experts",
                                            "gpu_offloaded_experts", "timed", "status")]
     _fields_ += [("cpu_us", _F64 * _RING)]
 
 
 class HostStep:
-    """The host side of one layer at one batch size: pinned buffers that the GPU writes the
-    routing into and reads the CPU's share from, scratch, and the C state the two host functions
-    work on. `tensors` keeps every buffer the state points into alive. The GPU pieces are
-    CpuShare's; this class is usable without a GPU (tests call the host functions directly)."""
+    """The host side of one layer at one batch size: the pinned buffers the GPU writes the
+    routing, token rows and split into (`ids`, `weights`, `x`, `chosen`) and reads the CPU's sum
+    and the costs from (`out`, `costs`), scratch, and the C state of the host function.
+    `resident` is the layer's uint8 mask (1: the GPU's). Usable without a GPU (pin=False): the
+    tests fill the inputs, run the split kernel under Triton's interpreter and call `compute`."""
 
     def __init__(self, kernel: GroupedExperts, tokens: int, top_k: int, resident: torch.Tensor,
                  costs: ExpertCosts, threads: int, adapt: bool, pin: bool) -> None:
@@ -240,47 +243,44 @@ class HostStep:
                 f"the compiled hybrid state is {lib.moe_uvm_hybrid_state_size()} bytes, "
                 f"hybrid.py's {ctypes.sizeof(_State)}: rebuild (clear the moe-uvm cache)")
         self.lib = lib
-        pairs, hidden, inter = tokens * top_k, kernel.hidden, kernel.intermediate
+        pairs, hidden, inter, E = tokens * top_k, kernel.hidden, kernel.intermediate, \
+            kernel.num_experts
         host = dict(pin_memory=pin)
         self.ids = torch.full((pairs,), -1, dtype=torch.int64, **host)
         self.weights = torch.zeros(pairs, dtype=torch.float32, **host)
         self.x = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
-        self.gpu_ids = torch.full((pairs,), -1, dtype=torch.int64, **host)
+        self.chosen = torch.zeros(E, dtype=torch.uint8, **host)
         self.out = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
+        self.costs = torch.tensor([getattr(costs, name) for name in COSTS], dtype=torch.float64)
+        self.costs = self.costs.pin_memory() if pin else self.costs
         i64 = dict(dtype=torch.int64)
         self.scratch = dict(gate_up=torch.empty(pairs, 2 * inter),
-                            experts=torch.empty(pairs, **i64),
+                            experts=torch.empty(min(pairs, E), **i64),
                             offsets=torch.zeros(pairs + 1, **i64),
                             pair_tokens=torch.empty(pairs, **i64),
                             pair_weights=torch.empty(pairs),
-                            counts=torch.empty(kernel.num_experts, **i64),
-                            order=torch.empty(kernel.num_experts, **i64))
-        self.tensors = (kernel, resident)  # the weights' aliases and the mask, kept alive
+                            seen=torch.empty(E, dtype=torch.uint8))
+        self.resident = resident
+        self.kernel = kernel  # the weights' aliases, kept alive
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        s = _State(tokens=tokens, top_k=top_k, num_experts=kernel.num_experts, hidden=hidden,
+        s = _State(tokens=tokens, top_k=top_k, num_experts=E, hidden=hidden,
                    intermediate=inter, threads=threads, w13=kernel.w13.data_ptr(),
                    w2=kernel.w2.data_ptr(), w13_stride=kernel.w13.stride(0),
                    w2_stride=kernel.w2.stride(0), w13_scale=ptr(kernel.w13_scale),
                    w2_scale=ptr(kernel.w2_scale), scale_strides=kernel.strides.data_ptr(),
                    kind=kernel.kind, scale_kind=kernel.scale_kind, block_n=kernel.bn,
                    block_k=kernel.bk, ids=self.ids.data_ptr(), weights=self.weights.data_ptr(),
-                   x=self.x.data_ptr(), gpu_ids=self.gpu_ids.data_ptr(),
+                   x=self.x.data_ptr(), chosen=self.chosen.data_ptr(),
                    out=self.out.data_ptr(), resident=resident.data_ptr(),
-                   gpu_expert_us=costs.gpu_expert_us, cpu_expert_us=costs.cpu_expert_us,
-                   cpu_pair_us=costs.cpu_pair_us, gpu_fixed_us=costs.gpu_fixed_us,
-                   cpu_fixed_us=costs.cpu_fixed_us, ema=_EMA if adapt else 0.0)
+                   costs=self.costs.data_ptr(), ema=_EMA if adapt else 0.0)
         for name, tensor in self.scratch.items():
             setattr(s, name, tensor.data_ptr())
         self.state = s
         self.address = ctypes.addressof(s)
-        self.split_fn = ctypes.cast(lib.moe_uvm_hybrid_split, ctypes.c_void_p).value
         self.compute_fn = ctypes.cast(lib.moe_uvm_hybrid_compute, ctypes.c_void_p).value
 
-    def split(self) -> None:
-        """The first host function, called here (CPU tests; the GPU path enqueues it)."""
-        self.lib.moe_uvm_hybrid_split(self.address)
-
     def compute(self) -> None:
+        """The host function, called here (CPU tests; the GPU path enqueues it)."""
         self.lib.moe_uvm_hybrid_compute(self.address)
         self.check()
 
@@ -290,17 +290,15 @@ class HostStep:
                               "allocated (a host node's step added nothing)")
 
     def groups(self) -> tuple[np.ndarray, ...]:
-        """The last split's CPU pairs as group_pairs lays them out: (experts, offsets, tokens,
+        """The last step's CPU pairs as group_pairs lays them out: (experts, offsets, tokens,
         weights)."""
         m, pairs = self.state.m, self.state.pairs
         sc = self.scratch
         return (sc["experts"][:m].numpy().copy(), sc["offsets"][:m + 1].numpy().copy(),
                 sc["pair_tokens"][:pairs].numpy().copy(), sc["pair_weights"][:pairs].numpy().copy())
 
-    def costs(self) -> ExpertCosts:
-        s = self.state
-        return ExpertCosts(s.gpu_expert_us, s.cpu_expert_us, s.cpu_pair_us, s.gpu_fixed_us,
-                           s.cpu_fixed_us)
+    def current_costs(self) -> ExpertCosts:
+        return ExpertCosts(*self.costs.tolist())
 
     def stats(self) -> HybridStats:
         s = self.state
@@ -329,15 +327,14 @@ class _GpuStep:
     """HostStep plus the device side: CUDA views of its pinned buffers, the GPU's ids, two
     events."""
 
-    def __init__(self, host: HostStep, tokens: int, top_k: int, ids_dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, host: HostStep, resident: torch.Tensor, tokens: int, top_k: int,
+                 ids_dtype: torch.dtype, device: torch.device) -> None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.host = host
-        self.ids = uvm.mapped_host_view(host.ids, index)
-        self.weights = uvm.mapped_host_view(host.weights, index)
-        self.x = uvm.mapped_host_view(host.x, index)
-        self.gpu_ids_host = uvm.mapped_host_view(host.gpu_ids, index).view(tokens, top_k)
-        self.out = uvm.mapped_host_view(host.out, index)
+        view = lambda t: uvm.mapped_host_view(t, index)  # noqa: E731
+        self.ids, self.weights, self.x = view(host.ids), view(host.weights), view(host.x)
+        self.chosen, self.out, self.costs = view(host.chosen), view(host.out), view(host.costs)
+        self.resident = view(resident)
         self.gpu_ids = torch.full((tokens, top_k), -1, dtype=ids_dtype, device=device)
         self.split_done = torch.cuda.Event()
         self.cpu_done = torch.cuda.Event()
@@ -354,13 +351,14 @@ class CpuShare:
     (ExpertCosts.from_bandwidths with the machine's read-through and CPU-kernel bandwidths);
     `adapt`: the CPU's per-expert time follows what each step observes.
 
-    A step, all in stream order (nothing waits on the host):
-    1. the GPU writes the routing, weights and token rows (fp32) into pinned buffers;
-    2. host function `moe_uvm_hybrid_split` (cpu_experts.c; split_offloaded's rule) picks the
-       CPU's experts, writes the GPU's ids (the CPU's pairs as -1) and groups the CPU's pairs;
-    3. on a side stream, host function `moe_uvm_hybrid_compute` computes the CPU's share into a
-       pinned fp32 buffer, while the GPU copies its ids in and runs its kernel;
-    4. the main stream waits for the side stream and adds the CPU's sum to the GPU's output (in
+    A step, all in stream order (nothing waits on the host, nothing on the GPU waits for the
+    host but the final add):
+    1. the split kernel (kernels/hybrid_split.py) picks the CPU's experts from the routing,
+       the resident mask and the costs, writes the GPU's ids (the CPU's pairs as -1), the CPU's
+       mask and the ids into pinned memory; the weights and token rows (fp32) follow;
+    2. on a side stream, host function `moe_uvm_hybrid_compute` (cpu_experts.c) groups the
+       CPU's pairs and computes them into a pinned fp32 buffer, while the GPU runs its kernel;
+    3. the main stream waits for the side stream and adds the CPU's sum to the GPU's output (in
        fp32, rounded once)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
@@ -379,7 +377,7 @@ class CpuShare:
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"threads={threads}: must be >= 1")
-        self.resident = torch.zeros(self.num_experts, dtype=torch.uint8)
+        self.resident = torch.zeros(self.num_experts, dtype=torch.uint8, pin_memory=True)
         self.follow_calls = True  # re-read resident_ids() at each eager call
         self.set_gpu_experts(self.resident_ids())
         self._steps: dict[tuple, _GpuStep] = {}  # by (tokens, top_k, ids dtype)
@@ -407,7 +405,8 @@ class CpuShare:
                     "allocated then)")
             host = HostStep(self.kernel, key[0], key[1], self.resident, self.costs,
                             self.threads, self.adapt, pin=True)
-            step = self._steps[key] = _GpuStep(host, key[0], key[1], key[2], hidden.device)
+            step = self._steps[key] = _GpuStep(host, self.resident, key[0], key[1], key[2],
+                                               hidden.device)
         return step
 
     @property
@@ -434,7 +433,7 @@ class CpuShare:
         torch.cuda.synchronize()
         if not self._steps:
             return self.costs
-        return list(self._steps.values())[-1].host.costs()
+        return list(self._steps.values())[-1].host.current_costs()
 
     def __call__(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
@@ -446,16 +445,15 @@ class CpuShare:
             if self.follow_calls:
                 self.set_gpu_experts(self.resident_ids())
         stream = torch.cuda.current_stream(hidden.device)
-        step.ids.copy_(topk_ids.reshape(-1))
+        split_on_device(topk_ids, self.num_experts, step.resident, step.costs, step.gpu_ids,
+                        step.ids, step.chosen)
         step.weights.copy_(topk_weights.reshape(-1))
         step.x.copy_(hidden)
-        uvm.launch_host_func(stream.cuda_stream, host.split_fn, host.address)
         step.split_done.record(stream)
         side = _side_stream(hidden.device)
         side.wait_event(step.split_done)
         uvm.launch_host_func(side.cuda_stream, host.compute_fn, host.address)
         step.cpu_done.record(side)
-        step.gpu_ids.copy_(step.gpu_ids_host)
         out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids, **self.quant)
         stream.wait_event(step.cpu_done)
         # In fp32, rounded once to the output's dtype (one kernel).

@@ -96,11 +96,51 @@ def test_group_pairs_and_the_gpu_share_sum_to_the_whole_layer(seed):
     assert torch.equal(out, cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=3))
 
 
+def _split(topk_ids, resident_mask, c, num_experts):
+    """split_on_device on CPU tensors (Triton's interpreter): (gpu_ids, chosen, ids)."""
+    from moe_uvm.kernels.hybrid_split import COSTS, split_on_device
+
+    gpu_ids = torch.empty_like(topk_ids)
+    chosen = torch.empty(num_experts, dtype=torch.uint8)
+    ids = torch.empty(topk_ids.numel(), dtype=torch.int64)
+    costs_vec = torch.tensor([getattr(c, name) for name in COSTS], dtype=torch.float64)
+    split_on_device(topk_ids, num_experts, resident_mask, costs_vec, gpu_ids, ids, chosen)
+    return gpu_ids, chosen, ids
+
+
+@pytest.mark.parametrize("num_experts, top_k, num_tokens", [(16, 4, 1), (128, 8, 1),
+                                                            (128, 8, 4), (60, 6, 16),
+                                                            (256, 8, 3)])
+def test_split_kernel_is_split_offloaded(seed, num_experts, top_k, num_tokens):
+    """The GPU split (kernels/hybrid_split.py, under the interpreter) against split_offloaded on
+    fresh random routings (padding included; an id listed twice for a token counts twice),
+    resident sets and costs: the same experts, the GPU's ids the rest, the ids copied."""
+    rng = np.random.default_rng(seed)
+    E, k, T = num_experts, top_k, num_tokens
+    for trial in range(8):
+        ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+        ids[rng.random(ids.shape) < 0.1] = -1
+        resident = rng.choice(E, int(rng.integers(0, E)), replace=False)
+        mask = torch.zeros(E, dtype=torch.uint8)
+        mask[torch.from_numpy(resident)] = 1
+        c = costs(gpu_gbps=float(rng.uniform(20, 80)), cpu_gbps=float(rng.uniform(10, 80)),
+                  gpu_fixed_us=float(rng.uniform(0, 200)), cpu_fixed_us=float(rng.uniform(0, 200)),
+                  cpu_pair_us=float(rng.uniform(0, 100)) if trial % 2 else 0.0)
+        topk_ids = torch.from_numpy(ids).to(torch.int32 if trial % 3 == 0 else torch.int64)
+        gpu_ids, chosen, copied = _split(topk_ids, mask, c, E)
+        flat = ids.reshape(-1)
+        offloaded = [e for e in flat.tolist() if e >= 0 and not mask[e]]
+        want = split_offloaded({e: offloaded.count(e) for e in set(offloaded)}, c)
+        assert np.flatnonzero(chosen.numpy()).tolist() == want
+        assert gpu_ids.dtype == topk_ids.dtype
+        assert np.array_equal(gpu_ids.numpy(), np.where(np.isin(ids, want), -1, ids))
+        assert np.array_equal(copied.numpy(), flat)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 4, 16])
-def test_host_functions_split_and_compute_as_the_python_reference(seed, num_tokens):
-    """The C host functions a GPU step enqueues, called directly: the split is
-    split_offloaded's, the grouping group_pairs', the GPU's ids the rest, and the CPU's sum
-    cpu_experts' on the CPU's pairs (bitwise); over fresh random routings and costs."""
+def test_host_function_computes_the_cpu_share_as_the_reference(seed, num_tokens):
+    """The split kernel writes into a HostStep's buffers, as on the GPU, and the C host function
+    groups the CPU's pairs as group_pairs does and sums them bitwise as cpu_experts does."""
     from moe_uvm.hybrid import HostStep
 
     built, why = cpu_module.available()
@@ -118,36 +158,34 @@ def test_host_functions_split_and_compute_as_the_python_reference(seed, num_toke
     took, timed = 0, 0
     for _ in range(6):
         x, _, _, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
-        ids = topk_ids.reshape(-1).to(torch.int64).numpy().copy()
-        ids[rng.random(ids.size) < 0.1] = -1  # padding stays the GPU's (and contributes 0)
-        resident = rng.choice(E, int(rng.integers(0, E)), replace=False)
+        topk_ids[torch.from_numpy(rng.random(topk_ids.shape) < 0.1)] = -1
         resident_mask.zero_()
-        resident_mask[torch.from_numpy(resident)] = 1
-        step.ids.copy_(torch.from_numpy(ids))
+        resident_mask[torch.from_numpy(rng.choice(E, int(rng.integers(0, E)), replace=False))] = 1
+        from moe_uvm.kernels.hybrid_split import split_on_device
+
+        gpu_ids = torch.empty_like(topk_ids)
+        split_on_device(topk_ids, E, resident_mask, step.costs, gpu_ids, step.ids, step.chosen)
         step.weights.copy_(topk_weights.reshape(-1))
         step.x.copy_(x)
-        step.split()
-        offloaded = [e for e in ids.tolist() if e >= 0 and e not in set(resident.tolist())]
-        tokens = {e: offloaded.count(e) for e in set(offloaded)}
-        expected_set = split_offloaded(tokens, c)
-        on_cpu = np.isin(ids, expected_set)
-        groups, gpu_ids = group_pairs(ids, on_cpu, topk_weights.reshape(-1).numpy(), k)
+        step.compute()
+        ids = topk_ids.reshape(-1).to(torch.int64).numpy()
+        on_cpu = step.chosen.numpy()[np.maximum(ids, 0)].astype(bool) & (ids >= 0)
+        groups, want_gpu_ids = group_pairs(ids, on_cpu, topk_weights.reshape(-1).numpy(), k)
         for got, want in zip(step.groups(), groups, strict=True):
             assert np.array_equal(got, want)
-        assert np.array_equal(step.gpu_ids.numpy(), gpu_ids)
-        step.compute()
+        assert np.array_equal(gpu_ids.reshape(-1).numpy(), want_gpu_ids)
         cpu_ids = torch.from_numpy(np.where(on_cpu, ids, -1)).view(T, k)
         expected = cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=2)
         assert torch.equal(step.out, expected)
-        took += len(expected_set)
-        timed += bool(expected_set)
+        took += int(step.chosen.sum())
+        timed += bool(step.chosen.any())
     stats = step.stats()
     assert stats.steps == 6 and stats.cpu_experts == took and took > 0
     assert len(stats.cpu_ms) == timed  # the CPU side is timed when it has experts
-    assert step.costs().cpu_expert_us == c.cpu_expert_us  # adapt=False: the costs stay
+    assert step.current_costs() == c  # adapt=False: the costs stay
 
 
-def test_host_step_adapts_the_cpu_cost_to_what_it_observes(seed):
+def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
     from moe_uvm.hybrid import HostStep
 
     built, why = cpu_module.available()
@@ -156,19 +194,18 @@ def test_host_step_adapts_the_cpu_cost_to_what_it_observes(seed):
     E, k, H, I, T = 8, 2, 64, 32, 2
     x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
     kernel = cpu_module.GroupedExperts(w13.bfloat16(), w2.bfloat16())
-    # A CPU cost 1e4 times too high at first (but a GPU costlier still): the CPU takes its
-    # experts, and its observed time pulls the estimate down.
+    # A CPU cost 1e4 times too high at first: its observed time pulls the estimate down.
     c = ExpertCosts(gpu_expert_us=1e9, cpu_expert_us=1e5, gpu_fixed_us=0.0, cpu_fixed_us=0.0)
     step = HostStep(kernel, T, k, torch.zeros(E, dtype=torch.uint8), c, threads=2, adapt=True,
                     pin=False)
     step.ids.copy_(topk_ids.reshape(-1))
     step.weights.copy_(topk_weights.reshape(-1))
     step.x.copy_(x)
+    step.chosen.fill_(1)
     for _ in range(4):
-        step.split()
         step.compute()
     assert step.stats().cpu_experts > 0 and len(step.stats().cpu_ms) == 4
-    assert step.costs().cpu_expert_us < 0.5 * 1e5
+    assert step.current_costs().cpu_expert_us < 0.5 * 1e5
     step.reset_stats()
     assert step.stats().steps == 0 and step.stats().cpu_ms == []
 

@@ -195,14 +195,14 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
     return failed ? -1 : 0;
 }
 
-/* ---- The hybrid's two host functions (moe_uvm/hybrid.py) ----
- * They run as CUDA host nodes (cuLaunchHostFunc: in stream order, inside a captured CUDA graph
- * as well), on the driver's callback thread, so they take everything from one state struct and
- * call no CUDA API. `hybrid_split` runs when the GPU has written a layer's routing into pinned
- * buffers: it picks the CPU's experts, writes the GPU's ids (the CPU's pairs as -1) and groups
- * the CPU's pairs. `hybrid_compute` then runs beside the GPU's kernel: the CPU's experts into
- * `out` (fp32, which the GPU adds to its output). The struct's layout is mirrored by
- * hybrid.py's _State (checked through moe_uvm_hybrid_state_size). */
+/* ---- The hybrid's host function (moe_uvm/hybrid.py) ----
+ * `moe_uvm_hybrid_compute` runs as a CUDA host node (cuLaunchHostFunc: in stream order, inside
+ * a captured CUDA graph as well) on the driver's callback thread, so it takes everything from
+ * one state struct and calls no CUDA API. When it runs, the GPU has written the layer's routing
+ * and token rows into pinned buffers and its split kernel (kernels/hybrid_split.py) has marked
+ * the CPU's experts in `chosen`; this groups the CPU's pairs by expert and computes them into
+ * `out` (fp32, which the GPU then adds to its output), beside the GPU's kernel. The struct's
+ * layout is mirrored by hybrid.py's _State (checked through moe_uvm_hybrid_state_size). */
 #include <time.h>
 
 #define HYBRID_RING 256
@@ -217,97 +217,32 @@ typedef struct {
     const float *w13_scale, *w2_scale;
     const int64_t *scale_strides;
     int64_t kind, scale_kind, block_n, block_k;
-    /* pinned buffers: written by the GPU (ids, weights, x), by the CPU (gpu_ids, out) */
-    const int64_t *ids;   /* [T * k] */
-    const float *weights; /* [T * k] */
-    const float *x;       /* [T, H] */
-    int64_t *gpu_ids;     /* [T * k] */
-    float *out;           /* [T, H] */
-    const uint8_t *resident; /* [E]: 1 where the GPU holds the expert (Python keeps it current) */
+    /* pinned buffers: written by the GPU (ids, weights, x, chosen), by the CPU (out, costs) */
+    const int64_t *ids;      /* [T * k] */
+    const float *weights;    /* [T * k] */
+    const float *x;          /* [T, H] */
+    const uint8_t *chosen;   /* [E]: 1 for the CPU's experts this step */
+    float *out;              /* [T, H] */
+    const uint8_t *resident; /* [E]: 1 where the GPU holds the expert (for the counts only) */
+    double *costs;           /* [5]: ExpertCosts' fields, which the GPU's split reads */
     /* scratch */
     float *gate_up;        /* [T * k, 2I] */
-    int64_t *experts;      /* [T * k]: the CPU's experts, ascending */
+    int64_t *experts;      /* [min(T * k, E)]: the CPU's experts, ascending */
     int64_t *offsets;      /* [T * k + 1] */
     int64_t *pair_tokens;  /* [T * k] */
     float *pair_weights;   /* [T * k] */
-    int64_t *counts;       /* [E] */
-    int64_t *order;        /* [E] */
-    /* costs (microseconds; ExpertCosts' fields) */
-    double gpu_expert_us, cpu_expert_us, cpu_pair_us, gpu_fixed_us, cpu_fixed_us;
-    double ema;     /* weight of a new observation of the CPU's per-expert time; 0: fixed */
-    /* this step */
+    uint8_t *seen;         /* [E] */
+    double ema; /* weight of a new observation of the CPU's per-expert time; 0: fixed */
+    /* the last step */
     int64_t m, pairs;
     /* totals */
     int64_t steps, cpu_experts, gpu_offloaded_experts, timed, status;
-    double cpu_us[HYBRID_RING]; /* wall time of the last split steps' CPU side */
+    double cpu_us[HYBRID_RING]; /* wall time of the last steps' CPU side that had experts */
 } HybridState;
 
+enum { COST_GPU_EXPERT = 0, COST_CPU_EXPERT = 1, COST_CPU_PAIR = 2 };
+
 int64_t moe_uvm_hybrid_state_size(void) { return (int64_t)sizeof(HybridState); }
-
-/* counts, then ids: the ascending order split_offloaded sorts by */
-static int before(const HybridState *s, int64_t a, int64_t b) {
-    return s->counts[a] < s->counts[b] || (s->counts[a] == s->counts[b] && a < b);
-}
-
-void moe_uvm_hybrid_split(void *state) {
-    HybridState *s = (HybridState *)state;
-    int64_t n_pairs = s->tokens * s->top_k, E = s->num_experts;
-    memset(s->counts, 0, sizeof(int64_t) * (size_t)E);
-    for (int64_t p = 0; p < n_pairs; p++) {
-        int64_t e = s->ids[p];
-        if (e >= 0 && e < E && !s->resident[e]) s->counts[e]++;
-    }
-    int64_t m = 0; /* offloaded routed experts, insertion-sorted by (count, id) */
-    for (int64_t e = 0; e < E; e++) {
-        if (s->counts[e] == 0) continue;
-        int64_t j = m++;
-        while (j > 0 && before(s, e, s->order[j - 1])) {
-            s->order[j] = s->order[j - 1];
-            j--;
-        }
-        s->order[j] = e;
-    }
-    /* as many as minimise max(GPU side, CPU side); none when the CPU would not shorten it */
-    int64_t best_n = 0;
-    double best = m ? s->gpu_fixed_us + (double)m * s->gpu_expert_us : 0.0;
-    double cpu = s->cpu_fixed_us;
-    for (int64_t n = 1; n <= m; n++) {
-        cpu += s->cpu_expert_us + s->cpu_pair_us * (double)s->counts[s->order[n - 1]];
-        double gpu = n < m ? s->gpu_fixed_us + (double)(m - n) * s->gpu_expert_us : 0.0;
-        double t = gpu > cpu ? gpu : cpu;
-        if (t < best) {
-            best_n = n;
-            best = t;
-        }
-    }
-    /* counts becomes the CPU mark; experts ascending */
-    for (int64_t j = 0; j < m; j++) s->counts[s->order[j]] = j < best_n ? -1 : 0;
-    int64_t n_cpu = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (s->counts[e] == -1) s->experts[n_cpu++] = e;
-    /* the CPU's pairs grouped by expert, each group in pair order; the GPU's ids without them */
-    int64_t pairs = 0;
-    s->offsets[0] = 0;
-    for (int64_t j = 0; j < n_cpu; j++) {
-        for (int64_t p = 0; p < n_pairs; p++) {
-            if (s->ids[p] == s->experts[j]) {
-                s->pair_tokens[pairs] = p / s->top_k;
-                s->pair_weights[pairs] = s->weights[p];
-                pairs++;
-            }
-        }
-        s->offsets[j + 1] = pairs;
-    }
-    for (int64_t p = 0; p < n_pairs; p++) {
-        int64_t e = s->ids[p];
-        s->gpu_ids[p] = (e >= 0 && e < E && s->counts[e] == -1) ? -1 : e;
-    }
-    s->m = n_cpu;
-    s->pairs = pairs;
-    s->steps++;
-    s->cpu_experts += n_cpu;
-    s->gpu_offloaded_experts += m - best_n;
-}
 
 static double now_us(void) {
     struct timespec t;
@@ -315,16 +250,52 @@ static double now_us(void) {
     return (double)t.tv_sec * 1e6 + (double)t.tv_nsec * 1e-3;
 }
 
+/* The CPU's pairs grouped by expert (ascending), each group in pair order; the counts. */
+static void hybrid_group(HybridState *s) {
+    int64_t n_pairs = s->tokens * s->top_k, E = s->num_experts;
+    int64_t n_cpu = 0, pairs = 0, offloaded = 0;
+    s->offsets[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (!s->chosen[e]) continue;
+        int64_t first = pairs;
+        for (int64_t p = 0; p < n_pairs; p++) {
+            if (s->ids[p] == e) {
+                s->pair_tokens[pairs] = p / s->top_k;
+                s->pair_weights[pairs] = s->weights[p];
+                pairs++;
+            }
+        }
+        if (pairs > first) {
+            s->experts[n_cpu++] = e;
+            s->offsets[n_cpu] = pairs;
+        }
+    }
+    memset(s->seen, 0, (size_t)E);
+    for (int64_t p = 0; p < n_pairs; p++) {
+        int64_t e = s->ids[p];
+        if (e >= 0 && e < E && !s->seen[e] && (!s->resident[e] || s->chosen[e])) {
+            s->seen[e] = 1;
+            offloaded++;
+        }
+    }
+    s->m = n_cpu;
+    s->pairs = pairs;
+    s->steps++;
+    s->cpu_experts += n_cpu;
+    s->gpu_offloaded_experts += offloaded > n_cpu ? offloaded - n_cpu : 0;
+}
+
 void moe_uvm_hybrid_compute(void *state) {
     HybridState *s = (HybridState *)state;
     memset(s->out, 0, sizeof(float) * (size_t)(s->tokens * s->hidden));
+    hybrid_group(s);
     if (s->m == 0) return;
     double start = now_us();
     int failed = moe_uvm_cpu_experts(
         s->x, s->hidden, s->intermediate, s->m, s->experts, s->offsets, s->pair_tokens,
-        s->pair_weights, s->w13, s->w13_stride, s->w2, s->w2_stride,
-        (int)s->kind, s->w13_scale, s->w2_scale, (int)s->scale_kind, s->scale_strides,
-        (int)s->block_n, (int)s->block_k, s->gate_up, s->out, (int)s->threads);
+        s->pair_weights, s->w13, s->w13_stride, s->w2, s->w2_stride, (int)s->kind,
+        s->w13_scale, s->w2_scale, (int)s->scale_kind, s->scale_strides, (int)s->block_n,
+        (int)s->block_k, s->gate_up, s->out, (int)s->threads);
     if (failed) {
         s->status = 1; /* hybrid.py raises at its next look */
         memset(s->out, 0, sizeof(float) * (size_t)(s->tokens * s->hidden));
@@ -333,6 +304,8 @@ void moe_uvm_hybrid_compute(void *state) {
     double us = now_us() - start;
     s->cpu_us[s->timed % HYBRID_RING] = us;
     s->timed++;
-    double per_expert = (us - s->cpu_fixed_us - s->cpu_pair_us * (double)s->pairs) / (double)s->m;
-    if (s->ema > 0 && per_expert > 0) s->cpu_expert_us += s->ema * (per_expert - s->cpu_expert_us);
+    double *c = s->costs;
+    double per_expert = (us - c[4] - c[COST_CPU_PAIR] * (double)s->pairs) / (double)s->m;
+    if (s->ema > 0 && per_expert > 0)
+        c[COST_CPU_EXPERT] += s->ema * (per_expert - c[COST_CPU_EXPERT]);
 }

@@ -104,15 +104,14 @@ def _library() -> ctypes.CDLL:
         _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _INT, _P, _P, _INT, _P, _INT,
         _INT, _P, _P, _INT]
     lib.moe_uvm_hybrid_state_size.restype = _I64
-    for name in ("moe_uvm_hybrid_split", "moe_uvm_hybrid_compute"):
-        getattr(lib, name).restype = None
-        getattr(lib, name).argtypes = [_P]
+    lib.moe_uvm_hybrid_compute.restype = None
+    lib.moe_uvm_hybrid_compute.argtypes = [_P]
     return lib
 
 
 def hybrid_library() -> ctypes.CDLL:
-    """The compiled library, for the hybrid's host functions (moe_uvm_hybrid_split and
-    moe_uvm_hybrid_compute over moe_uvm.hybrid's state struct). Raises CpuKernelUnavailable."""
+    """The compiled library, for the hybrid's host function (moe_uvm_hybrid_compute over
+    moe_uvm.hybrid's state struct). Raises CpuKernelUnavailable."""
     return _library()
 
 
