@@ -7,8 +7,10 @@ one piece of the hybrid's step to the one before:
 - gpu_only:      the fused kernel per layer (what `moe-uvm bench` times);
 - split:         + the split kernel, the copies into pinned memory, the add of the (zero) CPU
                  sum: the hybrid's GPU work with no host node;
-- idle_hybrid:   + the host node on the side stream (CPU given nothing) and the join;
-- hybrid:        the CPU takes its share (costs from the measured calibration);
+- idle_doorbell: + the hand-off to the host through the doorbell (a stream write the host
+                 thread spins on, a stream wait for its answer), the CPU given nothing;
+- idle_host_node: the same through a host node on a side stream and the join;
+- hybrid_doorbell, hybrid_host_node: the CPU takes its share (costs from the calibration);
 - host_nodes:    only the layers' host nodes (a no-op function), one after the other on one
                  stream: the GPU -> host -> GPU latency of one node.
 
@@ -95,10 +97,19 @@ def main() -> None:
         static_w.copy_(weights[s])
 
     never = ExpertCosts(gpu_expert_us=1.0, cpu_expert_us=1e12)
-    idle = [CpuShare(w.w13, w.w2, lambda layer=layer: manager.resident_ids(layer), costs=never,
-                     quant=w.quant, threads=args.threads, adapt=False)
-            for layer, w in enumerate(managed)]
-    shares = hybrid_shares(work, manager, managed, args.threads)
+
+    def shares_of(costs, signal, adapt):
+        return [CpuShare(w.w13, w.w2, lambda layer=layer: manager.resident_ids(layer),
+                         costs=costs, quant=w.quant, threads=args.threads, adapt=adapt,
+                         signal=signal) for layer, w in enumerate(managed)]
+
+    idle = shares_of(never, "host_node", False)
+    shares = hybrid_shares(work, manager, managed, args.threads)  # signal auto: the doorbell
+    variants = [("gpu_only", None), ("split", None),
+                ("idle_doorbell", shares_of(never, "doorbell", False)),
+                ("idle_host_node", idle), ("hybrid_doorbell", shares),
+                ("hybrid_host_node", shares_of(shares[0].costs, "host_node", True)),
+                ("host_nodes", None)]
 
     def gpu_only():
         return decode_step(h0, static_ids, static_w, managed)
@@ -131,26 +142,28 @@ def main() -> None:
             uvm.launch_host_func(stream, free, 0)
 
     rows = {}
-    for name, body in [("gpu_only", gpu_only), ("split", split_only),
-                       ("idle_hybrid", hybrid_of(idle)), ("hybrid", hybrid_of(shares)),
-                       ("host_nodes", host_nodes)]:
+    for name, group in variants:
+        body = dict(gpu_only=gpu_only, split=split_only, host_nodes=host_nodes).get(name) \
+            or hybrid_of(group)
         rows[name] = time_graph(body, set_step, args.steps, args.warmup)
+        if group is not None:
+            rows[name]["signal"] = group[0].signal
+            stats = [s.stats.summary() for s in group]
+            rows[name]["cpu_experts"] = sum(st["cpu_experts"] for st in stats)
+            rows[name]["cpu_ms_median"] = statistics.median(
+                [st["cpu_ms_median"] for st in stats if st["cpu_experts"]] or [0.0])
         r = rows[name]
         print(f"{name:12s} wall {r['wall_ms']:8.3f} ms  gpu {r['gpu_ms']:8.3f} ms  "
               f"per layer: wall {r['wall_ms'] / work.num_layers * 1e3:7.1f} us, "
               f"gpu {r['gpu_ms'] / work.num_layers * 1e3:7.1f} us", flush=True)
-    stats = [s.stats.summary() for s in shares]
     result = dict(ceilings.device_summary(), shape=args.model_shape, layers=work.num_layers,
                   batch=args.batch, threads=args.threads, steps=args.steps, warmup=args.warmup,
-                  rows=rows, hybrid_cpu_ms_median=statistics.median(
-                      [st["cpu_ms_median"] for st in stats if st["cpu_experts"]] or [0.0]),
-                  costs=vars(shares[0].current_costs()))
+                  rows=rows, costs=vars(shares[0].current_costs()))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
-    shares.clear()
-    idle.clear()
+    variants.clear()
     manager.close()
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -323,12 +324,85 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[index]
 
 
+class Doorbell:
+    """A host thread (cpu_experts.c's doorbell) that runs the layers' host functions when the
+    GPU's stream asks, through pinned words and stream memory operations rather than host
+    nodes: each registered HostStep has a word; the stream writes 1 into it
+    (cuStreamWriteValue32, fenced after the layer's writes), the thread, spinning over the
+    words, computes the layer and writes 2, and the stream waits for the 2
+    (cuStreamWaitValue32) before it adds the CPU's sum. Usable without a GPU (the tests write
+    the words from the host). One per device, for the process's lifetime."""
+
+    CAPACITY = 8192  # layer-batch states
+    SPIN_US = 20_000.0  # spin this long after each request, then poll
+    IDLE, REQUEST, DONE = 0, 1, 2
+
+    def __init__(self, device: int | None = None) -> None:
+        self.lib = cpu_kernel.hybrid_library()
+        pin = device is not None
+        self.words = torch.zeros(self.CAPACITY, dtype=torch.int32, pin_memory=pin)
+        self.words_device = uvm.mapped_host_view(self.words, device) if pin else None
+        self.handle = self.lib.moe_uvm_doorbell_start(self.words.data_ptr(), self.CAPACITY,
+                                                      self.SPIN_US)
+        if not self.handle:
+            raise cpu_kernel.CpuKernelUnavailable("the hybrid's doorbell thread could not be "
+                                                  "started (pthread_create failed)")
+        self.states: list[HostStep] = []  # registered: kept alive while graphs can name them
+        self._lock = threading.Lock()
+
+    def register(self, host: HostStep) -> int:
+        """The index of `host`'s word (its device address: word_address)."""
+        with self._lock:
+            index = self.lib.moe_uvm_doorbell_register(self.handle, host.address)
+            if index < 0:
+                raise RuntimeError(f"the hybrid's doorbell is full ({self.CAPACITY} layer-batch "
+                                   "states): fewer CpuShares or batch sizes, or "
+                                   "signal='host_node'")
+            self.states.append(host)
+        return index
+
+    def word_address(self, index: int) -> int:
+        return self.words_device.data_ptr() + 4 * index
+
+    def served(self) -> int:
+        return self.lib.moe_uvm_doorbell_served(self.handle)
+
+
+_doorbells: dict[int, Doorbell] = {}
+
+SIGNALS = ("auto", "doorbell", "host_node")
+
+
+def resolve_signal(signal: str, device: int) -> tuple[str, str]:
+    """(the way CpuShare hands a layer to the host on `device`, why): `doorbell` where stream
+    memory operations work (checked once per device) and `auto` or `doorbell` asks for it,
+    else `host_node`. `doorbell` asked for where they do not work raises."""
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
+    if signal == "host_node":
+        return "host_node", "signal='host_node'"
+    works, why = uvm.stream_memops_work(device)
+    if not works:
+        if signal == "doorbell":
+            raise RuntimeError(f"signal='doorbell': stream memory operations do not work on "
+                               f"cuda:{device}: {why}")
+        return "host_node", f"stream memory operations do not work: {why}"
+    return "doorbell", "stream memory operations work"
+
+
+def _doorbell(device: int) -> Doorbell:
+    if device not in _doorbells:
+        _doorbells[device] = Doorbell(device)
+    return _doorbells[device]
+
+
 class _GpuStep:
-    """HostStep plus the device side: CUDA views of its pinned buffers, the GPU's ids, two
-    events."""
+    """HostStep plus the device side: CUDA views of its pinned buffers, the GPU's ids, and the
+    hand-off to the host: a doorbell id and the `done` word's device address, or two events
+    around a host node on the side stream."""
 
     def __init__(self, host: HostStep, resident: torch.Tensor, tokens: int, top_k: int,
-                 ids_dtype: torch.dtype, device: torch.device) -> None:
+                 ids_dtype: torch.dtype, device: torch.device, signal: str) -> None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.host = host
         view = lambda t: uvm.mapped_host_view(t, index)  # noqa: E731
@@ -336,8 +410,13 @@ class _GpuStep:
         self.chosen, self.out, self.costs = view(host.chosen), view(host.out), view(host.costs)
         self.resident = view(resident)
         self.gpu_ids = torch.full((tokens, top_k), -1, dtype=ids_dtype, device=device)
-        self.split_done = torch.cuda.Event()
-        self.cpu_done = torch.cuda.Event()
+        self.signal = signal
+        if signal == "doorbell":
+            bell = _doorbell(index)
+            self.word = bell.word_address(bell.register(host))
+        else:
+            self.split_done = torch.cuda.Event()
+            self.cpu_done = torch.cuda.Event()
 
 
 class CpuShare:
@@ -356,16 +435,25 @@ class CpuShare:
     1. the split kernel (kernels/hybrid_split.py) picks the CPU's experts from the routing,
        the resident mask and the costs, writes the GPU's ids (the CPU's pairs as -1), the CPU's
        mask and the ids into pinned memory; the weights and token rows (fp32) follow;
-    2. on a side stream, host function `moe_uvm_hybrid_compute` (cpu_experts.c) groups the
-       CPU's pairs and computes them into a pinned fp32 buffer, while the GPU runs its kernel;
-    3. the main stream waits for the side stream and adds the CPU's sum to the GPU's output (in
-       fp32, rounded once)."""
+    2. the host runs `moe_uvm_hybrid_compute` (cpu_experts.c: groups the CPU's pairs and
+       computes them into a pinned fp32 buffer) while the GPU runs its kernel. `signal` says how
+       the host is asked: `doorbell` (the stream writes the layer's id into a pinned word a
+       spinning host thread watches, and later waits for the layer's done word: no driver
+       thread or interrupt on the way), `host_node` (a CUDA host function on a side stream,
+       which the driver's thread runs), `auto` (the doorbell where stream memory operations
+       work);
+    3. the main stream waits for the host and adds the CPU's sum to the GPU's output (in fp32,
+       rounded once)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
                  resident_ids: Callable[[], Iterable[int]], *, costs: ExpertCosts,
                  quant: dict | None = None, threads: int | None = None,
-                 adapt: bool = True) -> None:
+                 adapt: bool = True, signal: str = "auto") -> None:
         costs.check()
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
+        self.signal = signal  # resolved at the first GPU call (resolve_signal)
+        self.signal_why = ""
         self.w13, self.w2 = w13, w2
         self.quant = dict(quant or {})
         host_quant = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.quant.items()}
@@ -403,10 +491,14 @@ class CpuShare:
                     f"CpuShare: first call at {key[0]} tokens inside a CUDA graph capture; run "
                     "the step once eagerly at this batch size first (its pinned buffers are "
                     "allocated then)")
+            if not self._steps:
+                index = hidden.device.index
+                index = torch.cuda.current_device() if index is None else index
+                self.signal, self.signal_why = resolve_signal(self.signal, index)
             host = HostStep(self.kernel, key[0], key[1], self.resident, self.costs,
                             self.threads, self.adapt, pin=True)
             step = self._steps[key] = _GpuStep(host, self.resident, key[0], key[1], key[2],
-                                               hidden.device)
+                                               hidden.device, self.signal)
         return step
 
     @property
@@ -449,6 +541,11 @@ class CpuShare:
                         step.ids, step.chosen)
         step.weights.copy_(topk_weights.reshape(-1))
         step.x.copy_(hidden)
+        if step.signal == "doorbell":
+            uvm.stream_write_value32(stream.cuda_stream, step.word, Doorbell.REQUEST)
+            out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids, **self.quant)
+            uvm.stream_wait_value32(stream.cuda_stream, step.word, Doorbell.DONE)
+            return out.add_(step.out)
         step.split_done.record(stream)
         side = _side_stream(hidden.device)
         side.wait_event(step.split_done)

@@ -143,7 +143,20 @@ def _driver_library() -> ctypes.CDLL:
     lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuGetErrorName.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    for name in ("cuStreamWriteValue32_v2", "cuStreamWaitValue32_v2"):
+        if hasattr(lib, name):
+            getattr(lib, name).restype = ctypes.c_int
+            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32,
+                                           ctypes.c_uint]
     return lib
+
+
+def _check_driver(err: int, call: str) -> None:
+    if err != 0:
+        lib = _driver_library()
+        name = ctypes.c_char_p()
+        known = lib.cuGetErrorName(err, ctypes.byref(name)) == 0 and name.value
+        raise UVMError(f"{call} failed: {name.value.decode() if known else f'CUresult {err}'}")
 
 
 def launch_host_func(stream: int, fn: int, data: int) -> None:
@@ -151,13 +164,63 @@ def launch_host_func(stream: int, fn: int, data: int) -> None:
     `data`, on `stream` (a cudaStream_t handle) in stream order; under stream capture it becomes
     a host node of the graph, called at every replay. The function runs on the driver's thread
     and must make no CUDA call; `data` must stay valid while any graph holding it can run."""
+    _check_driver(_driver_library().cuLaunchHostFunc(stream, fn, data), "cuLaunchHostFunc")
+
+
+_WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
+_WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: fenced after the stream's earlier writes
+
+
+def _memop(name: str):
     lib = _driver_library()
-    err = lib.cuLaunchHostFunc(stream, fn, data)
-    if err != 0:
-        name = ctypes.c_char_p()
-        known = lib.cuGetErrorName(err, ctypes.byref(name)) == 0 and name.value
-        raise UVMError(f"cuLaunchHostFunc failed: "
-                       f"{name.value.decode() if known else f'CUresult {err}'}")
+    if not hasattr(lib, name):
+        raise UVMError(f"this CUDA driver has no {name} (stream memory operations need CUDA 11.7+)")
+    return getattr(lib, name)
+
+
+def stream_write_value32(stream: int, address: int, value: int) -> None:
+    """Enqueue a 32-bit write of `value` to device-visible `address` (device memory, or pinned
+    host memory through its device address) on `stream`, after a fence that makes the stream's
+    earlier writes visible first (cuStreamWriteValue32; a memory-operation node under capture)."""
+    _check_driver(_memop("cuStreamWriteValue32_v2")(stream, address, value, _WRITE_DEFAULT),
+                  "cuStreamWriteValue32")
+
+
+def stream_wait_value32(stream: int, address: int, value: int) -> None:
+    """Enqueue a wait, on `stream`, until the 32-bit word at `address` equals `value`
+    (cuStreamWaitValue32; a memory-operation node under capture). The stream waits as long as
+    it takes: whoever writes the word must be sure to."""
+    _check_driver(_memop("cuStreamWaitValue32_v2")(stream, address, value, _WAIT_EQ),
+                  "cuStreamWaitValue32")
+
+
+@functools.cache
+def stream_memops_work(device: int) -> tuple[bool, str]:
+    """(whether 32-bit stream writes and waits on pinned host memory work on `device`, eagerly
+    and captured in a CUDA graph; why not). Checked once per device on a private stream, with a
+    wait that the same stream's write satisfies (nothing can be left waiting)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        flag = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        view = mapped_host_view(flag, device)
+        address = view.data_ptr()
+        stream = torch.cuda.Stream(device=device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            stream_write_value32(stream.cuda_stream, address, 1)
+            stream_wait_value32(stream.cuda_stream, address, 1)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                stream_write_value32(stream.cuda_stream, address + 4, 7)
+                stream_wait_value32(stream.cuda_stream, address + 4, 7)
+            graph.replay()
+            stream.synchronize()
+        if flag.tolist() != [1, 7]:
+            return False, f"the writes left {flag.tolist()}, not [1, 7]"
+    except (UVMError, RuntimeError) as exc:
+        return False, str(exc).splitlines()[0]
+    return True, ""
 
 
 def mem_get_info(device: int = 0) -> tuple[int, int]:

@@ -185,6 +185,60 @@ def test_host_function_computes_the_cpu_share_as_the_reference(seed, num_tokens)
     assert step.current_costs() == c  # adapt=False: the costs stay
 
 
+def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
+    """The doorbell's thread (what the GPU's stream memory operations talk to) computes a
+    state when its word reads 1, leaves 2, and touches no other state; results bitwise equal to
+    calling the host function directly. Here the host writes the words the GPU would."""
+    import time
+
+    from moe_uvm.hybrid import Doorbell, HostStep
+    from moe_uvm.kernels.hybrid_split import split_on_device
+
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    E, k, H, I, T = 16, 4, 64, 32, 3
+    _, w13, w2, _, _ = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+    kernel = cpu_module.GroupedExperts(w13.bfloat16(), w2.bfloat16())
+    resident_mask = torch.zeros(E, dtype=torch.uint8)
+    c = costs(cpu_gbps=200.0, cpu_fixed_us=0.0)  # the CPU takes experts
+    bell = Doorbell()
+    steps = [HostStep(kernel, T, k, resident_mask, c, threads=2, adapt=False, pin=False)
+             for _ in range(3)]
+    words = [bell.register(step) for step in steps]
+    assert words == [0, 1, 2]
+
+    def wait_done(word):
+        deadline = time.monotonic() + 30
+        while int(bell.words[word]) != Doorbell.DONE:
+            assert time.monotonic() < deadline, "the doorbell thread did not answer in 30 s"
+            time.sleep(1e-4)
+
+    for _ in range(3):
+        for step in steps:
+            x, _, _, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+            gpu_ids = torch.empty_like(topk_ids)
+            split_on_device(topk_ids, E, resident_mask, step.costs, gpu_ids, step.ids,
+                            step.chosen)
+            step.weights.copy_(topk_weights.reshape(-1))
+            step.x.copy_(x)
+        served, before = bell.served(), [s.stats().steps for s in steps]
+        bell.words[1] = Doorbell.REQUEST  # only the middle one
+        wait_done(1)
+        assert bell.served() == served + 1
+        assert [s.stats().steps for s in steps] == [before[0], before[1] + 1, before[2]]
+        got = steps[1].out.clone()
+        assert steps[1].chosen.any() and got.abs().sum() > 0
+        steps[1].compute()  # the same state, computed directly
+        assert torch.equal(got, steps[1].out)
+        for word in (0, 2):
+            bell.words[word] = Doorbell.REQUEST
+        for word in (0, 2):
+            wait_done(word)
+    assert bell.served() == 9
+    assert [s.stats().steps for s in steps] == [3, 6, 3]  # the direct computes count too
+
+
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
     from moe_uvm.hybrid import HostStep
 
@@ -294,14 +348,22 @@ def test_gpu_hybrid_layer_matches_the_gpu_kernel(seed, weight_dtype, num_tokens)
 
 
 @pytest.mark.gpu
-def test_gpu_hybrid_in_a_cuda_graph_replays_the_eager_step_bitwise(seed):
-    """Fixed costs: the split depends only on the routing, so a graph's replay (host nodes)
-    equals the eager step bitwise, on fresh routings copied into the captured inputs; a new
-    GPU set given after capture is what the replays split by."""
+@pytest.mark.parametrize("signal", ["doorbell", "host_node"])
+def test_gpu_hybrid_in_a_cuda_graph_replays_the_eager_step_bitwise(seed, signal):
+    """Fixed costs: the split depends only on the routing, so a graph's replay (memory-operation
+    nodes and the doorbell thread, or host nodes) equals the eager step bitwise, on fresh
+    routings copied into the captured inputs; a new GPU set given after capture is what the
+    replays split by."""
     built, why = cpu_module.available()
     if not built:
         pytest.skip(f"CPU expert kernel unavailable: {why}")
+    from moe_uvm import uvm
     from moe_uvm.store import ManagedExpertStore
+
+    if signal == "doorbell":
+        works, why = uvm.stream_memops_work(0)
+        if not works:
+            pytest.skip(f"stream memory operations do not work here: {why}")
 
     E, k, H, I, T = 16, 4, 256, 128, 2
     x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.bfloat16, "cuda")
@@ -313,11 +375,12 @@ def test_gpu_hybrid_in_a_cuda_graph_replays_the_eager_step_bitwise(seed):
         store["w2"].copy_(w2)
         torch.cuda.synchronize()
         share = CpuShare(store["w13"], store["w2"], lambda: [], costs=costs(), adapt=False,
-                         threads=2)
+                         threads=2, signal=signal)
         share.follow_calls = False
         static = (x.clone(), topk_weights.clone(), topk_ids.clone())
         share(*static)  # the first call allocates its pinned buffers
         torch.cuda.synchronize()
+        assert share.signal == signal
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = share(*static)
@@ -344,6 +407,23 @@ def test_gpu_hybrid_in_a_cuda_graph_replays_the_eager_step_bitwise(seed):
         torch.cuda.synchronize()
     finally:
         store.free()
+
+
+def test_signal_is_checked():
+    from moe_uvm.hybrid import resolve_signal
+
+    with pytest.raises(ValueError, match="signal must be one of auto, doorbell, host_node"):
+        CpuShare(torch.zeros(2, 8, 4), torch.zeros(2, 4, 4), lambda: [], costs=costs(),
+                 signal="bell")
+    with pytest.raises(ValueError, match="signal must be one of"):
+        resolve_signal("fast", 0)
+    assert resolve_signal("host_node", 0) == ("host_node", "signal='host_node'")
+    if not torch.cuda.is_available():
+        assert resolve_signal("auto", 0) == ("host_node",
+                                             "stream memory operations do not work: no CUDA "
+                                             "device")
+        with pytest.raises(RuntimeError, match="signal='doorbell': stream memory operations"):
+            resolve_signal("doorbell", 0)
 
 
 def test_cpu_experts_config_is_checked():

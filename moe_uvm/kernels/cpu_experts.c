@@ -112,7 +112,7 @@ static void dot_group(const float *a, const float *const *b, int nb, int64_t n, 
 }
 
 /* The ABI version (cpu_experts.py checks it after loading). */
-int moe_uvm_cpu_experts_init(void) { return 2; }
+int moe_uvm_cpu_experts_init(void) { return 3; }
 
 /* x [T, H] fp32; experts [m]; pair_offsets [m + 1]; pair_tokens, pair_weights [P] (pairs of
  * expert j: pair_offsets[j] .. pair_offsets[j + 1]); gate_up scratch [P, 2I] fp32; out [T, H]
@@ -308,4 +308,102 @@ void moe_uvm_hybrid_compute(void *state) {
     double per_expert = (us - c[4] - c[COST_CPU_PAIR] * (double)s->pairs) / (double)s->m;
     if (s->ema > 0 && per_expert > 0)
         c[COST_CPU_EXPERT] += s->ema * (per_expert - c[COST_CPU_EXPERT]);
+}
+
+/* ---- The doorbell: a host thread that serves the GPU's requests without the driver ----
+ * The second way to run moe_uvm_hybrid_compute in stream order (hybrid.py picks it where the
+ * GPU's stream memory operations work, host nodes elsewhere). Each registered state has a word
+ * in a pinned array: the GPU's stream writes 1 into it (cuStreamWriteValue32, which fences the
+ * layer's earlier writes first), this thread, spinning over the words, sees the 1, computes the
+ * layer and writes 2, and the stream, which went on with its own kernel, waits for the 2
+ * (cuStreamWaitValue32) before it adds the CPU's sum. No driver thread wakes up and no
+ * interrupt is taken on the way, as for a host node. A word per state, so layers of several
+ * streams never overwrite each other's requests. The thread spins for `spin_us` after each
+ * request (decode's layers come back-to-back), then polls every 50 us, every 1 ms after a
+ * second idle. States are never unregistered: a captured graph keeps naming them, and they
+ * live as long as the process's CpuShares. */
+#include <pthread.h>
+
+enum { BELL_IDLE = 0, BELL_REQUEST = 1, BELL_DONE = 2 };
+
+typedef struct {
+    volatile uint32_t *words; /* [capacity], pinned */
+    HybridState **states;     /* [capacity] */
+    int64_t capacity, registered;
+    double spin_us;
+    int64_t served;
+    pthread_t thread;
+} Doorbell;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void *doorbell_loop(void *arg) {
+    Doorbell *d = (Doorbell *)arg;
+    double last = now_us();
+    for (;;) {
+        int64_t n = __atomic_load_n(&d->registered, __ATOMIC_ACQUIRE);
+        int served = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (__atomic_load_n(&d->words[i], __ATOMIC_ACQUIRE) != BELL_REQUEST) continue;
+            moe_uvm_hybrid_compute(d->states[i]);
+            __atomic_store_n(&d->words[i], (uint32_t)BELL_DONE, __ATOMIC_RELEASE);
+            d->served++;
+            served = 1;
+        }
+        if (served) {
+            last = now_us();
+            continue;
+        }
+        double idle = now_us() - last;
+        if (idle < d->spin_us) {
+            for (int i = 0; i < 16; i++) cpu_relax();
+            continue;
+        }
+        struct timespec t = {0, idle < 1e6 ? 50000 : 1000000};
+        nanosleep(&t, NULL);
+    }
+    return NULL;
+}
+
+/* A doorbell over `words` (a pinned array of `capacity` zeroed words the GPU writes), its
+ * thread started; NULL when the thread cannot be created. It runs until the process ends. */
+void *moe_uvm_doorbell_start(uint32_t *words, int64_t capacity, double spin_us) {
+    Doorbell *d = (Doorbell *)calloc(1, sizeof(Doorbell));
+    if (d == NULL) return NULL;
+    d->states = (HybridState **)calloc((size_t)capacity, sizeof(HybridState *));
+    if (d->states == NULL) {
+        free(d);
+        return NULL;
+    }
+    d->words = words;
+    d->capacity = capacity;
+    d->spin_us = spin_us;
+    if (pthread_create(&d->thread, NULL, doorbell_loop, d) != 0) {
+        free(d->states);
+        free(d);
+        return NULL;
+    }
+    pthread_detach(d->thread);
+    return d;
+}
+
+/* Registers a state (one caller at a time): the index of its word, or -1 when full. */
+int64_t moe_uvm_doorbell_register(void *doorbell, void *state) {
+    Doorbell *d = (Doorbell *)doorbell;
+    int64_t i = d->registered;
+    if (i >= d->capacity) return -1;
+    d->states[i] = (HybridState *)state;
+    __atomic_store_n(&d->registered, i + 1, __ATOMIC_RELEASE); /* the state before the count */
+    return i;
+}
+
+/* Requests served since the start. */
+int64_t moe_uvm_doorbell_served(void *doorbell) {
+    return __atomic_load_n(&((Doorbell *)doorbell)->served, __ATOMIC_RELAXED);
 }

@@ -6,7 +6,7 @@ Plain torch reaches ~37 GB/s on 8 Qwen3-sized bf16 experts with 16 threads of th
 (benchmarks/results/h200/hybrid_ceiling.json): it widens bf16 at the fp32 element rate and
 pays an op per matrix. cpu_experts.c streams each weight row once, widened in L1 and dotted
 with every token routed to its expert, in one OpenMP region per call. It is compiled on first
-use with the machine's C compiler (`cc`, or $CC; -O3 -march=native -fopenmp) into a cache
+use with the machine's C compiler (`cc`, or $CC; -O3 -march=native -fopenmp -pthread) into a cache
 directory ($MOE_UVM_CACHE, else $XDG_CACHE_HOME/moe-uvm, else ~/.cache/moe-uvm) keyed by the
 source, compiler and CPU; `available()` says whether that works here and why not.
 
@@ -31,8 +31,8 @@ import torch
 from .fp8 import FP8_DTYPE, check_block_shape, scale_shape
 
 _SOURCE = Path(__file__).with_name("cpu_experts.c")
-_ABI = 2
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+_ABI = 3
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-pthread", "-fPIC", "-shared")
 _KINDS = {torch.bfloat16: 0, FP8_DTYPE: 1}
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -106,6 +106,12 @@ def _library() -> ctypes.CDLL:
     lib.moe_uvm_hybrid_state_size.restype = _I64
     lib.moe_uvm_hybrid_compute.restype = None
     lib.moe_uvm_hybrid_compute.argtypes = [_P]
+    lib.moe_uvm_doorbell_start.restype = _P
+    lib.moe_uvm_doorbell_start.argtypes = [_P, _I64, ctypes.c_double]
+    lib.moe_uvm_doorbell_register.restype = _I64
+    lib.moe_uvm_doorbell_register.argtypes = [_P, _P]
+    lib.moe_uvm_doorbell_served.restype = _I64
+    lib.moe_uvm_doorbell_served.argtypes = [_P]
     return lib
 
 
