@@ -333,7 +333,8 @@ def generate(
     decoder's torch.compile of the decode step (default: with CUDA graphs; the first compile
     of a model shape takes minutes at full depth, later ones hit inductor's cache). With the
     CPU/GPU hybrid on (`cpu_experts` in the load's config; `manager.hybrid`) the decode step is
-    captured in graphs with the hybrid's host functions as host nodes, and not compiled."""
+    captured in graphs (the hybrid hands the CPU its share in stream order), and not
+    compiled."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode not in DECODES:

@@ -12,14 +12,18 @@ A step of a layer (`CpuShare.__call__`) is enqueued, never waited on, so it runs
 eagerly and inside a captured CUDA graph. A GPU kernel splits the routed offloaded experts
 (kernels/hybrid_split.py, `split_offloaded`'s rule: the experts with the fewest tokens go to
 the CPU, as many as make both sides finish together under the current per-expert costs) and
-writes the routing and the CPU's experts into pinned host memory; a CUDA host function
-(cuLaunchHostFunc; a host node in a graph) on a side stream computes the CPU's share while the
-GPU's kernel reads the rest; the main stream then adds the CPU's fp32 sum. Host nodes rather
-than piecewise graphs: the whole decode step, hybrid layers included, stays one graph with no
-Python between layers, and the GPU never waits for the host before its kernel. (The first
-version synced the host at each layer and split in Python: 190-320 us a layer on the H200
-host, no graphs. A second ran the split as a host node too: the GPU then waited for a
-host-thread wake-up before each layer's kernel, 125-175 us a layer at batch 1 on an H100.)
+writes the routing and the CPU's experts into pinned host memory; the host computes the CPU's
+share while the GPU's kernel reads the rest; the stream then adds the CPU's fp32 sum. The host
+is asked in stream order, so the whole decode step, hybrid layers included, stays one CUDA
+graph with no Python between layers, and the GPU never waits for the host before its kernel
+(rather than piecewise graphs, which would return to Python at every layer). Two ways
+(`signal`): a doorbell (a host thread spinning on a pinned word per layer, which the stream
+writes and then waits on with stream memory operations: no driver thread, no interrupt), the
+default where those operations work; or a CUDA host function (cuLaunchHostFunc; a host node in
+a graph) on a side stream, which the driver's thread runs. (The first version synced the host
+at each layer and split in Python: 190-320 us a layer on the H200 host, no graphs. A second
+ran the split as a host node too: the GPU then waited for a host-thread wake-up before each
+layer's kernel, 125-175 us a layer at batch 1 on an H100.)
 
 The GPU's per-expert cost comes from measurements of the fused kernel on the layer's
 offloaded pages; the CPU's starts from its kernel on cold experts and follows the observed
