@@ -335,7 +335,8 @@ class Doorbell:
     (cuStreamWriteValue32, fenced after the layer's writes), the thread, spinning over the
     words, computes the layer and writes 2, and the stream waits for the 2
     (cuStreamWaitValue32) before it adds the CPU's sum. Usable without a GPU (the tests write
-    the words from the host). One per device, for the process's lifetime."""
+    the words from the host). CpuShare uses one per device, for the process's lifetime; `close`
+    (or the object's collection) stops the thread, after which no graph may ask it."""
 
     CAPACITY = 8192  # layer-batch states
     SPIN_US = 20_000.0  # spin this long after each request, then poll
@@ -356,6 +357,8 @@ class Doorbell:
 
     def register(self, host: HostStep) -> int:
         """The index of `host`'s word (its device address: word_address)."""
+        if not self.handle:
+            raise RuntimeError("the doorbell is closed")
         with self._lock:
             index = self.lib.moe_uvm_doorbell_register(self.handle, host.address)
             if index < 0:
@@ -364,6 +367,15 @@ class Doorbell:
                                    "signal='host_node'")
             self.states.append(host)
         return index
+
+    def close(self) -> None:
+        """Stop the thread (before the words and the states it reads go)."""
+        if self.handle:
+            self.lib.moe_uvm_doorbell_stop(self.handle)
+            self.handle = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def word_address(self, index: int) -> int:
         return self.words_device.data_ptr() + 4 * index

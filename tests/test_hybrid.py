@@ -237,6 +237,12 @@ def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
             wait_done(word)
     assert bell.served() == 9
     assert [s.stats().steps for s in steps] == [3, 6, 3]  # the direct computes count too
+    bell.close()  # joins the thread
+    bell.words[0] = Doorbell.REQUEST
+    time.sleep(0.01)
+    assert steps[0].stats().steps == 3 and int(bell.words[0]) == Doorbell.REQUEST
+    with pytest.raises(RuntimeError, match="the doorbell is closed"):
+        bell.register(steps[0])
 
 
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):

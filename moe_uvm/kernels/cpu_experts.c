@@ -320,8 +320,8 @@ void moe_uvm_hybrid_compute(void *state) {
  * interrupt is taken on the way, as for a host node. A word per state, so layers of several
  * streams never overwrite each other's requests. The thread spins for `spin_us` after each
  * request (decode's layers come back-to-back), then polls every 50 us, every 1 ms after a
- * second idle. States are never unregistered: a captured graph keeps naming them, and they
- * live as long as the process's CpuShares. */
+ * second idle. States are never unregistered: a captured graph keeps naming them; hybrid.py
+ * keeps them, and the words, alive until it stops the thread. */
 #include <pthread.h>
 
 enum { BELL_IDLE = 0, BELL_REQUEST = 1, BELL_DONE = 2 };
@@ -332,6 +332,7 @@ typedef struct {
     int64_t capacity, registered;
     double spin_us;
     int64_t served;
+    int stop;
     pthread_t thread;
 } Doorbell;
 
@@ -346,7 +347,7 @@ static inline void cpu_relax(void) {
 static void *doorbell_loop(void *arg) {
     Doorbell *d = (Doorbell *)arg;
     double last = now_us();
-    for (;;) {
+    while (!__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
         int64_t n = __atomic_load_n(&d->registered, __ATOMIC_ACQUIRE);
         int served = 0;
         for (int64_t i = 0; i < n; i++) {
@@ -372,7 +373,8 @@ static void *doorbell_loop(void *arg) {
 }
 
 /* A doorbell over `words` (a pinned array of `capacity` zeroed words the GPU writes), its
- * thread started; NULL when the thread cannot be created. It runs until the process ends. */
+ * thread started; NULL when the thread cannot be created. It runs until moe_uvm_doorbell_stop,
+ * which the caller must call before `words` or any registered state goes away. */
 void *moe_uvm_doorbell_start(uint32_t *words, int64_t capacity, double spin_us) {
     Doorbell *d = (Doorbell *)calloc(1, sizeof(Doorbell));
     if (d == NULL) return NULL;
@@ -389,8 +391,16 @@ void *moe_uvm_doorbell_start(uint32_t *words, int64_t capacity, double spin_us) 
         free(d);
         return NULL;
     }
-    pthread_detach(d->thread);
     return d;
+}
+
+/* Stops the thread (within one poll: at most 1 ms) and frees the doorbell. */
+void moe_uvm_doorbell_stop(void *doorbell) {
+    Doorbell *d = (Doorbell *)doorbell;
+    __atomic_store_n(&d->stop, 1, __ATOMIC_RELEASE);
+    pthread_join(d->thread, NULL);
+    free(d->states);
+    free(d);
 }
 
 /* Registers a state (one caller at a time): the index of its word, or -1 when full. */

@@ -111,6 +111,8 @@ def _library() -> ctypes.CDLL:
     lib.moe_uvm_doorbell_register.restype = _I64
     lib.moe_uvm_doorbell_register.argtypes = [_P, _P]
     lib.moe_uvm_doorbell_served.restype = _I64
+    lib.moe_uvm_doorbell_stop.restype = None
+    lib.moe_uvm_doorbell_stop.argtypes = [_P]
     lib.moe_uvm_doorbell_served.argtypes = [_P]
     return lib
 
