@@ -659,7 +659,8 @@ def _generate(device, args: argparse.Namespace, model_dir: Path, ids: list[list[
         print(file=sys.stderr if tokenizer is None else sys.stdout)
         for line in report.lines():
             print(line)
-        if args.json is not None:
+        if args.json is not None and (expert_parallel is None or expert_parallel.rank == 0):
+            # one rank writes (several writing one path could leave a longer report's tail)
             Path(args.json).write_text(json.dumps(
                 {"report": report.to_dict(), "prompts": ids, "new_tokens": outputs}) + "\n")
             print(f"wrote {args.json}")
