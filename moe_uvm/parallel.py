@@ -27,6 +27,7 @@ import atexit
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -276,6 +277,23 @@ def _rank_main(rank: int, world: int, init_method: str, cuda: bool, fn: Callable
         dist.barrier()  # no rank tears down while another may still be communicating
     finally:
         dist.destroy_process_group()
+    if init_method != "env://":
+        exit_spawned_rank()
+
+
+def exit_spawned_rank() -> None:
+    """End a spawned rank's process now that its work is done and its group destroyed: the
+    atexit handlers run (this module's temporary folders go), output is flushed, then
+    os._exit(0) skips the rest of the interpreter's teardown, in which a rank of the CPU tests
+    (gloo) was seen to abort ("terminate called without an active exception", a C++ thread of a
+    static object) after finishing, failing the launch."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def run_ranks(fn: Callable, nproc: int, *args, cuda: bool) -> None:

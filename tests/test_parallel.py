@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_uvm.layer import FusedMoE
-from moe_uvm.parallel import ExpertParallelMoE, shard_moe_layers
+from moe_uvm.parallel import ExpertParallelMoE, exit_spawned_rank, shard_moe_layers
 from moe_uvm.policies.placement import place_experts, rank_loads
 
 
@@ -107,6 +107,7 @@ def _worker(rank: int, world: int, rendezvous: str, seed: int) -> None:
         dist.barrier()  # neither rank tears down while the other may still be communicating
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # past a clean finish only: failures above reach the parent
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

@@ -23,7 +23,7 @@ from moe_uvm.cli import main  # noqa: E402
 from moe_uvm.config import ExpertOffloadConfig  # noqa: E402
 from moe_uvm.integrations import hf  # noqa: E402
 from moe_uvm.integrations.hf_blocks import shard_blocks  # noqa: E402
-from moe_uvm.parallel import ExpertParallel  # noqa: E402
+from moe_uvm.parallel import ExpertParallel, exit_spawned_rank  # noqa: E402
 from moe_uvm.profile import Profile  # noqa: E402
 
 from helpers import rel_err, tiny_model  # noqa: E402
@@ -100,6 +100,7 @@ def _offload_worker(rank: int, world: int, rendezvous: str, family: str, seed: i
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # past a clean finish only: failures above reach the parent
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
