@@ -67,7 +67,8 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
     # The host round trip alone: the hybrid's path with a CPU that never takes an expert.
     never = ExpertCosts(gpu_expert_us=1.0, cpu_expert_us=1e12)
     idle = [CpuShare(w.w13, w.w2, lambda layer=layer: manager.resident_ids(layer), costs=never,
-                     quant=w.quant, threads=shares[0].threads, adapt=False)
+                     quant=w.quant, threads=shares[0].threads, adapt=False,
+                     signal=args.signal)
             for layer, w in enumerate(managed)]
     trip_ms, _ = run_hybrid(idle, ids, weights, h0, args.warmup)
     del idle
@@ -105,6 +106,8 @@ def main() -> None:
                         "hybrid's costs adapt in them)")
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="CPU threads (default: all cores but one, which drives the GPU)")
+    parser.add_argument("--signal", default="host_node", choices=("host_node", "doorbell", "auto"),
+                        help="how the GPU's stream hands the CPU its share (CpuShare's signal)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"
                                              / "hybrid_decode.json"))
     args = parser.parse_args()
@@ -120,7 +123,7 @@ def main() -> None:
     counts = resident_sizes(args.resident, work.num_experts)
     manager, managed = managed_layers(work)
     manager.synchronize()
-    shares = hybrid_shares(work, manager, managed, args.threads)
+    shares = hybrid_shares(work, manager, managed, args.threads, signal=args.signal)
     start_costs = dict(vars(shares[0].costs))
     print(f"start costs: {start_costs}", flush=True)
     device_layers = [LayerWeights(w13, w2, quant=work.layer_quant(i))
@@ -144,7 +147,8 @@ def main() -> None:
     result = dict(ceilings.device_summary(), layers=work.num_layers, trace=args.trace,
                   shape=dict(name=args.model_shape, experts=work.num_experts, hidden=work.hidden,
                              expert_bytes=work.expert_bytes),
-                  threads=args.threads, start_costs=start_costs, steps=args.steps,
+                  threads=args.threads, signal=shares[0].signal, start_costs=start_costs,
+                  steps=args.steps,
                   warmup=args.warmup, rows=rows)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

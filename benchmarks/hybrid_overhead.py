@@ -104,7 +104,7 @@ def main() -> None:
                          signal=signal) for layer, w in enumerate(managed)]
 
     idle = shares_of(never, "host_node", False)
-    shares = hybrid_shares(work, manager, managed, args.threads)  # signal auto: the doorbell
+    shares = hybrid_shares(work, manager, managed, args.threads, signal="doorbell")
     variants = [("gpu_only", None), ("split", None),
                 ("idle_doorbell", shares_of(never, "doorbell", False)),
                 ("idle_host_node", idle), ("hybrid_doorbell", shares),

@@ -17,10 +17,11 @@ share while the GPU's kernel reads the rest; the stream then adds the CPU's fp32
 is asked in stream order, so the whole decode step, hybrid layers included, stays one CUDA
 graph with no Python between layers, and the GPU never waits for the host before its kernel
 (rather than piecewise graphs, which would return to Python at every layer). Two ways
-(`signal`): a doorbell (a host thread spinning on a pinned word per layer, which the stream
-writes and then waits on with stream memory operations: no driver thread, no interrupt), the
-default where those operations work; or a CUDA host function (cuLaunchHostFunc; a host node in
-a graph) on a side stream, which the driver's thread runs. (The first version synced the host
+(`signal`): a CUDA host function (cuLaunchHostFunc; a host node in a graph) on a side stream,
+which the driver's thread runs, the default; or a doorbell (a host thread spinning on a pinned
+word per layer, which the stream writes and then waits on with stream memory operations: no
+driver thread, no interrupt), built to cut the per-layer hand-off and tested on the CPU, not
+yet run on a GPU. (The first version synced the host
 at each layer and split in Python: 190-320 us a layer on the H200 host, no graphs. A second
 ran the split as a host node too: the GPU then waited for a host-thread wake-up before each
 layer's kernel, 125-175 us a layer at batch 1 on an H100.)
@@ -387,6 +388,9 @@ class Doorbell:
 _doorbells: dict[int, Doorbell] = {}
 
 SIGNALS = ("auto", "doorbell", "host_node")
+DEFAULT_SIGNAL = "host_node"
+"""CpuShare's default hand-off: host nodes, measured on GPUs; the doorbell is built and tested
+on the CPU but not yet run on a GPU (ask for it with signal='doorbell' or 'auto')."""
 
 
 def resolve_signal(signal: str, device: int) -> tuple[str, str]:
@@ -456,15 +460,15 @@ class CpuShare:
        the host is asked: `doorbell` (the stream writes the layer's id into a pinned word a
        spinning host thread watches, and later waits for the layer's done word: no driver
        thread or interrupt on the way), `host_node` (a CUDA host function on a side stream,
-       which the driver's thread runs), `auto` (the doorbell where stream memory operations
-       work);
+       which the driver's thread runs; the default, DEFAULT_SIGNAL), `auto` (the doorbell
+       where stream memory operations work);
     3. the main stream waits for the host and adds the CPU's sum to the GPU's output (in fp32,
        rounded once)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
                  resident_ids: Callable[[], Iterable[int]], *, costs: ExpertCosts,
                  quant: dict | None = None, threads: int | None = None,
-                 adapt: bool = True, signal: str = "auto") -> None:
+                 adapt: bool = True, signal: str = DEFAULT_SIGNAL) -> None:
         costs.check()
         if signal not in SIGNALS:
             raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
@@ -639,7 +643,8 @@ def calibrate_gpu_us(w13: torch.Tensor, w2: torch.Tensor, offloaded: list[int], 
 def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
                     resident_ids: Callable[[int], Iterable[int]], *, expert_nbytes: int,
                     read_through_gbps: float, top_k: int,
-                    threads: int | None = None) -> list[CpuShare]:
+                    threads: int | None = None,
+                    signal: str = DEFAULT_SIGNAL) -> list[CpuShare]:
     """One CpuShare per (w13, w2, quant) of managed layers, all starting from one ExpertCosts:
     the GPU's from its fused kernel on layer 0's offloaded experts (`calibrate_gpu_us`; from
     `read_through_gbps` when fewer than two are offloaded), the CPU's from its kernel on cold
@@ -653,7 +658,8 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     if gpu is not None:
         costs.gpu_fixed_us, costs.gpu_expert_us = gpu
     shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
-                       threads=threads) for i, (w13, w2, quant) in enumerate(layers)]
+                       threads=threads, signal=signal)
+              for i, (w13, w2, quant) in enumerate(layers)]
     costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
     return shares
 

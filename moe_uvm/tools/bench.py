@@ -264,12 +264,12 @@ def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
 
 
 def hybrid_shares(work: Workload, manager: ExpertOffloadManager, managed: list[LayerWeights],
-                  threads: int | None = None) -> list[CpuShare]:
+                  threads: int | None = None, signal: str | None = None) -> list[CpuShare]:
     """`measured_shares` over the managed layers, with the read-through measured now."""
     return measured_shares([(w.w13, w.w2, w.quant) for w in managed], manager.resident_ids,
                            expert_nbytes=work.expert_bytes,
                            read_through_gbps=ceilings.read_through_gbps(), top_k=work.top_k,
-                           threads=threads)
+                           threads=threads, **({} if signal is None else {"signal": signal}))
 
 
 def run_hybrid(shares: list[CpuShare], ids: torch.Tensor, weights: torch.Tensor,
