@@ -106,8 +106,9 @@ def main() -> None:
                         "hybrid's costs adapt in them)")
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="CPU threads (default: all cores but one, which drives the GPU)")
-    parser.add_argument("--signal", default="host_node", choices=("host_node", "doorbell", "auto"),
-                        help="how the GPU's stream hands the CPU its share (CpuShare's signal)")
+    parser.add_argument("--signal", default="auto", choices=("auto", "doorbell", "host_node"),
+                        help="how the GPU's stream hands the CPU its share (CpuShare's signal; "
+                        "auto: the doorbell where stream memory operations work)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"
                                              / "hybrid_decode.json"))
     args = parser.parse_args()

@@ -17,11 +17,10 @@ share while the GPU's kernel reads the rest; the stream then adds the CPU's fp32
 is asked in stream order, so the whole decode step, hybrid layers included, stays one CUDA
 graph with no Python between layers, and the GPU never waits for the host before its kernel
 (rather than piecewise graphs, which would return to Python at every layer). Two ways
-(`signal`): a CUDA host function (cuLaunchHostFunc; a host node in a graph) on a side stream,
-which the driver's thread runs, the default; or a doorbell (a host thread spinning on a pinned
-word per layer, which the stream writes and then waits on with stream memory operations: no
-driver thread, no interrupt), built to cut the per-layer hand-off and tested on the CPU, not
-yet run on a GPU. (The first version synced the host
+(`signal`): a doorbell (a host thread spinning on a pinned word per layer, which the stream
+writes and then waits on with stream memory operations: no driver thread, no interrupt), the
+default where those operations work; or a CUDA host function (cuLaunchHostFunc; a host node in
+a graph) on a side stream, which the driver's thread runs. (The first version synced the host
 at each layer and split in Python: 190-320 us a layer on the H200 host, no graphs. A second
 ran the split as a host node too: the GPU then waited for a host-thread wake-up before each
 layer's kernel, 125-175 us a layer at batch 1 on an H100.)
@@ -388,9 +387,10 @@ class Doorbell:
 _doorbells: dict[int, Doorbell] = {}
 
 SIGNALS = ("auto", "doorbell", "host_node")
-DEFAULT_SIGNAL = "host_node"
-"""CpuShare's default hand-off: host nodes, measured on GPUs; the doorbell is built and tested
-on the CPU but not yet run on a GPU (ask for it with signal='doorbell' or 'auto')."""
+DEFAULT_SIGNAL = "auto"
+"""CpuShare's default hand-off: the doorbell where stream memory operations work (on an H100,
+24 Qwen3-shaped layers at batch 1: 806 us a layer against 970 with host nodes,
+benchmarks/results/h100/hybrid_overhead.json), host nodes elsewhere."""
 
 
 def resolve_signal(signal: str, device: int) -> tuple[str, str]:
@@ -460,8 +460,8 @@ class CpuShare:
        the host is asked: `doorbell` (the stream writes the layer's id into a pinned word a
        spinning host thread watches, and later waits for the layer's done word: no driver
        thread or interrupt on the way), `host_node` (a CUDA host function on a side stream,
-       which the driver's thread runs; the default, DEFAULT_SIGNAL), `auto` (the doorbell
-       where stream memory operations work);
+       which the driver's thread runs), `auto` (the default: the doorbell where stream memory
+       operations work);
     3. the main stream waits for the host and adds the CPU's sum to the GPU's output (in fp32,
        rounded once)."""
 
