@@ -340,7 +340,7 @@ class Doorbell:
 
     CAPACITY = 8192  # layer-batch states
     SPIN_US = 20_000.0  # spin this long after each request, then poll
-    IDLE, REQUEST, DONE = 0, 1, 2
+    REQUEST, DONE = 1, 2  # a word's values (0 until its first request)
 
     def __init__(self, device: int | None = None) -> None:
         self.lib = cpu_kernel.hybrid_library()
@@ -393,12 +393,16 @@ DEFAULT_SIGNAL = "auto"
 benchmarks/results/h100/hybrid_overhead.json), host nodes elsewhere."""
 
 
+def _check_signal(signal: str) -> None:
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
+
+
 def resolve_signal(signal: str, device: int) -> tuple[str, str]:
     """(the way CpuShare hands a layer to the host on `device`, why): `doorbell` where stream
     memory operations work (checked once per device) and `auto` or `doorbell` asks for it,
     else `host_node`. `doorbell` asked for where they do not work raises."""
-    if signal not in SIGNALS:
-        raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
+    _check_signal(signal)
     if signal == "host_node":
         return "host_node", "signal='host_node'"
     works, why = uvm.stream_memops_work(device)
@@ -418,8 +422,8 @@ def _doorbell(device: int) -> Doorbell:
 
 class _GpuStep:
     """HostStep plus the device side: CUDA views of its pinned buffers, the GPU's ids, and the
-    hand-off to the host: a doorbell id and the `done` word's device address, or two events
-    around a host node on the side stream."""
+    hand-off to the host: the device address of its doorbell word, or two events around a host
+    node on the side stream."""
 
     def __init__(self, host: HostStep, resident: torch.Tensor, tokens: int, top_k: int,
                  ids_dtype: torch.dtype, device: torch.device, signal: str) -> None:
@@ -457,9 +461,9 @@ class CpuShare:
        mask and the ids into pinned memory; the weights and token rows (fp32) follow;
     2. the host runs `moe_uvm_hybrid_compute` (cpu_experts.c: groups the CPU's pairs and
        computes them into a pinned fp32 buffer) while the GPU runs its kernel. `signal` says how
-       the host is asked: `doorbell` (the stream writes the layer's id into a pinned word a
-       spinning host thread watches, and later waits for the layer's done word: no driver
-       thread or interrupt on the way), `host_node` (a CUDA host function on a side stream,
+       the host is asked: `doorbell` (the stream sets the layer's pinned word, which a spinning
+       host thread watches, and later waits for the thread's answer in the same word: no
+       driver thread or interrupt on the way), `host_node` (a CUDA host function on a side stream,
        which the driver's thread runs), `auto` (the default: the doorbell where stream memory
        operations work);
     3. the main stream waits for the host and adds the CPU's sum to the GPU's output (in fp32,
@@ -470,10 +474,8 @@ class CpuShare:
                  quant: dict | None = None, threads: int | None = None,
                  adapt: bool = True, signal: str = DEFAULT_SIGNAL) -> None:
         costs.check()
-        if signal not in SIGNALS:
-            raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
+        _check_signal(signal)
         self.signal = signal  # resolved at the first GPU call (resolve_signal)
-        self.signal_why = ""
         self.w13, self.w2 = w13, w2
         self.quant = dict(quant or {})
         host_quant = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.quant.items()}
@@ -514,7 +516,7 @@ class CpuShare:
             if not self._steps:
                 index = hidden.device.index
                 index = torch.cuda.current_device() if index is None else index
-                self.signal, self.signal_why = resolve_signal(self.signal, index)
+                self.signal, _ = resolve_signal(self.signal, index)
             host = HostStep(self.kernel, key[0], key[1], self.resident, self.costs,
                             self.threads, self.adapt, pin=True)
             step = self._steps[key] = _GpuStep(host, self.resident, key[0], key[1], key[2],

@@ -41,7 +41,7 @@ import torch
 
 from moe_uvm import ceilings, uvm
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.hybrid import CpuShare, measured_shares
+from moe_uvm.hybrid import DEFAULT_SIGNAL, CpuShare, measured_shares
 from moe_uvm.kernels import fp8, fused_moe
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.policies.residency import ResidentBudget, frequency, select_resident
@@ -264,12 +264,12 @@ def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
 
 
 def hybrid_shares(work: Workload, manager: ExpertOffloadManager, managed: list[LayerWeights],
-                  threads: int | None = None, signal: str | None = None) -> list[CpuShare]:
+                  threads: int | None = None, signal: str = DEFAULT_SIGNAL) -> list[CpuShare]:
     """`measured_shares` over the managed layers, with the read-through measured now."""
     return measured_shares([(w.w13, w.w2, w.quant) for w in managed], manager.resident_ids,
                            expert_nbytes=work.expert_bytes,
                            read_through_gbps=ceilings.read_through_gbps(), top_k=work.top_k,
-                           threads=threads, **({} if signal is None else {"signal": signal}))
+                           threads=threads, signal=signal)
 
 
 def run_hybrid(shares: list[CpuShare], ids: torch.Tensor, weights: torch.Tensor,
