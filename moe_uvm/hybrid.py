@@ -11,8 +11,10 @@ core), so the default leaves one core free.
 A step of a layer (`CpuShare.__call__`) is enqueued, never waited on, so it runs the same
 eagerly and inside a captured CUDA graph. A GPU kernel splits the routed offloaded experts
 (kernels/hybrid_split.py, `split_offloaded`'s rule: the experts with the fewest tokens go to
-the CPU, as many as make both sides finish together under the current per-expert costs) and
-writes the routing and the CPU's experts into pinned host memory; the host computes the CPU's
+the CPU, whole while its side stays shorter, then the leading intermediate columns of the next
+that make both sides finish together under the current per-expert costs, the GPU computing
+that expert's other columns) and writes the routing and the CPU's columns of each expert into
+pinned host memory; the host computes the CPU's
 share while the GPU's kernel reads the rest; the stream then adds the CPU's fp32 sum. The host
 is asked in stream order, so the whole decode step, hybrid layers included, stays one CUDA
 graph with no Python between layers, and the GPU never waits for the host before its kernel
@@ -51,7 +53,7 @@ from moe_uvm.config import CPU_EXPERTS_MODES
 from moe_uvm.kernels import cpu_experts as cpu_kernel
 from moe_uvm.kernels import fused_moe
 from moe_uvm.kernels.cpu_experts import GroupedExperts
-from moe_uvm.kernels.hybrid_split import COSTS, split_on_device
+from moe_uvm.kernels.hybrid_split import COL_GRANULE, COSTS, split_on_device
 
 _EMA = 0.25  # weight of each new observation in the per-expert costs
 
@@ -113,38 +115,86 @@ class ExpertCosts:
                              f"got {values}")
 
 
-def split_offloaded(tokens_per_expert: dict[int, int], costs: ExpertCosts) -> list[int]:
-    """The offloaded experts the CPU takes: those with the fewest tokens (the CPU's cost grows
-    with tokens, the GPU's read-through hardly does), ties by id, as many as minimise
-    max(GPU fixed + GPU experts' time, CPU fixed + CPU experts' time). Empty when the CPU would
-    not shorten the step."""
+def split_offloaded(tokens_per_expert: dict[int, int], costs: ExpertCosts, intermediate: int,
+                    granule: int = COL_GRANULE) -> dict[int, int]:
+    """The CPU's share of a layer's routed offloaded experts, as {expert: leading intermediate
+    columns the CPU computes} (`intermediate` for a whole expert; the GPU computes the rest of
+    a split one): the experts with the fewest tokens go first (the CPU's cost grows with
+    tokens, the GPU's read-through hardly does), ties by id. Whole experts while the CPU's side
+    stays no longer than the GPU's, then the columns of the next expert that make both sides
+    finish together, rounded to `granule` columns (an expert's output is the sum over its
+    intermediate columns, so it splits exactly; a layer with 3 offloaded experts is no longer
+    cut 1 : 2). All to the CPU where that is quicker still (the GPU's side then costs nothing).
+    Empty when the CPU would not shorten the step. kernels/hybrid_split.py computes the same on
+    the GPU, in the same float64 operations."""
     order = sorted(tokens_per_expert, key=lambda e: (tokens_per_expert[e], e))
     m = len(order)
-    best_n = 0
-    best = costs.gpu_fixed_us + m * costs.gpu_expert_us if m else 0.0
-    tokens = 0
-    for n in range(1, m + 1):
-        tokens += tokens_per_expert[order[n - 1]]
-        cpu = costs.cpu_fixed_us + n * costs.cpu_expert_us + costs.cpu_pair_us * tokens
-        gpu = costs.gpu_fixed_us + (m - n) * costs.gpu_expert_us if n < m else 0.0
-        if max(gpu, cpu) < best:
-            best_n, best = n, max(gpu, cpu)
-    return sorted(order[:best_n])
+    if m == 0:
+        return {}
+    granule = min(granule, intermediate)
+    g, c, p = costs.gpu_expert_us, costs.cpu_expert_us, costs.cpu_pair_us
+    tokens = [float(tokens_per_expert[e]) for e in order] + [0.0]
+    first = [0.0]  # tokens of the first i
+    for t in tokens[:m]:
+        first.append(first[-1] + t)
+
+    def cpu_side(i: int) -> float:
+        return costs.cpu_fixed_us + float(i) * c + p * first[i]
+
+    def gpu_side(i: int) -> float:
+        return costs.gpu_fixed_us + float(m - i) * g
+
+    def step_us(n: int, cols: int) -> float:  # n whole experts and `cols` of the next
+        frac = float(cols) / float(intermediate)
+        cpu = cpu_side(n) + frac * (c + p * tokens[n])
+        gpu = costs.gpu_fixed_us + (float(m - n) - frac) * g if n < m else 0.0
+        return max(cpu, gpu)
+
+    gpu_only = gpu_side(0)
+    ok = [i for i in range(m + 1) if cpu_side(i) <= gpu_side(i)]  # a prefix: 0..n
+    if not ok:
+        return {}
+    n, cols = len(ok) - 1, 0
+    if n < m:
+        f = (gpu_side(n) - cpu_side(n)) / (c + p * tokens[n] + g)
+        cols = min(int(f * float(intermediate) / float(granule) + 0.5) * granule, intermediate)
+    # The balance point rounded to a granule, then the whole-expert splits around it (rounding
+    # can overshoot where one side is much slower) and everything on the CPU (the GPU's side
+    # then costs nothing): the first quickest.
+    candidates = [(n + 1, 0) if cols == intermediate else (n, cols), (n, 0),
+                  (min(n + 1, m), 0), (m, 0)]
+    best = min(candidates, key=lambda nc: step_us(*nc))  # min keeps the first of equals
+    n, cols = best
+    if (n == 0 and cols == 0) or step_us(n, cols) >= gpu_only:
+        return {}
+    share = dict.fromkeys(order[:n], intermediate)
+    if cols:
+        share[order[n]] = cols
+    return dict(sorted(share.items()))
+
+
+def cpu_share_experts(share: dict[int, int], intermediate: int) -> float:
+    """The CPU's share in experts (a split expert counts its fraction)."""
+    return sum(share.values()) / intermediate
+
+
+_NOMINAL_COLUMNS = 1024  # the cost model's expert width where no layer is given: 1/16 steps
 
 
 def _predicted(offloaded: float, tokens_per_expert: float,
-               costs: ExpertCosts) -> tuple[float, float, int]:
-    """`predicted_layer_us` and the number of experts the split gives the CPU."""
+               costs: ExpertCosts) -> tuple[float, float, float]:
+    """`predicted_layer_us` and the CPU's share in experts the split gives it."""
     m = int(round(offloaded))
     if m <= 0:
-        return 0.0, 0.0, 0
+        return 0.0, 0.0, 0.0
     gpu_only = costs.gpu_fixed_us + m * costs.gpu_expert_us
-    n = len(split_offloaded(dict.fromkeys(range(m), tokens_per_expert), costs))
-    if n == 0:
-        return gpu_only, gpu_only, 0
-    cpu = costs.cpu_fixed_us + n * (costs.cpu_expert_us + costs.cpu_pair_us * tokens_per_expert)
-    gpu = costs.gpu_fixed_us + (m - n) * costs.gpu_expert_us if n < m else 0.0
-    return gpu_only, max(gpu, cpu), n
+    share = split_offloaded(dict.fromkeys(range(m), tokens_per_expert), costs, _NOMINAL_COLUMNS)
+    if not share:
+        return gpu_only, gpu_only, 0.0
+    x = cpu_share_experts(share, _NOMINAL_COLUMNS)
+    cpu = costs.cpu_fixed_us + x * (costs.cpu_expert_us + costs.cpu_pair_us * tokens_per_expert)
+    gpu = costs.gpu_fixed_us + (m - x) * costs.gpu_expert_us if x < m else 0.0
+    return gpu_only, max(gpu, cpu), x
 
 
 def predicted_layer_us(offloaded: float, tokens_per_expert: float,
@@ -198,9 +248,12 @@ def group_pairs(ids: np.ndarray, on_cpu: np.ndarray, weights: np.ndarray,
 
 @dataclass
 class HybridStats:
+    """Totals over steps: the routed offloaded experts the CPU and the GPU computed, an expert
+    split between them counting its fraction of the columns on each side."""
+
     steps: int = 0
-    cpu_experts: int = 0
-    gpu_offloaded_experts: int = 0
+    cpu_experts: float = 0.0
+    gpu_offloaded_experts: float = 0.0
     cpu_ms: list[float] = field(default_factory=list)
     """Wall time of the CPU side of the last split steps (at most 256 a batch size)."""
 
@@ -224,18 +277,19 @@ class _State(ctypes.Structure):
     _fields_ += [("w13", _P), ("w2", _P), ("w13_stride", _I64), ("w2_stride", _I64),
                  ("w13_scale", _P), ("w2_scale", _P), ("scale_strides", _P)]
     _fields_ += [(name, _I64) for name in ("kind", "scale_kind", "block_n", "block_k")]
-    _fields_ += [(name, _P) for name in ("ids", "weights", "x", "chosen", "out", "resident",
-                                         "costs", "gate_up", "experts", "offsets",
-                                         "pair_tokens", "pair_weights", "seen")]
-    _fields_ += [("ema", _F64)]
-    _fields_ += [(name, _I64) for name in ("m", "pairs", "steps", "cpu_experts",
-                                           "gpu_offloaded_experts", "timed", "status")]
+    _fields_ += [(name, _P) for name in ("ids", "weights", "x", "cols", "out", "resident",
+                                         "costs", "gate_up", "experts", "expert_cols",
+                                         "offsets", "pair_tokens", "pair_weights", "seen")]
+    _fields_ += [("ema", _F64), ("m", _I64), ("pairs", _I64), ("share", _F64),
+                 ("steps", _I64), ("cpu_experts", _F64), ("gpu_offloaded_experts", _F64),
+                 ("timed", _I64), ("status", _I64)]
     _fields_ += [("cpu_us", _F64 * _RING)]
 
 
 class HostStep:
     """The host side of one layer at one batch size: the pinned buffers the GPU writes the
-    routing, token rows and split into (`ids`, `weights`, `x`, `chosen`) and reads the CPU's sum
+    routing, token rows and split into (`ids`, `weights`, `x`, `cols`: the CPU's leading
+    intermediate columns of each expert) and reads the CPU's sum
     and the costs from (`out`, `costs`), scratch, and the C state of the host function.
     `resident` is the layer's uint8 mask (1: the GPU's). Usable without a GPU (pin=False): the
     tests fill the inputs, run the split kernel under Triton's interpreter and call `compute`."""
@@ -254,13 +308,14 @@ class HostStep:
         self.ids = torch.full((pairs,), -1, dtype=torch.int64, **host)
         self.weights = torch.zeros(pairs, dtype=torch.float32, **host)
         self.x = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
-        self.chosen = torch.zeros(E, dtype=torch.uint8, **host)
+        self.cols = torch.zeros(E, dtype=torch.int32, **host)
         self.out = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
         self.costs = torch.tensor([getattr(costs, name) for name in COSTS], dtype=torch.float64)
         self.costs = self.costs.pin_memory() if pin else self.costs
         i64 = dict(dtype=torch.int64)
         self.scratch = dict(gate_up=torch.empty(pairs, 2 * inter),
                             experts=torch.empty(min(pairs, E), **i64),
+                            expert_cols=torch.empty(min(pairs, E), **i64),
                             offsets=torch.zeros(pairs + 1, **i64),
                             pair_tokens=torch.empty(pairs, **i64),
                             pair_weights=torch.empty(pairs),
@@ -275,7 +330,7 @@ class HostStep:
                    w2_scale=ptr(kernel.w2_scale), scale_strides=kernel.strides.data_ptr(),
                    kind=kernel.kind, scale_kind=kernel.scale_kind, block_n=kernel.bn,
                    block_k=kernel.bk, ids=self.ids.data_ptr(), weights=self.weights.data_ptr(),
-                   x=self.x.data_ptr(), chosen=self.chosen.data_ptr(),
+                   x=self.x.data_ptr(), cols=self.cols.data_ptr(),
                    out=self.out.data_ptr(), resident=resident.data_ptr(),
                    costs=self.costs.data_ptr(), ema=_EMA if adapt else 0.0)
         for name, tensor in self.scratch.items():
@@ -301,6 +356,10 @@ class HostStep:
         sc = self.scratch
         return (sc["experts"][:m].numpy().copy(), sc["offsets"][:m + 1].numpy().copy(),
                 sc["pair_tokens"][:pairs].numpy().copy(), sc["pair_weights"][:pairs].numpy().copy())
+
+    def group_cols(self) -> np.ndarray:
+        """The last step's columns of each of `groups`' experts."""
+        return self.scratch["expert_cols"][:self.state.m].numpy().copy()
 
     def current_costs(self) -> ExpertCosts:
         return ExpertCosts(*self.costs.tolist())
@@ -431,9 +490,10 @@ class _GpuStep:
         self.host = host
         view = lambda t: uvm.mapped_host_view(t, index)  # noqa: E731
         self.ids, self.weights, self.x = view(host.ids), view(host.weights), view(host.x)
-        self.chosen, self.out, self.costs = view(host.chosen), view(host.out), view(host.costs)
+        self.cols, self.out, self.costs = view(host.cols), view(host.out), view(host.costs)
         self.resident = view(resident)
         self.gpu_ids = torch.full((tokens, top_k), -1, dtype=ids_dtype, device=device)
+        self.gpu_cols = torch.zeros(host.cols.shape, dtype=torch.int32, device=device)
         self.signal = signal
         if signal == "doorbell":
             bell = _doorbell(index)
@@ -559,13 +619,14 @@ class CpuShare:
             if self.follow_calls:
                 self.set_gpu_experts(self.resident_ids())
         stream = torch.cuda.current_stream(hidden.device)
-        split_on_device(topk_ids, self.num_experts, step.resident, step.costs, step.gpu_ids,
-                        step.ids, step.chosen)
+        split_on_device(topk_ids, self.num_experts, self.kernel.intermediate, step.resident,
+                        step.costs, step.gpu_ids, step.ids, step.cols, step.gpu_cols)
         step.weights.copy_(topk_weights.reshape(-1))
         step.x.copy_(hidden)
         if step.signal == "doorbell":
             uvm.stream_write_value32(stream.cuda_stream, step.word, Doorbell.REQUEST)
-            out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids, **self.quant)
+            out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids,
+                            first_col=step.gpu_cols, **self.quant)
             uvm.stream_wait_value32(stream.cuda_stream, step.word, Doorbell.DONE)
             return out.add_(step.out)
         step.split_done.record(stream)
@@ -573,7 +634,8 @@ class CpuShare:
         side.wait_event(step.split_done)
         uvm.launch_host_func(side.cuda_stream, host.compute_fn, host.address)
         step.cpu_done.record(side)
-        out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids, **self.quant)
+        out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids,
+                        first_col=step.gpu_cols, **self.quant)
         stream.wait_event(step.cpu_done)
         # In fp32, rounded once to the output's dtype (one kernel).
         return out.add_(step.out)

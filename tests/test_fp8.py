@@ -78,6 +78,18 @@ def test_fp8_kernels_match_the_dequantised_reference(seed, num_tokens, dtype, bl
     assert rel_err(out, ref) < FP8_TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5])
+@pytest.mark.parametrize("block_shape", [(16, 32), None], ids=["block", "channel"])
+def test_fp8_first_col_leaves_out_the_columns_below_it(seed, num_tokens, block_shape):
+    x, q13, q2, topk_weights, topk_ids, quant = quantized_inputs(num_tokens, 8, 2, 80, 40,
+                                                                 torch.float32, block_shape)
+    first_col = torch.randint(0, 41, (8,), dtype=torch.int32, device=x.device)
+    out = fused_moe_triton(x, q13, q2, topk_weights, topk_ids, config=SMALL, first_col=first_col,
+                           **quant)
+    ref = fused_moe_reference(x, q13, q2, topk_weights, topk_ids, first_col=first_col, **quant)
+    assert rel_err(out, ref) < FP8_TOLERANCE[torch.float32]
+
+
 def test_fp8_through_the_op_on_store_layout_weights_is_bitwise_equal_to_dense(seed):
     x, q13, q2, topk_weights, topk_ids, quant = quantized_inputs(9, 8, 2, 64, 32, torch.float32,
                                                                  (16, 32))

@@ -283,6 +283,44 @@ def test_rejects_routing_and_slot_maps_on_another_device(name, pools):
         fused_moe_triton(**args)
 
 
+def random_first_cols(num_experts, intermediate, device):
+    """first_col for fused_moe: random columns, some experts whole (0), one left out (I)."""
+    cols = torch.randint(0, intermediate + 1, (num_experts,), dtype=torch.int32)
+    cols[0], cols[-1] = 0, intermediate
+    return cols.to(device)
+
+
+@pytest.mark.parametrize("num_tokens,config", [
+    (1, SMALL_DECODE), (1, None), (6, None),
+    (9, MoeBlockConfig(gate_up_block_n=16, gate_up_block_k=32, down_block_n=32,
+                       down_block_k=16, down_split_k=3))],
+    ids=["one-token-gemv", "one-token-grouped", "grouped", "grouped-split-k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_first_col_leaves_out_the_columns_below_it(seed, num_tokens, config, dtype):
+    """Each expert adds only its intermediate columns from first_col[e] on (the hybrid's GPU part
+    of a split expert); with the CPU's part (the columns below) the whole layer comes back."""
+    E, k, H, I = 8, 3, 48, 40  # I not a multiple of the K blocks: a split lands mid-block
+    x, w13, w2, topk_weights, topk_ids = make_inputs(num_tokens, E, k, H, I, dtype)
+    first_col = random_first_cols(E, I, x.device)
+    out = fused_moe_triton(x, w13, w2, topk_weights, topk_ids, config=config,
+                           first_col=first_col)
+    ref = fused_moe_reference(x, w13, w2, topk_weights, topk_ids, first_col=first_col)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    # The columns below, computed as the reference's whole minus its part from first_col on.
+    whole = fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
+    zero = torch.zeros_like(first_col)
+    assert torch.equal(fused_moe_reference(x, w13, w2, topk_weights, topk_ids, first_col=zero),
+                       whole)
+    assert rel_err(out, whole) > 1e-2  # something was left out
+    with pytest.raises(ValueError, match="first_col is torch.int64"):
+        fused_moe(x, w13, w2, topk_weights, topk_ids, first_col=first_col.long())
+    pool13, pool2 = store_layout(w13[:2].clone(), w2[:2].clone())
+    fill = torch.full((E,), -1, dtype=torch.int32, device=x.device)
+    with pytest.raises(ValueError, match="cannot go with fill_slot"):
+        fused_moe(x, w13, w2, topk_weights, topk_ids, w13_slots=pool13, w2_slots=pool2,
+                  fill_slot=fill, first_col=first_col)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["topk_ids", "topk_weights"])
 def test_gpu_rejects_routing_on_the_host_through_the_op(name):
@@ -516,6 +554,19 @@ def test_gpu_matches_reference(seed, shape, dtype, num_tokens):
     x, w13, w2, topk_weights, topk_ids = gpu_inputs(shape, num_tokens, dtype)
     out = fused_moe(x, w13, w2, topk_weights, topk_ids)
     assert rel_err(out, fused_moe_reference(x, w13, w2, topk_weights, topk_ids)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 4, 16])
+@pytest.mark.parametrize("shape", [QWEN3, MIXTRAL_FEW_EXPERTS], ids=["qwen3", "mixtral"])
+def test_gpu_first_col_leaves_out_the_columns_below_it(seed, shape, num_tokens):
+    """bf16 on the real shapes, each path the GPU picks: an expert split at random columns (as
+    the hybrid splits one) gives the reference's sum over the columns from first_col on."""
+    x, w13, w2, topk_weights, topk_ids = gpu_inputs(shape, num_tokens, torch.bfloat16)
+    first_col = random_first_cols(shape["num_experts"], shape["intermediate"], "cuda")
+    out = fused_moe(x, w13, w2, topk_weights, topk_ids, first_col=first_col)
+    ref = fused_moe_reference(x, w13, w2, topk_weights, topk_ids, first_col=first_col)
+    assert rel_err(out, ref) < 1e-2
 
 
 def table_cases():

@@ -36,28 +36,85 @@ def costs(gpu_gbps=50.0, cpu_gbps=50.0, **kw):
     return ExpertCosts.from_bandwidths(10 * MB, gpu_gbps, cpu_gbps, **kw)
 
 
+I_SPLIT = 768  # Qwen3-30B-A3B's expert width: 12 steps of COL_GRANULE
+
+
+def share(tokens, c, intermediate=I_SPLIT):
+    return split_offloaded(tokens, c, intermediate)
+
+
 def test_split_balances_the_two_sides():
     tokens = dict.fromkeys(range(8), 1)
-    assert len(split_offloaded(tokens, costs())) == 4  # equal speeds: half each
-    assert len(split_offloaded(tokens, costs(cpu_gbps=25))) in (2, 3)  # a CPU half as fast
+    assert share(tokens, costs()) == {0: 768, 1: 768, 2: 768, 3: 768}  # equal speeds: half each
+    # A CPU half as fast: a third of the 8 experts (2.67: two whole, 2/3 of the third).
+    assert share(tokens, costs(cpu_gbps=25)) == {0: 768, 1: 768, 2: 512}
+    # Three experts at equal speeds: one and a half each, the split one cut in the middle
+    # (whole experts could only give 1 : 2).
+    assert share(dict.fromkeys(range(3), 1), costs()) == {0: 768, 1: 384}
     # A fixed cost larger than the whole GPU time: the CPU takes nothing.
-    assert split_offloaded(tokens, costs(cpu_fixed_us=1e6)) == []
-    assert split_offloaded({}, costs()) == []
+    assert share(tokens, costs(cpu_fixed_us=1e6)) == {}
+    assert share({}, costs()) == {}
     # A much faster CPU takes everything (the GPU's fixed cost is saved too).
-    assert split_offloaded(tokens, costs(cpu_gbps=1e4, gpu_fixed_us=10)) == list(range(8))
+    assert share(tokens, costs(cpu_gbps=1e4, gpu_fixed_us=10)) == dict.fromkeys(range(8), 768)
+
+
+def _sides(c, m, cpu_tokens, x):
+    """(CPU, GPU) time of a layer with m offloaded experts, x of them (fractional) on the CPU
+    with cpu_tokens routed pairs."""
+    cpu = c.cpu_fixed_us + x * c.cpu_expert_us + c.cpu_pair_us * cpu_tokens if x else 0.0
+    gpu = c.gpu_fixed_us + (m - x) * c.gpu_expert_us if x < m else 0.0
+    return cpu, gpu
+
+
+def test_split_makes_both_sides_finish_together(seed):
+    """On random costs and token counts: at most one expert split, by whole granules; experts
+    taken in order; never slower than the best split into whole experts; with an expert split,
+    the two sides within one granule's time of each other; nothing where the CPU would not
+    help."""
+    from moe_uvm.hybrid import COL_GRANULE
+
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        m = int(rng.integers(1, 12))
+        tokens = {int(e): int(rng.integers(1, 6)) for e in rng.choice(64, m, replace=False)}
+        c = costs(gpu_gbps=float(rng.uniform(20, 80)), cpu_gbps=float(rng.uniform(10, 80)),
+                  gpu_fixed_us=float(rng.uniform(0, 100)), cpu_fixed_us=float(rng.uniform(0, 100)),
+                  cpu_pair_us=float(rng.uniform(0, 30)))
+        got = share(tokens, c)
+        order = sorted(tokens, key=lambda e: (tokens[e], e))
+        gpu_only = c.gpu_fixed_us + m * c.gpu_expert_us
+        whole_best = min(max(_sides(c, m, sum(tokens[e] for e in order[:n]), n))
+                         for n in range(m + 1))
+        if not got:
+            assert whole_best >= gpu_only
+            continue
+        assert list(got) == sorted(got)
+        assert sorted(got, key=order.index) == order[:len(got)]  # in order, the split one last
+        split = [e for e, cols in got.items() if cols < I_SPLIT]
+        assert len(split) <= 1 and all(cols % COL_GRANULE == 0 for cols in got.values())
+        x = sum(got.values()) / I_SPLIT
+        cpu, gpu = _sides(c, m, sum(tokens[e] * cols / I_SPLIT for e, cols in got.items()), x)
+        assert max(cpu, gpu) < gpu_only
+        assert max(cpu, gpu) <= whole_best + 1e-9
+        if split:
+            step = COL_GRANULE / I_SPLIT * (c.cpu_expert_us + c.gpu_expert_us
+                                            + c.cpu_pair_us * tokens[split[0]])
+            assert abs(cpu - gpu) <= step + 1e-9
 
 
 def test_split_gives_the_cpu_the_experts_with_fewest_tokens():
     tokens = {3: 5, 7: 1, 9: 2, 11: 1}
-    assert split_offloaded(tokens, costs()) == [7, 11]  # the one-token experts, ties by id
+    got = share(tokens, costs())
+    assert list(got)[:2] == [7, 11] and got[7] == got[11] == I_SPLIT  # one-token ones first
+    assert set(got) <= {7, 9, 11}  # the 5-token expert stays on the GPU
 
 
 def test_split_charges_the_cpu_per_token():
     # At large batches each expert has many tokens: a per-pair cost far above the expert's
     # stream time leaves the GPU (whose read-through hardly depends on tokens) everything.
     tokens = dict.fromkeys(range(32), 16)
-    assert split_offloaded(tokens, costs(cpu_pair_us=1000.0)) == []
-    assert split_offloaded(tokens, costs(cpu_pair_us=0.0))
+    assert share(tokens, costs(cpu_pair_us=1000.0)) == {}
+    assert share(tokens, costs(cpu_pair_us=0.0))
 
 
 def test_costs_are_validated():
@@ -96,16 +153,19 @@ def test_group_pairs_and_the_gpu_share_sum_to_the_whole_layer(seed):
     assert torch.equal(out, cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=3))
 
 
-def _split(topk_ids, resident_mask, c, num_experts):
-    """split_on_device on CPU tensors (Triton's interpreter): (gpu_ids, chosen, ids)."""
+def _split(topk_ids, resident_mask, c, num_experts, intermediate):
+    """split_on_device on CPU tensors (Triton's interpreter): (gpu_ids, cols, ids)."""
     from moe_uvm.kernels.hybrid_split import COSTS, split_on_device
 
     gpu_ids = torch.empty_like(topk_ids)
-    chosen = torch.empty(num_experts, dtype=torch.uint8)
+    cols = torch.empty(num_experts, dtype=torch.int32)
+    gpu_cols = torch.empty(num_experts, dtype=torch.int32)
     ids = torch.empty(topk_ids.numel(), dtype=torch.int64)
     costs_vec = torch.tensor([getattr(c, name) for name in COSTS], dtype=torch.float64)
-    split_on_device(topk_ids, num_experts, resident_mask, costs_vec, gpu_ids, ids, chosen)
-    return gpu_ids, chosen, ids
+    split_on_device(topk_ids, num_experts, intermediate, resident_mask, costs_vec, gpu_ids, ids,
+                    cols, gpu_cols)
+    assert torch.equal(cols, gpu_cols)
+    return gpu_ids, cols, ids
 
 
 @pytest.mark.parametrize("num_experts, top_k, num_tokens", [(16, 4, 1), (128, 8, 1),
@@ -114,7 +174,8 @@ def _split(topk_ids, resident_mask, c, num_experts):
 def test_split_kernel_is_split_offloaded(seed, num_experts, top_k, num_tokens):
     """The GPU split (kernels/hybrid_split.py, under the interpreter) against split_offloaded on
     fresh random routings (padding included; an id listed twice for a token counts twice),
-    resident sets and costs: the same experts, the GPU's ids the rest, the ids copied."""
+    resident sets, costs and widths: the same columns of the same experts, the GPU's ids the
+    rest (a split expert's pairs stay), the ids copied."""
     rng = np.random.default_rng(seed)
     E, k, T = num_experts, top_k, num_tokens
     for trial in range(8):
@@ -127,26 +188,31 @@ def test_split_kernel_is_split_offloaded(seed, num_experts, top_k, num_tokens):
                   gpu_fixed_us=float(rng.uniform(0, 200)), cpu_fixed_us=float(rng.uniform(0, 200)),
                   cpu_pair_us=float(rng.uniform(0, 100)) if trial % 2 else 0.0)
         topk_ids = torch.from_numpy(ids).to(torch.int32 if trial % 3 == 0 else torch.int64)
-        gpu_ids, chosen, copied = _split(topk_ids, mask, c, E)
+        intermediate = int(rng.choice([768, 1408, 96, 40]))
+        gpu_ids, cols, copied = _split(topk_ids, mask, c, E, intermediate)
         flat = ids.reshape(-1)
         offloaded = [e for e in flat.tolist() if e >= 0 and not mask[e]]
-        want = split_offloaded({e: offloaded.count(e) for e in set(offloaded)}, c)
-        assert np.flatnonzero(chosen.numpy()).tolist() == want
+        want = split_offloaded({e: offloaded.count(e) for e in set(offloaded)}, c, intermediate)
+        got = {e: int(cols[e]) for e in np.flatnonzero(cols.numpy()).tolist()}
+        assert got == want
+        whole = [e for e, n in want.items() if n == intermediate]
         assert gpu_ids.dtype == topk_ids.dtype
-        assert np.array_equal(gpu_ids.numpy(), np.where(np.isin(ids, want), -1, ids))
+        assert np.array_equal(gpu_ids.numpy(), np.where(np.isin(ids, whole), -1, ids))
         assert np.array_equal(copied.numpy(), flat)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 4, 16])
 def test_host_function_computes_the_cpu_share_as_the_reference(seed, num_tokens):
     """The split kernel writes into a HostStep's buffers, as on the GPU, and the C host function
-    groups the CPU's pairs as group_pairs does and sums them bitwise as cpu_experts does."""
+    groups the CPU's pairs as group_pairs does and sums them bitwise as GroupedExperts does
+    with the split's columns; with the GPU's part (the reference from first_col on) the whole
+    layer comes out."""
     from moe_uvm.hybrid import HostStep
 
     built, why = cpu_module.available()
     if not built:
         pytest.skip(f"CPU expert kernel unavailable: {why}")
-    E, k, H, I, T = 16, 4, 64, 32, num_tokens
+    E, k, H, I, T = 16, 4, 64, 256, num_tokens  # I: 4 granules, so experts get split
     rng = np.random.default_rng(seed)
     _, w13, w2, _, _ = make_inputs(T, E, k, H, I, torch.float32, "cpu")
     w13, w2 = w13.bfloat16(), w2.bfloat16()
@@ -155,7 +221,7 @@ def test_host_function_computes_the_cpu_share_as_the_reference(seed, num_tokens)
     c = costs(cpu_gbps=float(rng.uniform(20, 80)), gpu_fixed_us=15.0, cpu_fixed_us=30.0,
               cpu_pair_us=float(rng.uniform(0, 50)))
     step = HostStep(kernel, T, k, resident_mask, c, threads=3, adapt=False, pin=False)
-    took, timed = 0, 0
+    took, timed, split = 0.0, 0, 0
     for _ in range(6):
         x, _, _, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
         topk_ids[torch.from_numpy(rng.random(topk_ids.shape) < 0.1)] = -1
@@ -164,25 +230,67 @@ def test_host_function_computes_the_cpu_share_as_the_reference(seed, num_tokens)
         from moe_uvm.kernels.hybrid_split import split_on_device
 
         gpu_ids = torch.empty_like(topk_ids)
-        split_on_device(topk_ids, E, resident_mask, step.costs, gpu_ids, step.ids, step.chosen)
+        gpu_cols = torch.empty(E, dtype=torch.int32)
+        split_on_device(topk_ids, E, I, resident_mask, step.costs, gpu_ids, step.ids, step.cols,
+                        gpu_cols)
         step.weights.copy_(topk_weights.reshape(-1))
         step.x.copy_(x)
         step.compute()
         ids = topk_ids.reshape(-1).to(torch.int64).numpy()
-        on_cpu = step.chosen.numpy()[np.maximum(ids, 0)].astype(bool) & (ids >= 0)
-        groups, want_gpu_ids = group_pairs(ids, on_cpu, topk_weights.reshape(-1).numpy(), k)
+        cols = step.cols.numpy()
+        on_cpu = (cols[np.maximum(ids, 0)] > 0) & (ids >= 0)
+        whole = (cols[np.maximum(ids, 0)] == I) & (ids >= 0)
+        groups, _ = group_pairs(ids, on_cpu, topk_weights.reshape(-1).numpy(), k)
         for got, want in zip(step.groups(), groups, strict=True):
             assert np.array_equal(got, want)
-        assert np.array_equal(gpu_ids.reshape(-1).numpy(), want_gpu_ids)
-        cpu_ids = torch.from_numpy(np.where(on_cpu, ids, -1)).view(T, k)
-        expected = cpu_module.cpu_experts(x, w13, w2, topk_weights, cpu_ids, threads=2)
+        assert np.array_equal(step.group_cols(), cols[groups[0]])
+        assert np.array_equal(gpu_ids.reshape(-1).numpy(), np.where(whole, -1, ids))
+        expected = torch.zeros(T, H)
+        kernel(x, *groups, torch.empty(len(groups[2]), 2 * I), expected, 2,
+               cols=cols[groups[0]].astype(np.int64))
         assert torch.equal(step.out, expected)
-        took += int(step.chosen.sum())
-        timed += bool(step.chosen.any())
+        gpu_part = fused_moe_reference(x, w13.float(), w2.float(), topk_weights, gpu_ids,
+                                       first_col=gpu_cols)
+        whole_layer = fused_moe_reference(x, w13.float(), w2.float(), topk_weights, topk_ids)
+        assert rel_err(step.out + gpu_part, whole_layer) < 1e-5
+        took += float(cols[groups[0]].sum()) / I
+        timed += bool(len(groups[0]))
+        split += bool(((cols > 0) & (cols < I)).any())
     stats = step.stats()
-    assert stats.steps == 6 and stats.cpu_experts == took and took > 0
+    assert stats.steps == 6 and abs(stats.cpu_experts - took) < 1e-9 and took > 0
     assert len(stats.cpu_ms) == timed  # the CPU side is timed when it has experts
     assert step.current_costs() == c  # adapt=False: the costs stay
+
+
+def test_host_function_splits_an_expert_by_columns(seed):
+    """Three offloaded experts at equal speeds: the CPU takes one and half of the next (the
+    first 128 of 256 columns), the GPU the rest; the two parts sum to the whole layer."""
+    from moe_uvm.hybrid import HostStep
+    from moe_uvm.kernels.hybrid_split import split_on_device
+
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    E, k, H, I = 8, 3, 64, 256
+    x, w13, w2, topk_weights, _ = make_inputs(1, E, k, H, I, torch.float32, "cpu")
+    topk_ids = torch.tensor([[6, 2, 5]])
+    kernel = cpu_module.GroupedExperts(w13.bfloat16(), w2.bfloat16())
+    step = HostStep(kernel, 1, k, torch.zeros(E, dtype=torch.uint8), costs(), threads=2,
+                    adapt=False, pin=False)
+    gpu_ids, gpu_cols = torch.empty_like(topk_ids), torch.empty(E, dtype=torch.int32)
+    split_on_device(topk_ids, E, I, step.resident, step.costs, gpu_ids, step.ids, step.cols,
+                    gpu_cols)
+    assert step.cols.tolist() == [0, 0, I, 0, 0, I // 2, 0, 0]  # ties by id: 2 whole, 5 half
+    assert gpu_ids.tolist() == [[6, -1, 5]]
+    step.weights.copy_(topk_weights.reshape(-1))
+    step.x.copy_(x)
+    step.compute()
+    assert step.stats().cpu_experts == 1.5 and step.stats().gpu_offloaded_experts == 1.5
+    gpu_part = fused_moe_reference(x, w13.bfloat16().float(), w2.bfloat16().float(),
+                                   topk_weights, gpu_ids, first_col=gpu_cols)
+    whole = fused_moe_reference(x, w13.bfloat16().float(), w2.bfloat16().float(), topk_weights,
+                                topk_ids)
+    assert rel_err(step.out + gpu_part, whole) < 1e-5
 
 
 def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
@@ -218,8 +326,8 @@ def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
         for step in steps:
             x, _, _, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
             gpu_ids = torch.empty_like(topk_ids)
-            split_on_device(topk_ids, E, resident_mask, step.costs, gpu_ids, step.ids,
-                            step.chosen)
+            split_on_device(topk_ids, E, I, resident_mask, step.costs, gpu_ids, step.ids,
+                            step.cols, torch.empty(E, dtype=torch.int32))
             step.weights.copy_(topk_weights.reshape(-1))
             step.x.copy_(x)
         served, before = bell.served(), [s.stats().steps for s in steps]
@@ -228,7 +336,7 @@ def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
         assert bell.served() == served + 1
         assert [s.stats().steps for s in steps] == [before[0], before[1] + 1, before[2]]
         got = steps[1].out.clone()
-        assert steps[1].chosen.any() and got.abs().sum() > 0
+        assert steps[1].cols.any() and got.abs().sum() > 0
         steps[1].compute()  # the same state, computed directly
         assert torch.equal(got, steps[1].out)
         for word in (0, 2):
@@ -261,7 +369,7 @@ def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
     step.ids.copy_(topk_ids.reshape(-1))
     step.weights.copy_(topk_weights.reshape(-1))
     step.x.copy_(x)
-    step.chosen.fill_(1)
+    step.cols.fill_(I)
     for _ in range(4):
         step.compute()
     assert step.stats().cpu_experts > 0 and len(step.stats().cpu_ms) == 4

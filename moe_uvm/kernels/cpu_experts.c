@@ -2,8 +2,9 @@
  * pages advised to the host) for the CPU/GPU hybrid (cpu_experts.py builds and calls this).
  *
  * One call computes, for m experts and the token rows routed to each (CSR: pair_offsets),
- *   out[t] += w_p * w2[e] @ (silu(w1[e] @ x_t) * (w3[e] @ x_t))
- * in fp32, with one OpenMP region of two phases: gate/up over every (expert, row of w13), then
+ *   out[t] += w_p * w2[e][:, :c] @ (silu(w1[e][:c] @ x_t) * (w3[e][:c] @ x_t))
+ * in fp32, c the expert's leading intermediate columns (all of them, or the CPU's part of an
+ * expert the hybrid splits with the GPU), with one OpenMP region of two phases: gate/up over every (expert, row of w13), then
  * down over output columns h, experts in the given order, so out's bits do not depend on the
  * thread count. Each weight row is widened once into a per-thread fp32 buffer (L1-resident)
  * and dotted with every token routed to its expert: weights stream from DRAM once per call.
@@ -57,26 +58,27 @@ typedef struct {
     int block_n, block_k, halves;            /* halves: 2 for w13 (w1's blocks, then w3's) */
 } Matrix;
 
-/* Row `row` of expert e's matrix (cols wide), widened (and scaled) into wf. */
+/* The first `count` elements of row `row` of expert e's matrix (cols wide), widened (and
+ * scaled) into wf. */
 static void widen_row(const Matrix *m, int64_t e, int64_t row, int64_t rows, int64_t cols,
-                      float *wf) {
+                      int64_t count, float *wf) {
     if (m->kind == W_BF16) {
         const uint16_t *w = (const uint16_t *)m->base + e * m->expert_stride + row * cols;
-        for (int64_t k = 0; k < cols; k++) wf[k] = bf16_value(w[k]);
+        for (int64_t k = 0; k < count; k++) wf[k] = bf16_value(w[k]);
         return;
     }
     const uint8_t *w = (const uint8_t *)m->base + e * m->expert_stride + row * cols;
     if (m->scale_kind == SCALE_CHANNEL) {
         float s = m->scale[e * m->scale_stride_e + row];
-        for (int64_t k = 0; k < cols; k++) wf[k] = e4m3_value(w[k]) * s;
+        for (int64_t k = 0; k < count; k++) wf[k] = e4m3_value(w[k]) * s;
         return;
     }
     int64_t half_rows = rows / m->halves;
     int64_t per_half = (half_rows + m->block_n - 1) / m->block_n;
     int64_t block_row = (row / half_rows) * per_half + (row % half_rows) / m->block_n;
     const float *s = m->scale + e * m->scale_stride_e + block_row * m->scale_stride_r;
-    for (int64_t k0 = 0; k0 < cols; k0 += m->block_k) {
-        int64_t k1 = k0 + m->block_k < cols ? k0 + m->block_k : cols;
+    for (int64_t k0 = 0; k0 < count; k0 += m->block_k) {
+        int64_t k1 = k0 + m->block_k < count ? k0 + m->block_k : count;
         float sk = s[k0 / m->block_k];
         for (int64_t k = k0; k < k1; k++) wf[k] = e4m3_value(w[k]) * sk;
     }
@@ -112,24 +114,32 @@ static void dot_group(const float *a, const float *const *b, int nb, int64_t n, 
 }
 
 /* The ABI version (cpu_experts.py checks it after loading). */
-int moe_uvm_cpu_experts_init(void) { return 3; }
+int moe_uvm_cpu_experts_init(void) { return 4; }
 
 /* x [T, H] fp32; experts [m]; pair_offsets [m + 1]; pair_tokens, pair_weights [P] (pairs of
  * expert j: pair_offsets[j] .. pair_offsets[j + 1]); gate_up scratch [P, 2I] fp32; out [T, H]
- * fp32, accumulated into. Returns 0, or -1 when the per-thread buffers cannot be allocated. */
+ * fp32, accumulated into; expert_cols [m]: the leading intermediate columns computed of each
+ * expert (1..I), or NULL for all. Returns 0, or -1 when buffers cannot be allocated. */
 int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, int64_t m,
                         const int64_t *experts, const int64_t *pair_offsets,
                         const int64_t *pair_tokens, const float *pair_weights,
                         const void *w13, int64_t w13_stride, const void *w2, int64_t w2_stride,
                         int kind, const float *w13_scale, const float *w2_scale,
                         int scale_kind, const int64_t *scale_strides, int block_n, int block_k,
-                        float *gate_up, float *out, int threads) {
+                        float *gate_up, float *out, int threads, const int64_t *expert_cols) {
     Matrix m13 = {w13, w13_stride, kind, w13_scale, scale_kind, scale_strides[0],
                   scale_strides[1], block_n, block_k, 2};
     Matrix m2 = {w2, w2_stride, kind, w2_scale, scale_kind, scale_strides[2], scale_strides[3],
                  block_n, block_k, 1};
     int64_t two_i = 2 * intermediate;
-    int64_t gate_up_rows = m * two_i;
+    /* expert j's gate/up rows: [0, c_j) of w1 and of w3, at row_start[j] .. row_start[j + 1]
+     * of the flat list the threads share */
+    int64_t *row_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(m + 1));
+    if (row_start == NULL) return -1;
+    row_start[0] = 0;
+    for (int64_t j = 0; j < m; j++)
+        row_start[j + 1] = row_start[j] + 2 * (expert_cols ? expert_cols[j] : intermediate);
+    int64_t gate_up_rows = row_start[m];
     int64_t width = hidden > intermediate ? hidden : intermediate;
     int failed = 0;
 #ifdef _OPENMP
@@ -144,10 +154,13 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
         }
 #pragma omp barrier
         if (!failed) {
+            int64_t j = 0; /* static schedule: each thread's rows ascend, and so does j */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < gate_up_rows; r++) {
-                int64_t j = r / two_i, row = r % two_i;
-                widen_row(&m13, experts[j], row, two_i, hidden, wf);
+                while (r >= row_start[j + 1]) j++;
+                int64_t c = (row_start[j + 1] - row_start[j]) / 2, q = r - row_start[j];
+                int64_t row = q < c ? q : intermediate + (q - c);
+                widen_row(&m13, experts[j], row, two_i, hidden, hidden, wf);
                 for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p += 4) {
                     int nb = pair_offsets[j + 1] - p < 4 ? (int)(pair_offsets[j + 1] - p) : 4;
                     const float *xs[4];
@@ -159,10 +172,13 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
             }
             /* silu(gate) * up, in place over the gate half of each pair's row */
 #pragma omp for schedule(static)
-            for (int64_t p = 0; p < pair_offsets[m]; p++) {
-                float *g = gate_up + p * two_i;
-                for (int64_t i = 0; i < intermediate; i++)
-                    g[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
+            for (int64_t jj = 0; jj < m; jj++) {
+                int64_t c = (row_start[jj + 1] - row_start[jj]) / 2;
+                for (int64_t p = pair_offsets[jj]; p < pair_offsets[jj + 1]; p++) {
+                    float *g = gate_up + p * two_i;
+                    for (int64_t i = 0; i < c; i++)
+                        g[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
+                }
             }
             /* Each thread owns a range of output columns h and walks the experts one after
              * the other over it: one contiguous stream of w2 at a time (the prefetchers lose
@@ -174,16 +190,17 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
             team = omp_get_num_threads();
 #endif
             int64_t h0 = hidden * thread / team, h1 = hidden * (thread + 1) / team;
-            for (int64_t j = 0; j < m; j++) {
+            for (int64_t jj = 0; jj < m; jj++) {
+                int64_t c = (row_start[jj + 1] - row_start[jj]) / 2;
                 for (int64_t h = h0; h < h1; h++) {
-                    widen_row(&m2, experts[j], h, hidden, intermediate, wf);
-                    for (int64_t p = pair_offsets[j]; p < pair_offsets[j + 1]; p += 4) {
-                        int nb = pair_offsets[j + 1] - p < 4 ? (int)(pair_offsets[j + 1] - p)
-                                                             : 4;
+                    widen_row(&m2, experts[jj], h, hidden, intermediate, c, wf);
+                    for (int64_t p = pair_offsets[jj]; p < pair_offsets[jj + 1]; p += 4) {
+                        int nb = pair_offsets[jj + 1] - p < 4 ? (int)(pair_offsets[jj + 1] - p)
+                                                              : 4;
                         const float *acts[4];
                         float y[4];
                         for (int t = 0; t < nb; t++) acts[t] = gate_up + (p + t) * two_i;
-                        dot_group(wf, acts, nb, intermediate, y);
+                        dot_group(wf, acts, nb, c, y);
                         for (int t = 0; t < nb; t++)
                             out[pair_tokens[p + t] * hidden + h] += pair_weights[p + t] * y[t];
                     }
@@ -192,6 +209,7 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
         }
         free(wf);
     }
+    free(row_start);
     return failed ? -1 : 0;
 }
 
@@ -199,8 +217,8 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
  * `moe_uvm_hybrid_compute` runs as a CUDA host node (cuLaunchHostFunc: in stream order, inside
  * a captured CUDA graph as well) on the driver's callback thread, so it takes everything from
  * one state struct and calls no CUDA API. When it runs, the GPU has written the layer's routing
- * and token rows into pinned buffers and its split kernel (kernels/hybrid_split.py) has marked
- * the CPU's experts in `chosen`; this groups the CPU's pairs by expert and computes them into
+ * and token rows into pinned buffers and its split kernel (kernels/hybrid_split.py) has written
+ * the CPU's columns of each expert in `cols`; this groups the CPU's pairs by expert and computes them into
  * `out` (fp32, which the GPU then adds to its output), beside the GPU's kernel. The struct's
  * layout is mirrored by hybrid.py's _State (checked through moe_uvm_hybrid_state_size). */
 #include <time.h>
@@ -217,17 +235,18 @@ typedef struct {
     const float *w13_scale, *w2_scale;
     const int64_t *scale_strides;
     int64_t kind, scale_kind, block_n, block_k;
-    /* pinned buffers: written by the GPU (ids, weights, x, chosen), by the CPU (out, costs) */
+    /* pinned buffers: written by the GPU (ids, weights, x, cols), by the CPU (out, costs) */
     const int64_t *ids;      /* [T * k] */
     const float *weights;    /* [T * k] */
     const float *x;          /* [T, H] */
-    const uint8_t *chosen;   /* [E]: 1 for the CPU's experts this step */
+    const int32_t *cols;     /* [E]: the leading intermediate columns the CPU computes (0: none) */
     float *out;              /* [T, H] */
     const uint8_t *resident; /* [E]: 1 where the GPU holds the expert (for the counts only) */
     double *costs;           /* [5]: ExpertCosts' fields, which the GPU's split reads */
     /* scratch */
     float *gate_up;        /* [T * k, 2I] */
     int64_t *experts;      /* [min(T * k, E)]: the CPU's experts, ascending */
+    int64_t *expert_cols;  /* [min(T * k, E)]: their columns */
     int64_t *offsets;      /* [T * k + 1] */
     int64_t *pair_tokens;  /* [T * k] */
     float *pair_weights;   /* [T * k] */
@@ -235,8 +254,11 @@ typedef struct {
     double ema; /* weight of a new observation of the CPU's per-expert time; 0: fixed */
     /* the last step */
     int64_t m, pairs;
-    /* totals */
-    int64_t steps, cpu_experts, gpu_offloaded_experts, timed, status;
+    double share; /* the CPU's experts, a split one counting its fraction of the columns */
+    /* totals (experts as in `share`) */
+    int64_t steps;
+    double cpu_experts, gpu_offloaded_experts;
+    int64_t timed, status;
     double cpu_us[HYBRID_RING]; /* wall time of the last steps' CPU side that had experts */
 } HybridState;
 
@@ -254,9 +276,10 @@ static double now_us(void) {
 static void hybrid_group(HybridState *s) {
     int64_t n_pairs = s->tokens * s->top_k, E = s->num_experts;
     int64_t n_cpu = 0, pairs = 0, offloaded = 0;
+    double share = 0.0;
     s->offsets[0] = 0;
     for (int64_t e = 0; e < E; e++) {
-        if (!s->chosen[e]) continue;
+        if (s->cols[e] <= 0) continue;
         int64_t first = pairs;
         for (int64_t p = 0; p < n_pairs; p++) {
             if (s->ids[p] == e) {
@@ -266,23 +289,33 @@ static void hybrid_group(HybridState *s) {
             }
         }
         if (pairs > first) {
-            s->experts[n_cpu++] = e;
+            int64_t c = s->cols[e] < s->intermediate ? s->cols[e] : s->intermediate;
+            s->experts[n_cpu] = e;
+            s->expert_cols[n_cpu++] = c;
             s->offsets[n_cpu] = pairs;
+            share += (double)c / (double)s->intermediate;
         }
     }
     memset(s->seen, 0, (size_t)E);
     for (int64_t p = 0; p < n_pairs; p++) {
         int64_t e = s->ids[p];
-        if (e >= 0 && e < E && !s->seen[e] && (!s->resident[e] || s->chosen[e])) {
+        if (e >= 0 && e < E && !s->seen[e] && (!s->resident[e] || s->cols[e] > 0)) {
             s->seen[e] = 1;
             offloaded++;
         }
     }
     s->m = n_cpu;
     s->pairs = pairs;
+    s->share = share;
     s->steps++;
-    s->cpu_experts += n_cpu;
-    s->gpu_offloaded_experts += offloaded > n_cpu ? offloaded - n_cpu : 0;
+    s->cpu_experts += share;
+    s->gpu_offloaded_experts += (double)offloaded > share ? (double)offloaded - share : 0.0;
+}
+
+/* The last step's CPU experts in whole experts (at least one column's worth). */
+static double share_of(const HybridState *s) {
+    double least = 1.0 / (double)s->intermediate;
+    return s->share > least ? s->share : least;
 }
 
 void moe_uvm_hybrid_compute(void *state) {
@@ -295,7 +328,7 @@ void moe_uvm_hybrid_compute(void *state) {
         s->x, s->hidden, s->intermediate, s->m, s->experts, s->offsets, s->pair_tokens,
         s->pair_weights, s->w13, s->w13_stride, s->w2, s->w2_stride, (int)s->kind,
         s->w13_scale, s->w2_scale, (int)s->scale_kind, s->scale_strides, (int)s->block_n,
-        (int)s->block_k, s->gate_up, s->out, (int)s->threads);
+        (int)s->block_k, s->gate_up, s->out, (int)s->threads, s->expert_cols);
     if (failed) {
         s->status = 1; /* hybrid.py raises at its next look */
         memset(s->out, 0, sizeof(float) * (size_t)(s->tokens * s->hidden));
@@ -305,7 +338,7 @@ void moe_uvm_hybrid_compute(void *state) {
     s->cpu_us[s->timed % HYBRID_RING] = us;
     s->timed++;
     double *c = s->costs;
-    double per_expert = (us - c[4] - c[COST_CPU_PAIR] * (double)s->pairs) / (double)s->m;
+    double per_expert = (us - c[4] - c[COST_CPU_PAIR] * (double)s->pairs) / share_of(s);
     if (s->ema > 0 && per_expert > 0)
         c[COST_CPU_EXPERT] += s->ema * (per_expert - c[COST_CPU_EXPERT]);
 }

@@ -31,7 +31,7 @@ import torch
 from .fp8 import FP8_DTYPE, check_block_shape, scale_shape
 
 _SOURCE = Path(__file__).with_name("cpu_experts.c")
-_ABI = 3
+_ABI = 4
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-pthread", "-fPIC", "-shared")
 _KINDS = {torch.bfloat16: 0, FP8_DTYPE: 1}
 _P = ctypes.c_void_p
@@ -102,7 +102,7 @@ def _library() -> ctypes.CDLL:
     lib.moe_uvm_cpu_experts.restype = _INT
     lib.moe_uvm_cpu_experts.argtypes = [
         _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _INT, _P, _P, _INT, _P, _INT,
-        _INT, _P, _P, _INT]
+        _INT, _P, _P, _INT, _P]
     lib.moe_uvm_hybrid_state_size.restype = _I64
     lib.moe_uvm_hybrid_compute.restype = None
     lib.moe_uvm_hybrid_compute.argtypes = [_P]
@@ -183,7 +183,9 @@ class GroupedExperts:
     grouping itself. `x` [T, H] fp32 contiguous; `experts` [m] int64 (ascending for results
     equal to `cpu_experts`); `offsets` [m + 1], `tokens` and `weights` [P] (int64, int64,
     float32, contiguous; the pairs of experts[j] are offsets[j]..offsets[j+1]); `gate_up`
-    scratch of at least P x 2I fp32; `out` [T, H] fp32, accumulated into."""
+    scratch of at least P x 2I fp32; `out` [T, H] fp32, accumulated into; `cols` None, or [m]
+    int64: the leading intermediate columns computed of each expert (1..I; the rest of a split
+    expert is computed elsewhere)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, *,
                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
@@ -205,17 +207,21 @@ class GroupedExperts:
             self.bn, self.bk = block_shape if block_shape else (1, 1)
 
     def __call__(self, x: torch.Tensor, experts, offsets, tokens, weights,
-                 gate_up: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+                 gate_up: torch.Tensor, out: torch.Tensor, threads: int, cols=None) -> None:
         m = len(experts)
         if m == 0:
             return
+        if cols is not None and (len(cols) != m or cols.dtype != np.int64
+                                 or not ((cols >= 1) & (cols <= self.intermediate)).all()):
+            raise ValueError(f"cols must be int64 [{m}] in 1..{self.intermediate}; got {cols}")
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         status = self._lib.moe_uvm_cpu_experts(
             x.data_ptr(), self.hidden, self.intermediate, m, experts.ctypes.data,
             offsets.ctypes.data, tokens.ctypes.data, weights.ctypes.data, self.w13.data_ptr(),
             self.w13.stride(0), self.w2.data_ptr(), self.w2.stride(0), self.kind,
             ptr(self.w13_scale), ptr(self.w2_scale), self.scale_kind, self.strides.data_ptr(),
-            self.bn, self.bk, gate_up.data_ptr(), out.data_ptr(), int(threads))
+            self.bn, self.bk, gate_up.data_ptr(), out.data_ptr(), int(threads),
+            None if cols is None else cols.ctypes.data)
         if status != 0:
             raise MemoryError(f"cpu_experts: per-thread buffers of "
                               f"{max(self.hidden, self.intermediate)} floats could not be "

@@ -127,15 +127,17 @@ def _gate_up_loop(x_ptrs, gate_ptrs, up_ptrs, fill_ptrs, gate_scales, up_scales,
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
-                    fill_slot_ptr, act_ptr, sorted_ptr, block_expert_ptr, stride_bj, num_pairs,
-                    num_experts, hidden, intermediate, scale_ptr, stride_sc_e, stride_sc_n,
-                    stride_sc_k, up_scale_row, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
-                    SCALE_K: tl.constexpr, TOP_K: tl.constexpr,
-                    HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+                    fill_slot_ptr, first_col_ptr, act_ptr, sorted_ptr, block_expert_ptr, stride_bj,
+                    num_pairs, num_experts, hidden, intermediate, scale_ptr, stride_sc_e,
+                    stride_sc_n, stride_sc_k, up_scale_row, QUANT: tl.constexpr,
+                    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, TOP_K: tl.constexpr,
+                    HAS_SLOTS: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FIRST: tl.constexpr,
+                    PAIR_BLOCKS: tl.constexpr,
                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ALU: tl.constexpr,
                     PDL: tl.constexpr):
-    """act[pair, n] = silu(x @ w1[e]^T) * (x @ w3[e]^T) for one row tile of one expert."""
+    """act[pair, n] = silu(x @ w1[e]^T) * (x @ w3[e]^T) for one row tile of one expert (0 for
+    the columns n < first_col[e] with HAS_FIRST: their weights are not read)."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     expert, pairs, work = _block_rows(sorted_ptr, block_expert_ptr, stride_bj, pid_m, num_pairs,
@@ -144,7 +146,10 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
         return
     row_ok = pairs < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < intermediate
+    col_in = cols < intermediate
+    col_ok = col_in
+    if HAS_FIRST:
+        col_ok = col_ok & (cols >= tl.load(first_col_ptr + expert))
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (pairs // TOP_K).to(tl.int64)[:, None] * stride_xt + ks[None, :]
     base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
@@ -178,21 +183,22 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
                                  ALU)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + pairs.to(tl.int64)[:, None] * intermediate + cols[None, :],
-             act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+             act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_in[None, :])
 
 
 @triton.jit
 def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks, k_start, k_end,
-               intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-               QUANT: tl.constexpr, SCALE_K: tl.constexpr, ALU: tl.constexpr):
+               k_first, intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr, QUANT: tl.constexpr, SCALE_K: tl.constexpr,
+               ALU: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w_ok = col_ok[None, :]
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            k_ok = k0 + ks < intermediate
+        else:  # also the mask of an expert's first columns left out (k_first)
+            k_ok = (k0 + ks < intermediate) & (k0 + ks >= k_first)
             w_ok = col_ok[None, :] & k_ok[:, None]
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=w_ok, other=0.0)
@@ -208,15 +214,18 @@ def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks,
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr,
-                 fill_slot_ptr, partial_ptr, sorted_ptr, block_expert_ptr, stride_bj, num_pairs,
-                 num_experts, hidden, intermediate, k_per_split, scale_ptr, stride_sc_e,
-                 stride_sc_n, stride_sc_k, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
-                 SCALE_K: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                 HAS_FILL: tl.constexpr, PAIR_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, ALU: tl.constexpr, PDL: tl.constexpr):
+                 fill_slot_ptr, first_col_ptr, partial_ptr, sorted_ptr, block_expert_ptr,
+                 stride_bj, num_pairs, num_experts, hidden, intermediate, k_per_split, scale_ptr,
+                 stride_sc_e, stride_sc_n, stride_sc_k, QUANT: tl.constexpr,
+                 SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                 HAS_FILL: tl.constexpr, HAS_FIRST: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ALU: tl.constexpr,
+                 PDL: tl.constexpr):
     """partial[split, pair, n] = act[pair, k-range] @ w2[e][n, k-range]^T, fp32. With split-K,
-    each split loads (and fills) its own K range of the weight tile."""
+    each split loads (and fills) its own K range of the weight tile. With HAS_FIRST the range
+    starts no lower than first_col[e] (the columns below are left out, not read); the host
+    then passes EVEN_K False, so the loop masks the block holding first_col[e]."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     split = tl.program_id(2)
@@ -230,6 +239,10 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
     ks = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, intermediate)
+    k_first = 0
+    if HAS_FIRST:
+        k_first = tl.load(first_col_ptr + expert)
+        k_start = tl.maximum(k_start, k_first // BLOCK_K * BLOCK_K)  # a K step stays aligned
     a_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * intermediate + (k_start + ks)[None, :]
     base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
     w_ptrs = base + cols.to(tl.int64)[None, :] * intermediate + (k_start + ks)[:, None]
@@ -243,16 +256,16 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
             fill_ptrs = (fill_base + cols.to(tl.int64)[None, :] * intermediate
                          + (k_start + ks)[:, None])
             acc = _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sc_k, row_ok, col_ok,
-                             ks, k_start, k_end, intermediate, True, EVEN_K, BLOCK_M, BLOCK_N,
-                             BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
+                             ks, k_start, k_end, k_first, intermediate, True, EVEN_K, BLOCK_M,
+                             BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
         else:
             acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks,
-                             k_start, k_end, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N,
-                             BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
+                             k_start, k_end, k_first, intermediate, False, EVEN_K, BLOCK_M,
+                             BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
     else:
         acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks, k_start,
-                         k_end, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-                         QUANT, SCALE_K, ALU)
+                         k_end, k_first, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                         PRECISION, QUANT, SCALE_K, ALU)
     rows = split.to(tl.int64) * num_pairs + pairs
     tl.store(partial_ptr + rows[:, None] * hidden + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
@@ -303,7 +316,7 @@ def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, block_shape, up_row
 
 def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
              fill_slot, config: MoeBlockConfig, w13_scale=None, w2_scale=None,
-             block_shape=None) -> torch.Tensor:
+             block_shape=None, first_col=None) -> torch.Tensor:
     num_tokens, hidden = hidden_states.shape
     num_experts, intermediate, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
@@ -322,7 +335,7 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
         stride_bj, num_blocks = 1, block_expert.numel()
     slot_strides = (w13_slots.stride(0), w2_slots.stride(0)) if w13_slots is not None else (0, 0)
     flags = dict(HAS_SLOTS=expert_slot is not None, HAS_FILL=fill_slot is not None,
-                 PAIR_BLOCKS=pair_blocks)
+                 HAS_FIRST=first_col is not None, PAIR_BLOCKS=pair_blocks)
     # fp32 callers get fp32 products (as torch matmul does by default), not TF32.
     precision = "ieee" if dtype == torch.float32 else None
     alu = w13_scale is not None and alu_widen_applies(dtype, device)
@@ -331,7 +344,7 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
     scales13, quant13 = _scale_args(w13, w13_scale, block_shape, intermediate)
     _gate_up_kernel[grid](
         hidden_states, hidden_states.stride(0), w13, w13.stride(0), w13_slots, slot_strides[0],
-        expert_slot, fill_slot, act, sorted_pairs, block_expert, stride_bj, num_pairs,
+        expert_slot, fill_slot, first_col, act, sorted_pairs, block_expert, stride_bj, num_pairs,
         num_experts, hidden, intermediate, *scales13, **quant13, TOP_K=top_k, **flags,
         EVEN_K=hidden % config.gate_up_block_k == 0, BLOCK_M=config.block_m,
         BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, PRECISION=precision,
@@ -346,10 +359,10 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
     grid = (num_blocks, triton.cdiv(hidden, config.down_block_n), split_k)
     scales2, quant2 = _scale_args(w2, w2_scale, block_shape, 0)
     _down_kernel[grid](
-        act, w2, w2.stride(0), w2_slots, slot_strides[1], expert_slot, fill_slot, partial,
-        sorted_pairs, block_expert, stride_bj, num_pairs, num_experts, hidden, intermediate,
-        k_per_split, *scales2[:4], **quant2, **flags,
-        EVEN_K=intermediate % config.down_block_k == 0,
+        act, w2, w2.stride(0), w2_slots, slot_strides[1], expert_slot, fill_slot, first_col,
+        partial, sorted_pairs, block_expert, stride_bj, num_pairs, num_experts, hidden,
+        intermediate, k_per_split, *scales2[:4], **quant2, **flags,
+        EVEN_K=intermediate % config.down_block_k == 0 and first_col is None,
         BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k,
         PRECISION=precision, ALU=alu, num_warps=config.down_warps,
         num_stages=config.down_stages,
@@ -381,7 +394,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
                      w2_slots: torch.Tensor | None = None, fill_slot: torch.Tensor | None = None,
                      config: MoeBlockConfig | MoeDecodeConfig | None = None,
                      w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                     block_shape: tuple[int, int] | None = None) -> torch.Tensor:
+                     block_shape: tuple[int, int] | None = None,
+                     first_col: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of fused_moe, with an explicit config for tuning. A MoeDecodeConfig runs
     the one-token GEMV path (T must be 1, weights not FP8), a MoeBlockConfig the grouped path;
     None picks: the GEMV path when T == 1 and select_decode_config gives a config, else
@@ -389,7 +403,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     it has none. FP8 weights always take the grouped kernels."""
     args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
             fill_slot)
-    check_inputs(*args, w13_scale, w2_scale, block_shape)
+    check_inputs(*args, w13_scale, w2_scale, block_shape, first_col)
     block_shape = check_block_shape(block_shape)
     quantized = w13_scale is not None
     num_tokens, hidden = hidden_states.shape
@@ -413,8 +427,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     device = hidden_states.device
     with torch.cuda.device(device.index if device.type == "cuda" else -1):
         if isinstance(config, MoeDecodeConfig):
-            return one_token_moe(*args, config)
-        return _grouped(*args, config, w13_scale, w2_scale, block_shape)
+            return one_token_moe(*args, config, first_col)
+        return _grouped(*args, config, w13_scale, w2_scale, block_shape, first_col)
 
 
 # The interpreter is chosen when @triton.jit runs, so the kernel object says which one we got.
@@ -422,11 +436,12 @@ _INTERPRETED = not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
 
 
 def _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
-         fill_slot, w13_scale, w2_scale, block_shape):
+         fill_slot, w13_scale, w2_scale, block_shape, first_col=None):
     args = (hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
             fill_slot)
     quant = dict(w13_scale=w13_scale, w2_scale=w2_scale,
-                 block_shape=None if block_shape is None else tuple(block_shape))
+                 block_shape=None if block_shape is None else tuple(block_shape),
+                 first_col=first_col)
     if hidden_states.device.type == "cpu" and not _INTERPRETED:
         check_inputs(*args, **quant)
         return fused_moe_reference(*args, **quant)
@@ -438,9 +453,10 @@ def _fused_moe_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   expert_slot: torch.Tensor | None, w13_slots: torch.Tensor | None,
                   w2_slots: torch.Tensor | None, w13_scale: torch.Tensor | None,
-                  w2_scale: torch.Tensor | None, block_shape: list[int] | None) -> torch.Tensor:
+                  w2_scale: torch.Tensor | None, block_shape: list[int] | None,
+                  first_col: torch.Tensor | None = None) -> torch.Tensor:
     return _run(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
-                w2_slots, None, w13_scale, w2_scale, block_shape)
+                w2_slots, None, w13_scale, w2_scale, block_shape, first_col)
 
 
 # fill_slot writes the slot pools, so this op declares them mutated (torch.compile keeps the
@@ -459,7 +475,7 @@ def _fused_moe_fill_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch
 
 @_fused_moe_op.register_fake
 def _(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots, w2_slots,
-      w13_scale, w2_scale, block_shape):
+      w13_scale, w2_scale, block_shape, first_col=None):
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -475,7 +491,8 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               w2_slots: torch.Tensor | None = None,
               fill_slot: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None,
-              block_shape: tuple[int, int] | None = None) -> torch.Tensor:
+              block_shape: tuple[int, int] | None = None,
+              first_col: torch.Tensor | None = None) -> torch.Tensor:
     """MoE forward: `out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w1[e] x_t) * (w3[e] x_t))`
     with `e = topk_ids[t, j]`, w13[e] = [w1; w3]; ids < 0 are padding and contribute nothing.
 
@@ -499,6 +516,12 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w13_scale [E, 2I] and w2_scale [E, H]. Weights are widened to the activations' dtype in
     registers (exactly); block scales multiply each K step's product, channel scales the result.
 
+    `first_col` (int32 [E], read by the kernels at run time): expert e's intermediate columns
+    below first_col[e] are left out, their weights not read: the expert adds
+    w2[e][:, c:] @ (silu(w1[e][c:] x) * (w3[e][c:] x)), the rest of its output being computed
+    elsewhere (the CPU/GPU hybrid splits an expert so). 0 leaves an expert whole. Not with
+    fill_slot (a slot would be filled in part).
+
     Returns [T, H] in hidden_states' dtype, bitwise reproducible. T == 1 never aligns: it takes
     the grouped kernels with one row block per choice, or, where the GPU's table picks it, a
     two-launch GEMV path (fp32 activations) whose reduction order follows the load vector
@@ -512,7 +535,9 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     quant = (w13_scale, w2_scale, None if block_shape is None else list(block_shape))
     if fill_slot is None:
         return torch.ops.moe_uvm.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids,
-                                           expert_slot, w13_slots, w2_slots, *quant)
+                                           expert_slot, w13_slots, w2_slots, *quant, first_col)
+    if first_col is not None:
+        raise ValueError("first_col cannot go with fill_slot: a slot would be filled in part")
     if w13_slots is None or w2_slots is None:
         raise ValueError("fill_slot needs w13_slots and w2_slots to fill")
     return torch.ops.moe_uvm.fused_moe_fill(hidden_states, w13, w2, topk_weights, topk_ids,

@@ -52,7 +52,8 @@ def _check_same_device(hidden_states: torch.Tensor, **tensors: torch.Tensor | No
 
 
 def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_slots,
-                  w2_slots, fill_slot, w13_scale=None, w2_scale=None, block_shape=None) -> None:
+                  w2_slots, fill_slot, w13_scale=None, w2_scale=None, block_shape=None,
+                  first_col=None) -> None:
     if hidden_states.dim() != 2 or hidden_states.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden_states is {hidden_states.dtype} of shape "
                          f"{tuple(hidden_states.shape)}: expected [T, H] in bf16, fp16 or fp32")
@@ -73,6 +74,13 @@ def check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w1
         raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}: must equal "
                          f"topk_ids' {tuple(topk_ids.shape)}")
     _check_same_device(hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-                       expert_slot=expert_slot, fill_slot=fill_slot)
+                       expert_slot=expert_slot, fill_slot=fill_slot, first_col=first_col)
+    if first_col is not None:
+        if (first_col.dtype != torch.int32 or tuple(first_col.shape) != (w13.shape[0],)
+                or not first_col.is_contiguous()):
+            raise ValueError(f"first_col is {first_col.dtype} of shape {tuple(first_col.shape)}: "
+                             f"expected a contiguous int32 [{w13.shape[0]}]")
+        if fill_slot is not None:
+            raise ValueError("first_col cannot go with fill_slot: a slot would be filled in part")
     _check_slot_args(w13.shape[0], intermediate, hidden, weight_dtype, expert_slot,
                      w13_slots, w2_slots, fill_slot)

@@ -20,6 +20,7 @@ def fused_moe_reference(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
+    first_col: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w1[e] @ x_t) * (w3[e] @ x_t))`,
     `e = topk_ids[t, j]`, with w1 = w13[e, :I] and w3 = w13[e, I:]; ids < 0 contribute nothing.
@@ -29,6 +30,7 @@ def fused_moe_reference(
     w13/w2 with `fill_slot[e] = s >= 0` is copied to `w13_slots[s]` / `w2_slots[s]` (what the
     kernel's fill-on-read leaves there). FP8 weights (w13_scale, w2_scale; fp8.py here says
     the layouts) are dequantised to fp32 first, with the scales of the expert (not the slot).
+    With `first_col`, expert e's intermediate columns below first_col[e] are left out.
     Loops over experts and syncs with the host: for tests and the CPU path only. Returns
     [T, H] in hidden_states' dtype.
     """
@@ -36,6 +38,7 @@ def fused_moe_reference(
     intermediate = w2.shape[2]
     slot_of = expert_slot.tolist() if expert_slot is not None else [-1] * num_experts
     fill_of = fill_slot.tolist() if fill_slot is not None else [-1] * num_experts
+    first_of = first_col.tolist() if first_col is not None else [0] * num_experts
     x = hidden_states.float()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     fills = []
@@ -57,7 +60,8 @@ def fused_moe_reference(
             down_w = dequantize(down_w[None], w2_scale[expert:expert + 1], block_shape)[0]
         gate_up = x[tokens] @ gate_up_w.t()
         act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-        y = act @ down_w.t()
+        c = first_of[expert]
+        y = act[:, c:] @ down_w[:, c:].t()
         out.index_add_(0, tokens, y * topk_weights[tokens, choice].float()[:, None])
     for expert, slot in fills:  # after every read: a slot filled is never read in the same call
         w13_slots[slot].copy_(w13[expert])

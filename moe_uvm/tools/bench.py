@@ -26,8 +26,8 @@ layers' expert bytes for resident experts, slots and caches:
                residency with the CPU computing a share of each layer's offloaded experts
                from their pages (moe_uvm.hybrid)
 Every method runs as a captured CUDA graph; caches run on moe_uvm.slots' device-side
-planners, and the hybrid's split and CPU share are host nodes of the graph, so no method syncs
-with the host inside a step.
+planners, and the hybrid's split, hand-off to the CPU (a doorbell word or a host node) and
+final add are in the graph, so no method syncs with the host inside a step.
 """
 
 from __future__ import annotations

@@ -324,11 +324,11 @@ def plan_command(args: argparse.Namespace) -> int:
         verdict = "faster than" if h["model_step_ms"] < step_ms else "not faster than"
         print(f"  with the CPU/GPU hybrid (cpu_experts, CPU {h['cpu_gbps']:.1f} GB/s "
               f"{h['cpu_source']}): {h['resident_per_layer']:.1f} resident experts per layer, "
-              f"no slots, the CPU takes {h['cpu_experts_per_layer']} of "
+              f"no slots, the CPU takes {h['cpu_experts_per_layer']:.2f} of "
               f"{h['offloaded_per_layer']:.1f} offloaded experts a layer: predicted "
               f"{h['model_tokens_per_s']:.1f} tokens/s ({h['model_step_ms']:.2f} ms per step), "
-              f"{verdict} the split above; eager decode (no CUDA graphs) and each layer's "
-              "host round trip are not in this figure")
+              f"{verdict} the split above; each layer's hand-off to the CPU (tens of us, "
+              "README) is not in this figure")
     print(f"  costs: {costs.source}: HBM {costs.hbm_gbps:.0f} GB/s, read-through "
           f"{costs.read_through_gbps:.1f} GB/s, kernel {costs.kernel_hbm_gbps:.0f} GB/s at "
           f"{costs.kernel_expert_nbytes / 2**20:.1f} MiB experts, "
