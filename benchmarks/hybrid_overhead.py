@@ -118,11 +118,13 @@ def main() -> None:
         h = h0
         for layer, share in enumerate(idle):
             step = share._step(h, static_ids[layer])
-            split_on_device(static_ids[layer], share.num_experts, step.resident, step.costs,
-                            step.gpu_ids, step.ids, step.chosen)
+            split_on_device(static_ids[layer], share.num_experts, share.kernel.intermediate,
+                            step.resident, step.costs, step.gpu_ids, step.ids, step.cols,
+                            step.gpu_cols)
             step.weights.copy_(static_w[layer].reshape(-1))
             step.x.copy_(h)
-            out = fused_moe(h, share.w13, share.w2, static_w[layer], step.gpu_ids, **share.quant)
+            out = fused_moe(h, share.w13, share.w2, static_w[layer], step.gpu_ids,
+                            first_col=step.gpu_cols, **share.quant)
             h = h + out.add_(step.out)
         return h
 

@@ -188,7 +188,8 @@ def _gate_up_kernel(x_ptr, stride_xt, w_ptr, stride_we, slot_w_ptr, stride_se, e
 
 @triton.jit
 def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks, k_start, k_end,
-               k_first, intermediate, FILL: tl.constexpr, EVEN_K: tl.constexpr,
+               k_first, intermediate, FILL: tl.constexpr, HAS_FIRST: tl.constexpr,
+               EVEN_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr, QUANT: tl.constexpr, SCALE_K: tl.constexpr,
                ALU: tl.constexpr):
@@ -197,10 +198,16 @@ def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks,
         if EVEN_K:
             w_ok = col_ok[None, :]
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        else:  # also the mask of an expert's first columns left out (k_first)
-            k_ok = (k0 + ks < intermediate) & (k0 + ks >= k_first)
+        else:
+            k_ok = k0 + ks < intermediate
             w_ok = col_ok[None, :] & k_ok[:, None]
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_FIRST:
+            # K blocks wholly below the expert's first column are not read. A scalar, so the
+            # mask stays constant along K and the loads stay vectorised (an element-wise K mask
+            # made them scalar: 2-3x slower reading through PCIe); the block holding
+            # first_col is read whole, its columns below multiplying activations that are 0.
+            w_ok = w_ok & (k0 + BLOCK_K > k_first)
         w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         if FILL:
             tl.store(fill_ptrs, w, mask=w_ok)
@@ -223,9 +230,9 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ALU: tl.constexpr,
                  PDL: tl.constexpr):
     """partial[split, pair, n] = act[pair, k-range] @ w2[e][n, k-range]^T, fp32. With split-K,
-    each split loads (and fills) its own K range of the weight tile. With HAS_FIRST the range
-    starts no lower than first_col[e] (the columns below are left out, not read); the host
-    then passes EVEN_K False, so the loop masks the block holding first_col[e]."""
+    each split loads (and fills) its own K range of the weight tile. With HAS_FIRST the K
+    blocks wholly below first_col[e] are not read (the gate/up kernel left the activations
+    below it 0)."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     split = tl.program_id(2)
@@ -242,7 +249,6 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
     k_first = 0
     if HAS_FIRST:
         k_first = tl.load(first_col_ptr + expert)
-        k_start = tl.maximum(k_start, k_first // BLOCK_K * BLOCK_K)  # a K step stays aligned
     a_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * intermediate + (k_start + ks)[None, :]
     base = expert_base(w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_ptr, expert, HAS_SLOTS)
     w_ptrs = base + cols.to(tl.int64)[None, :] * intermediate + (k_start + ks)[:, None]
@@ -256,16 +262,16 @@ def _down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert_slot_p
             fill_ptrs = (fill_base + cols.to(tl.int64)[None, :] * intermediate
                          + (k_start + ks)[:, None])
             acc = _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sc_k, row_ok, col_ok,
-                             ks, k_start, k_end, k_first, intermediate, True, EVEN_K, BLOCK_M,
-                             BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
+                             ks, k_start, k_end, k_first, intermediate, True, HAS_FIRST, EVEN_K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
         else:
             acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks,
-                             k_start, k_end, k_first, intermediate, False, EVEN_K, BLOCK_M,
-                             BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
+                             k_start, k_end, k_first, intermediate, False, HAS_FIRST, EVEN_K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
     else:
         acc = _down_loop(a_ptrs, w_ptrs, w_ptrs, scales, stride_sc_k, row_ok, col_ok, ks, k_start,
-                         k_end, k_first, intermediate, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                         PRECISION, QUANT, SCALE_K, ALU)
+                         k_end, k_first, intermediate, False, HAS_FIRST, EVEN_K, BLOCK_M, BLOCK_N,
+                         BLOCK_K, PRECISION, QUANT, SCALE_K, ALU)
     rows = split.to(tl.int64) * num_pairs + pairs
     tl.store(partial_ptr + rows[:, None] * hidden + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
@@ -362,7 +368,7 @@ def _grouped(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot, w13_sl
         act, w2, w2.stride(0), w2_slots, slot_strides[1], expert_slot, fill_slot, first_col,
         partial, sorted_pairs, block_expert, stride_bj, num_pairs, num_experts, hidden,
         intermediate, k_per_split, *scales2[:4], **quant2, **flags,
-        EVEN_K=intermediate % config.down_block_k == 0 and first_col is None,
+        EVEN_K=intermediate % config.down_block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k,
         PRECISION=precision, ALU=alu, num_warps=config.down_warps,
         num_stages=config.down_stages,

@@ -74,7 +74,8 @@ def _decode_down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert
                         PDL: tl.constexpr):
     """out[n] = sum_j w[j] * (w2[e_j][n] . act[j]): all top-k experts in one [k, n, K] tile, so
     each K step has every expert's loads in flight and the sum over j has a fixed order. With
-    HAS_FIRST, expert e's columns k < first_col[e] are left out (not read)."""
+    HAS_FIRST, expert e's K blocks wholly below first_col[e] are not read (the gate/up kernel
+    left its activations below first_col[e] 0)."""
     pdl_enter(PDL)
     choices = tl.arange(0, K_PAD)
     ids = tl.load(ids_ptr + choices * stride_ij, mask=choices < TOP_K, other=-1)
@@ -100,11 +101,14 @@ def _decode_down_kernel(act_ptr, w_ptr, stride_we, slot_w_ptr, stride_se, expert
     for k0 in range(0, intermediate, BLOCK_K):
         # Padding choices load zeros for both factors: nothing unwritten or NaN is multiplied.
         k_ok = (k0 + ks < intermediate) | EVEN_K
-        a_ok = routed[:, None] & k_ok[None, :]
+        w_mask = w_ok & k_ok[None, None, :]
         if HAS_FIRST:
-            a_ok = a_ok & ((k0 + ks)[None, :] >= firsts[:, None])
-        w = tl.load(w_ptrs, mask=w_ok & a_ok[:, None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            # Per choice, constant along K: the loads stay vectorised (an element-wise K mask
+            # would make them scalar); the block holding first_col is read whole, its columns
+            # below multiplying activations that are 0.
+            w_mask = w_mask & (k0 + BLOCK_K > firsts)[:, None, None]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        a = tl.load(a_ptrs, mask=routed[:, None] & k_ok[None, :], other=0.0)
         if HAS_FILL:
             tl.store(fill_ptrs, w, mask=fill_ok & k_ok[None, None, :])
             fill_ptrs += BLOCK_K
