@@ -516,9 +516,12 @@ class CpuShare:
 
     A step, all in stream order (nothing waits on the host, nothing on the GPU waits for the
     host but the final add):
-    1. the split kernel (kernels/hybrid_split.py) picks the CPU's experts from the routing,
-       the resident mask and the costs, writes the GPU's ids (the CPU's pairs as -1), the CPU's
-       mask and the ids into pinned memory; the weights and token rows (fp32) follow;
+    1. the split kernel (kernels/hybrid_split.py) picks the CPU's share from the routing,
+       the resident mask and the costs (whole experts, and the leading intermediate columns of
+       one more), writes the GPU's ids (the pairs of the experts the CPU takes whole as -1),
+       each expert's CPU columns (into pinned memory for the host, and on the device, where
+       the GPU's kernel starts a split expert at the next column: fused_moe's first_col) and
+       the ids into pinned memory; the weights and token rows (fp32) follow;
     2. the host runs `moe_uvm_hybrid_compute` (cpu_experts.c: groups the CPU's pairs and
        computes them into a pinned fp32 buffer) while the GPU runs its kernel. `signal` says how
        the host is asked: `doorbell` (the stream sets the layer's pinned word, which a spinning
@@ -793,7 +796,8 @@ def predict_hybrid(offloaded_per_layer: float, tokens_per_expert: float, expert_
                    read_through_gbps: float, cpu_gbps: float, layers: int) -> dict:
     """What the hybrid saves a decode step over the GPU-only read-through of the same offloaded
     experts (`moe-uvm plan --cpu-gbps`): per-layer (GPU-only, hybrid) microseconds from
-    `predicted_layer_us`, the CPU's experts, and the step's saving in ms over `layers`."""
+    `predicted_layer_us`, the CPU's share in experts (fractional), and the step's saving in ms
+    over `layers`."""
     costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, cpu_gbps)
     gpu_only, hybrid, cpu = _predicted(offloaded_per_layer, tokens_per_expert, costs)
     return dict(gpu_only_layer_us=gpu_only, hybrid_layer_us=hybrid, cpu_experts_per_layer=cpu,
