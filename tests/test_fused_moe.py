@@ -302,6 +302,7 @@ def test_first_col_leaves_out_the_columns_below_it(seed, num_tokens, config, dty
     E, k, H, I = 8, 3, 48, 40  # I not a multiple of the K blocks: a split lands mid-block
     x, w13, w2, topk_weights, topk_ids = make_inputs(num_tokens, E, k, H, I, dtype)
     first_col = random_first_cols(E, I, x.device)
+    first_col[topk_ids[0, 0]] = I // 2  # a routed expert split mid-block: something left out
     out = fused_moe_triton(x, w13, w2, topk_weights, topk_ids, config=config,
                            first_col=first_col)
     ref = fused_moe_reference(x, w13, w2, topk_weights, topk_ids, first_col=first_col)
@@ -564,6 +565,7 @@ def test_gpu_first_col_leaves_out_the_columns_below_it(seed, shape, num_tokens):
     the hybrid splits one) gives the reference's sum over the columns from first_col on."""
     x, w13, w2, topk_weights, topk_ids = gpu_inputs(shape, num_tokens, torch.bfloat16)
     first_col = random_first_cols(shape["num_experts"], shape["intermediate"], "cuda")
+    first_col[topk_ids[0, 0]] = shape["intermediate"] // 2 + 8  # split mid-block
     out = fused_moe(x, w13, w2, topk_weights, topk_ids, first_col=first_col)
     ref = fused_moe_reference(x, w13, w2, topk_weights, topk_ids, first_col=first_col)
     assert rel_err(out, ref) < 1e-2
