@@ -14,8 +14,8 @@ eagerly and inside a captured CUDA graph. A GPU kernel splits the routed offload
 the CPU, whole while its side stays shorter, then the leading intermediate columns of the next
 that make both sides finish together under the current per-expert costs, the GPU computing
 that expert's other columns) and writes the routing and the CPU's columns of each expert into
-pinned host memory; the host computes the CPU's
-share while the GPU's kernel reads the rest; the stream then adds the CPU's fp32 sum. The host
+pinned host memory; the host computes the CPU's share while the GPU's kernel reads the rest;
+the stream then adds the CPU's fp32 sum. The host
 is asked in stream order, so the whole decode step, hybrid layers included, stays one CUDA
 graph with no Python between layers, and the GPU never waits for the host before its kernel
 (rather than piecewise graphs, which would return to Python at every layer). Two ways
