@@ -207,7 +207,9 @@ def _down_loop(a_ptrs, w_ptrs, fill_ptrs, scales, stride_sk, row_ok, col_ok, ks,
             # mask stays constant along K and the loads stay vectorised (an element-wise K mask
             # made them scalar: 2-3x slower reading through PCIe); the block holding
             # first_col is read whole, its columns below multiplying activations that are 0.
-            w_ok = w_ok & (k0 + BLOCK_K > k_first)
+            # (tl.where, not `&`: triton 3.9's interpreter refuses a splatted scalar comparison
+            # as a mask.)
+            w_ok = tl.where(k0 + BLOCK_K > k_first, w_ok, False)
         w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         if FILL:
             tl.store(fill_ptrs, w, mask=w_ok)
