@@ -80,11 +80,17 @@ def test_padding_and_out_of_range_ids_contribute_nothing(seed):
     assert torch.count_nonzero(cpu_experts(x, w13, w2, topk_weights, none)) == 0
 
 
-def test_bits_do_not_depend_on_the_thread_count(seed):
-    x, w13, w2, topk_weights, topk_ids = inputs(num_tokens=9)
+@pytest.mark.parametrize("hidden,intermediate", [(96, 40), (70, 23)])
+def test_bits_do_not_depend_on_the_thread_count(seed, hidden, intermediate):
+    # threads take work in chunks as they come free (32 gate/up rows, 32 output columns):
+    # 70 and 23 leave partial chunks and chunks spanning two experts
+    x, w13, w2, topk_weights, topk_ids = inputs(num_tokens=9, hidden=hidden,
+                                                intermediate=intermediate)
     w13, w2 = w13.bfloat16(), w2.bfloat16()
     runs = [cpu_experts(x, w13, w2, topk_weights, topk_ids, threads=n) for n in (1, 2, 3, 5)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+    ref = fused_moe_reference(x, w13.float(), w2.float(), topk_weights, topk_ids)
+    assert rel_err(runs[0], ref) < TOLERANCE
 
 
 def test_bad_inputs_are_refused_by_name(seed):
