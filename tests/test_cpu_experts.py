@@ -82,8 +82,8 @@ def test_padding_and_out_of_range_ids_contribute_nothing(seed):
 
 @pytest.mark.parametrize("hidden,intermediate", [(96, 40), (70, 23)])
 def test_bits_do_not_depend_on_the_thread_count(seed, hidden, intermediate):
-    # threads take work in chunks as they come free (32 gate/up rows, 32 output columns):
-    # 70 and 23 leave partial chunks and chunks spanning two experts
+    # odd sizes: the threads' shares of gate/up rows span two experts, and their ranges of
+    # output columns differ in length
     x, w13, w2, topk_weights, topk_ids = inputs(num_tokens=9, hidden=hidden,
                                                 intermediate=intermediate)
     w13, w2 = w13.bfloat16(), w2.bfloat16()

@@ -114,13 +114,6 @@ static void dot_group(const float *a, const float *const *b, int nb, int64_t n, 
 }
 
 /* The ABI version (cpu_experts.py checks it after loading). */
-/* Work handed to a thread at a time: gate/up weight rows (ROW_CHUNK rows of 2048 bf16 are
- * 128 KB), and output columns of the down projection (COL_CHUNK rows of w2 per expert). Small
- * enough that 15 threads share a Qwen3 layer's 8 experts in dozens of pieces each, large
- * enough that a thread reads long contiguous runs and rarely touches the shared counter. */
-#define ROW_CHUNK 32
-#define COL_CHUNK 32
-
 int moe_uvm_cpu_experts_init(void) { return 4; }
 
 /* x [T, H] fp32; experts [m]; pair_offsets [m + 1]; pair_tokens, pair_weights [P] (pairs of
@@ -161,14 +154,9 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
         }
 #pragma omp barrier
         if (!failed) {
-            /* Rows in chunks handed out as threads come free: a thread the OS runs late (a
-             * core shared with the thread driving the GPU, or anything else on the host) then
-             * takes fewer chunks instead of holding back the whole call at the barrier. Which
-             * thread computes a row does not change its bits. */
-            int64_t j = 0;
-#pragma omp for schedule(dynamic, ROW_CHUNK)
+            int64_t j = 0; /* static schedule: each thread's rows ascend, and so does j */
+#pragma omp for schedule(static)
             for (int64_t r = 0; r < gate_up_rows; r++) {
-                while (j > 0 && r < row_start[j]) j--;
                 while (r >= row_start[j + 1]) j++;
                 int64_t c = (row_start[j + 1] - row_start[j]) / 2, q = r - row_start[j];
                 int64_t row = q < c ? q : intermediate + (q - c);
@@ -192,31 +180,29 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
                         g[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
                 }
             }
-            /* The output columns h in chunks, handed out as threads come free (as above); a
-             * chunk walks the experts one after the other over its columns: one contiguous
-             * stream of w2 at a time (the prefetchers lose track of dozens of interleaved
-             * ones), and each out[t, h] sums the experts in the given order, whichever
-             * thread holds it. */
-            int64_t chunks = (hidden + COL_CHUNK - 1) / COL_CHUNK;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t k = 0; k < chunks; k++) {
-                int64_t h0 = k * COL_CHUNK;
-                int64_t h1 = h0 + COL_CHUNK < hidden ? h0 + COL_CHUNK : hidden;
-                for (int64_t jj = 0; jj < m; jj++) {
-                    int64_t c = (row_start[jj + 1] - row_start[jj]) / 2;
-                    for (int64_t h = h0; h < h1; h++) {
-                        widen_row(&m2, experts[jj], h, hidden, intermediate, c, wf);
-                        for (int64_t p = pair_offsets[jj]; p < pair_offsets[jj + 1]; p += 4) {
-                            int64_t left = pair_offsets[jj + 1] - p;
-                            int nb = left < 4 ? (int)left : 4;
-                            const float *acts[4];
-                            float y[4];
-                            for (int t = 0; t < nb; t++) acts[t] = gate_up + (p + t) * two_i;
-                            dot_group(wf, acts, nb, c, y);
-                            for (int t = 0; t < nb; t++)
-                                out[pair_tokens[p + t] * hidden + h] +=
-                                    pair_weights[p + t] * y[t];
-                        }
+            /* Each thread owns a range of output columns h and walks the experts one after
+             * the other over it: one contiguous stream of w2 at a time (the prefetchers lose
+             * track of dozens of interleaved ones), and each out[t, h] still sums the
+             * experts in the given order. */
+            int thread = 0, team = 1;
+#ifdef _OPENMP
+            thread = omp_get_thread_num();
+            team = omp_get_num_threads();
+#endif
+            int64_t h0 = hidden * thread / team, h1 = hidden * (thread + 1) / team;
+            for (int64_t jj = 0; jj < m; jj++) {
+                int64_t c = (row_start[jj + 1] - row_start[jj]) / 2;
+                for (int64_t h = h0; h < h1; h++) {
+                    widen_row(&m2, experts[jj], h, hidden, intermediate, c, wf);
+                    for (int64_t p = pair_offsets[jj]; p < pair_offsets[jj + 1]; p += 4) {
+                        int nb = pair_offsets[jj + 1] - p < 4 ? (int)(pair_offsets[jj + 1] - p)
+                                                              : 4;
+                        const float *acts[4];
+                        float y[4];
+                        for (int t = 0; t < nb; t++) acts[t] = gate_up + (p + t) * two_i;
+                        dot_group(wf, acts, nb, c, y);
+                        for (int t = 0; t < nb; t++)
+                            out[pair_tokens[p + t] * hidden + h] += pair_weights[p + t] * y[t];
                     }
                 }
             }
