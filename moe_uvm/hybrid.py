@@ -29,7 +29,10 @@ layer's kernel, 125-175 us a layer at batch 1 on an H100.)
 
 The GPU's per-expert cost comes from measurements of the fused kernel on the layer's
 offloaded pages; the CPU's starts from its kernel on cold experts and follows the observed
-wall time of each step's CPU side, so the split tracks the CPU under the real concurrency.
+wall time of each step's CPU side, so the split tracks the CPU under the real concurrency. A
+share under one expert moves that estimate in proportion to its size (its time is mostly the
+fixed part), and a step that gives the CPU nothing moves an estimate above the starting one
+back toward it, so a slow spell cannot leave the CPU idle for good.
 
 Accumulation order differs from the GPU-only path (the CPU's fp32 sum is added to the GPU's
 bf16 output in fp32 and rounded once), so outputs agree within bf16 rounding, not bitwise; the
@@ -280,7 +283,8 @@ class _State(ctypes.Structure):
     _fields_ += [(name, _P) for name in ("ids", "weights", "x", "cols", "out", "resident",
                                          "costs", "gate_up", "experts", "expert_cols",
                                          "offsets", "pair_tokens", "pair_weights", "seen")]
-    _fields_ += [("ema", _F64), ("m", _I64), ("pairs", _I64), ("share", _F64),
+    _fields_ += [("ema", _F64), ("cpu_expert_start", _F64), ("m", _I64), ("pairs", _I64),
+                 ("share", _F64),
                  ("steps", _I64), ("cpu_experts", _F64), ("gpu_offloaded_experts", _F64),
                  ("timed", _I64), ("status", _I64)]
     _fields_ += [("cpu_us", _F64 * _RING)]
@@ -332,7 +336,8 @@ class HostStep:
                    block_k=kernel.bk, ids=self.ids.data_ptr(), weights=self.weights.data_ptr(),
                    x=self.x.data_ptr(), cols=self.cols.data_ptr(),
                    out=self.out.data_ptr(), resident=resident.data_ptr(),
-                   costs=self.costs.data_ptr(), ema=_EMA if adapt else 0.0)
+                   costs=self.costs.data_ptr(), ema=_EMA if adapt else 0.0,
+                   cpu_expert_start=costs.cpu_expert_us)
         for name, tensor in self.scratch.items():
             setattr(s, name, tensor.data_ptr())
         self.state = s

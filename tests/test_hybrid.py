@@ -353,6 +353,61 @@ def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
         bell.register(steps[0])
 
 
+def _adapting_step(cpu_expert_us):
+    """A HostStep that adapts, over 8 experts of a tiny layer, routed 2 tokens x top-2."""
+    from moe_uvm.hybrid import HostStep
+
+    built, why = cpu_module.available()
+    if not built:
+        pytest.skip(f"CPU expert kernel unavailable: {why}")
+    E, k, H, I, T = 8, 2, 64, 32, 2
+    x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
+    kernel = cpu_module.GroupedExperts(w13.bfloat16(), w2.bfloat16())
+    c = ExpertCosts(gpu_expert_us=1e9, cpu_expert_us=cpu_expert_us, gpu_fixed_us=0.0,
+                    cpu_fixed_us=0.0)
+    step = HostStep(kernel, T, k, torch.zeros(E, dtype=torch.uint8), c, threads=2, adapt=True,
+                    pin=False)
+    step.ids.copy_(topk_ids.reshape(-1))
+    step.weights.copy_(topk_weights.reshape(-1))
+    step.x.copy_(x)
+    return step, topk_ids, I
+
+
+def test_an_idle_cpu_drifts_back_to_its_calibrated_cost(seed):
+    from moe_uvm.hybrid import _EMA
+
+    step, _, _ = _adapting_step(cpu_expert_us=100.0)
+    step.costs[1] = 1e6  # a slow spell pushed the estimate up; the split gives the CPU nothing
+    step.cols.zero_()
+    for _ in range(40):
+        step.compute()
+    rate = 1 - _EMA / 16
+    assert step.current_costs().cpu_expert_us == pytest.approx(100 + (1e6 - 100) * rate**40,
+                                                               rel=1e-12)
+    assert step.stats().cpu_experts == 0 and step.stats().cpu_ms == []
+    step.costs[1] = 50.0  # below the calibrated cost: idle steps leave it
+    step.compute()
+    assert step.current_costs().cpu_expert_us == 50.0
+
+
+def test_a_share_under_one_expert_moves_the_estimate_in_proportion(seed):
+    from moe_uvm.hybrid import _EMA
+
+    # a start far above anything observed: one step moves it down by about ema x weight
+    step, topk_ids, I = _adapting_step(cpu_expert_us=1e9)
+    step.cols.zero_()
+    step.cols[int(topk_ids[0, 0])] = I // 4  # a quarter of one routed expert
+    step.compute()
+    assert step.stats().cpu_experts == pytest.approx(0.25)
+    moved = 1 - step.current_costs().cpu_expert_us / 1e9
+    assert moved == pytest.approx(_EMA * 0.25, rel=1e-3)
+    whole, topk_ids, I = _adapting_step(cpu_expert_us=1e9)
+    whole.cols.zero_()
+    whole.cols[int(topk_ids[0, 0])] = I
+    whole.compute()
+    assert 1 - whole.current_costs().cpu_expert_us / 1e9 == pytest.approx(_EMA, rel=1e-3)
+
+
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
     from moe_uvm.hybrid import HostStep
 

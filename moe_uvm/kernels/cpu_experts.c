@@ -224,6 +224,10 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
 #include <time.h>
 
 #define HYBRID_RING 256
+/* A step that gives the CPU nothing moves its per-expert estimate this fraction of `ema`
+ * back toward the calibrated one (a layer's 1/16 of 0.25: a 24-layer model closes a third of
+ * the gap each token the CPU sits idle). */
+#define RELAX (1.0 / 16.0)
 
 typedef struct {
     /* shapes */
@@ -252,6 +256,7 @@ typedef struct {
     float *pair_weights;   /* [T * k] */
     uint8_t *seen;         /* [E] */
     double ema; /* weight of a new observation of the CPU's per-expert time; 0: fixed */
+    double cpu_expert_start; /* the per-expert time given at the start (calibrated) */
     /* the last step */
     int64_t m, pairs;
     double share; /* the CPU's experts, a split one counting its fraction of the columns */
@@ -322,7 +327,16 @@ void moe_uvm_hybrid_compute(void *state) {
     HybridState *s = (HybridState *)state;
     memset(s->out, 0, sizeof(float) * (size_t)(s->tokens * s->hidden));
     hybrid_group(s);
-    if (s->m == 0) return;
+    double *c = s->costs;
+    if (s->m == 0) {
+        /* Given nothing, the CPU is not observed, so an estimate pushed up by a slow spell
+         * (another process on the cores) would keep it idle for good: it drifts back toward
+         * the calibrated time instead, until the split hands the CPU a share and a real
+         * observation corrects it either way. */
+        if (s->ema > 0 && c[COST_CPU_EXPERT] > s->cpu_expert_start)
+            c[COST_CPU_EXPERT] += s->ema * RELAX * (s->cpu_expert_start - c[COST_CPU_EXPERT]);
+        return;
+    }
     double start = now_us();
     int failed = moe_uvm_cpu_experts(
         s->x, s->hidden, s->intermediate, s->m, s->experts, s->offsets, s->pair_tokens,
@@ -337,10 +351,13 @@ void moe_uvm_hybrid_compute(void *state) {
     double us = now_us() - start;
     s->cpu_us[s->timed % HYBRID_RING] = us;
     s->timed++;
-    double *c = s->costs;
     double per_expert = (us - c[4] - c[COST_CPU_PAIR] * (double)s->pairs) / share_of(s);
+    /* A share under one expert weighs less: its time is mostly the fixed part, whose error,
+     * divided by a small share, would otherwise swing the per-expert estimate (and with it
+     * the next split) far off. */
+    double weight = s->share < 1.0 ? s->share : 1.0;
     if (s->ema > 0 && per_expert > 0)
-        c[COST_CPU_EXPERT] += s->ema * (per_expert - c[COST_CPU_EXPERT]);
+        c[COST_CPU_EXPERT] += s->ema * weight * (per_expert - c[COST_CPU_EXPERT]);
 }
 
 /* ---- The doorbell: a host thread that serves the GPU's requests without the driver ----
