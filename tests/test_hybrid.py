@@ -409,21 +409,8 @@ def test_a_share_under_one_expert_moves_the_estimate_in_proportion(seed):
 
 
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
-    from moe_uvm.hybrid import HostStep
-
-    built, why = cpu_module.available()
-    if not built:
-        pytest.skip(f"CPU expert kernel unavailable: {why}")
-    E, k, H, I, T = 8, 2, 64, 32, 2
-    x, w13, w2, topk_weights, topk_ids = make_inputs(T, E, k, H, I, torch.float32, "cpu")
-    kernel = cpu_module.GroupedExperts(w13.bfloat16(), w2.bfloat16())
     # A CPU cost 1e4 times too high at first: its observed time pulls the estimate down.
-    c = ExpertCosts(gpu_expert_us=1e9, cpu_expert_us=1e5, gpu_fixed_us=0.0, cpu_fixed_us=0.0)
-    step = HostStep(kernel, T, k, torch.zeros(E, dtype=torch.uint8), c, threads=2, adapt=True,
-                    pin=False)
-    step.ids.copy_(topk_ids.reshape(-1))
-    step.weights.copy_(topk_weights.reshape(-1))
-    step.x.copy_(x)
+    step, _, I = _adapting_step(cpu_expert_us=1e5)
     step.cols.fill_(I)
     for _ in range(4):
         step.compute()
