@@ -4,10 +4,11 @@
  * One call computes, for m experts and the token rows routed to each (CSR: pair_offsets),
  *   out[t] += w_p * w2[e][:, :c] @ (silu(w1[e][:c] @ x_t) * (w3[e][:c] @ x_t))
  * in fp32, c the expert's leading intermediate columns (all of them, or the CPU's part of an
- * expert the hybrid splits with the GPU), with one OpenMP region of two phases: gate/up over every (expert, row of w13), then
- * down over output columns h, experts in the given order, so out's bits do not depend on the
- * thread count. Each weight row is widened once into a per-thread fp32 buffer (L1-resident)
- * and dotted with every token routed to its expert: weights stream from DRAM once per call.
+ * expert the hybrid splits with the GPU), with one OpenMP region of two phases: gate/up over
+ * every (expert, row of w13), then down over output columns h, experts in the given order, so
+ * out's bits do not depend on the thread count. Each weight row is widened once into a
+ * per-thread fp32 buffer (L1-resident) and dotted with every token routed to its expert:
+ * weights stream from DRAM once per call.
  */
 #include <math.h>
 #include <stdint.h>
@@ -218,8 +219,9 @@ int moe_uvm_cpu_experts(const float *x, int64_t hidden, int64_t intermediate, in
  * a captured CUDA graph as well) on the driver's callback thread, so it takes everything from
  * one state struct and calls no CUDA API. When it runs, the GPU has written the layer's routing
  * and token rows into pinned buffers and its split kernel (kernels/hybrid_split.py) has written
- * the CPU's columns of each expert in `cols`; this groups the CPU's pairs by expert and computes them into
- * `out` (fp32, which the GPU then adds to its output), beside the GPU's kernel. The struct's
+ * the CPU's columns of each expert in `cols`; this groups the CPU's pairs by expert and
+ * computes them into `out` (fp32, which the GPU then adds to its output), beside the GPU's
+ * kernel. The struct's
  * layout is mirrored by hybrid.py's _State (checked through moe_uvm_hybrid_state_size). */
 #include <time.h>
 
