@@ -126,6 +126,19 @@ def run_one(spec: dict) -> dict:
                                   free_before=free_before, routing_trace=trace)
         record.update(report.to_dict(), tokens=tokens)
         record.update(_predictions(loaded.manager.split, info, spec, record, context))
+        shares = [m.cpu_share for m in loaded.manager.layers if m.cpu_share is not None]
+        if shares:  # the hybrid's split over the run (warm-up, prefill and decode)
+            import numpy as np
+
+            stats = [share.stats.summary() for share in shares]
+            cpu = sum(st["cpu_experts"] for st in stats)
+            total = cpu + sum(st["gpu_offloaded_experts"] for st in stats)
+            record.update(hybrid_cpu_share=cpu / max(total, 1e-9),
+                          hybrid_cpu_layer_ms_median=float(np.median(
+                              [st["cpu_ms_median"] for st in stats if st["cpu_experts"]]
+                              or [0.0])),
+                          hybrid_start_costs=dict(vars(shares[0].costs)),
+                          hybrid_costs=dict(vars(shares[0].current_costs())))
         loaded.manager.close()
         return record
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -296,6 +309,12 @@ def table(results: dict) -> list[str]:
                 + ("-" if full is None or r.get("tokens") is None else
                    "= 100%" if r["tokens"] == full else
                    f"{_agree(r['tokens'], full):.0%} of 100%'s"))
+            if "hybrid_cpu_share" in r:
+                out.append(f"{'':10s}   CPU's share of the offloaded experts "
+                           f"{r['hybrid_cpu_share']:.0%}, CPU side "
+                           f"{r['hybrid_cpu_layer_ms_median'] * 1e3:.0f} us a layer (median), "
+                           f"CPU us an expert {r['hybrid_start_costs']['cpu_expert_us']:.0f} "
+                           f"calibrated -> {r['hybrid_costs']['cpu_expert_us']:.0f} adapted")
     return out
 
 

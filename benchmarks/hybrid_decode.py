@@ -15,7 +15,8 @@ per expert is measured first on cold experts of layer 0's pages, the read-throug
 run.
 
     python benchmarks/hybrid_decode.py --trace T [--model-shape S] [--layers 24] [--resident 0%,50%]
-        [--batch 1,4] [--steps 24] [--warmup 4] [--threads N] [--out FILE.json]
+        [--batch 1,4] [--steps 24] [--warmup 4] [--threads N] [--sweep 0.6,1,1.6]
+        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -80,6 +81,24 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
     cpu_n = sum(st["cpu_experts"] for st in stats)
     total = cpu_n + sum(st["gpu_offloaded_experts"] for st in stats)
     costs = shares[0].current_costs()
+    sweep = []
+    for scale in args.sweep:
+        # The split fixed at the adapted costs with the CPU's per-expert time scaled: where
+        # the adapted split sits against the best fixed one of this pipeline.
+        fixed = ExpertCosts(**dict(vars(costs), cpu_expert_us=costs.cpu_expert_us * scale))
+        pinned = [CpuShare(w.w13, w.w2, lambda layer=layer: manager.resident_ids(layer),
+                           costs=fixed, quant=w.quant, threads=shares[0].threads, adapt=False,
+                           signal=args.signal)
+                  for layer, w in enumerate(managed)]
+        ms, _ = run_hybrid(pinned, ids, weights, h0, args.warmup)
+        st = [p.stats.summary() for p in pinned]
+        cpu = sum(x["cpu_experts"] for x in st)
+        sweep.append(dict(cpu_cost_scale=scale, hybrid_ms=ms, hybrid_over_graph=graph_ms / ms,
+                          cpu_share_of_offloaded=cpu / max(cpu + sum(
+                              x["gpu_offloaded_experts"] for x in st), 1)))
+        print(f"  fixed split, CPU cost x{scale:g}: {ms:.2f} ms ({graph_ms / ms:.2f}x graph), "
+              f"CPU share {sweep[-1]['cpu_share_of_offloaded']:.0%}", flush=True)
+        del pinned
     return dict(batch=batch, gpu_graph_ms=graph_ms, gpu_eager_ms=eager, round_trip_ms=trip_ms,
                 round_trip_us_per_layer=(trip_ms - graph_ms) / len(managed) * 1e3,
                 hybrid_ms=hybrid_ms, hybrid_eager_ms=eager_hybrid_ms,
@@ -89,7 +108,9 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
                 cpu_layer_ms_median=statistics.median(
                     [st["cpu_ms_median"] for st in stats if st["cpu_experts"]] or [0.0]),
                 cpu_expert_us=costs.cpu_expert_us, cpu_pair_us=costs.cpu_pair_us,
-                gpu_expert_us=costs.gpu_expert_us, max_layer_rel_err=err,
+                gpu_expert_us=costs.gpu_expert_us, gpu_fixed_us=costs.gpu_fixed_us,
+                cpu_fixed_us=costs.cpu_fixed_us, fixed_split_sweep=sweep,
+                max_layer_rel_err=err,
                 gpu_only_equal=torch.equal(graph_out, ref))
 
 
@@ -109,6 +130,10 @@ def main() -> None:
     parser.add_argument("--signal", default="auto", choices=("auto", "doorbell", "host_node"),
                         help="how the GPU's stream hands the CPU its share (CpuShare's signal; "
                         "auto: the doorbell where stream memory operations work)")
+    parser.add_argument("--sweep", type=lambda v: [float(x) for x in v.split(",")],
+                        default=[], help="after the adaptive hybrid, fixed splits at the "
+                        "adapted costs with the CPU's per-expert time scaled by each of these "
+                        "(e.g. 0.6,0.8,1,1.25,1.6): how near the adaptive split is to the best")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"
                                              / "hybrid_decode.json"))
     args = parser.parse_args()

@@ -299,7 +299,8 @@ class HostStep:
     tests fill the inputs, run the split kernel under Triton's interpreter and call `compute`."""
 
     def __init__(self, kernel: GroupedExperts, tokens: int, top_k: int, resident: torch.Tensor,
-                 costs: ExpertCosts, threads: int, adapt: bool, pin: bool) -> None:
+                 costs: ExpertCosts, threads: int, adapt: bool, pin: bool,
+                 shared_costs: torch.Tensor | None = None) -> None:
         lib = cpu_kernel.hybrid_library()
         if lib.moe_uvm_hybrid_state_size() != ctypes.sizeof(_State):
             raise cpu_kernel.CpuKernelUnavailable(
@@ -314,8 +315,15 @@ class HostStep:
         self.x = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
         self.cols = torch.zeros(E, dtype=torch.int32, **host)
         self.out = torch.zeros(tokens, hidden, dtype=torch.float32, **host)
-        self.costs = torch.tensor([getattr(costs, name) for name in COSTS], dtype=torch.float64)
-        self.costs = self.costs.pin_memory() if pin else self.costs
+        if shared_costs is not None:  # another layer's, adapted by both (CpuShare's cost_pool)
+            if shared_costs.dtype != torch.float64 or shared_costs.shape != (len(COSTS),):
+                raise ValueError(f"shared_costs must be float64 of shape ({len(COSTS)},); got "
+                                 f"{shared_costs.dtype} {tuple(shared_costs.shape)}")
+            self.costs = shared_costs
+        else:
+            self.costs = torch.tensor([getattr(costs, name) for name in COSTS],
+                                      dtype=torch.float64)
+            self.costs = self.costs.pin_memory() if pin else self.costs
         i64 = dict(dtype=torch.int64)
         self.scratch = dict(gate_up=torch.empty(pairs, 2 * inter),
                             experts=torch.empty(min(pairs, E), **i64),
@@ -517,7 +525,12 @@ class CpuShare:
     set through `set_gpu_experts`, which the offload manager calls around each re-advise so
     captured graphs follow it); `costs` the per-expert costs the split starts from
     (ExpertCosts.from_bandwidths with the machine's read-through and CPU-kernel bandwidths);
-    `adapt`: the CPU's per-expert time follows what each step observes.
+    `adapt`: the CPU's per-expert time follows what each step observes. `cost_pool`: a dict
+    shared by the CpuShares of one model's layers (`measured_shares` passes one), so they
+    adapt one set of costs per batch size: the layers' experts have the same shapes and the
+    same CPU computes them, and a decode token then brings one observation per layer, not one
+    in all (with per-layer costs, a whole-model generate spent its first ten or so tokens
+    converging from the costs calibrated with the GPU idle).
 
     A step, all in stream order (nothing waits on the host, nothing on the GPU waits for the
     host but the final add):
@@ -540,7 +553,8 @@ class CpuShare:
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
                  resident_ids: Callable[[], Iterable[int]], *, costs: ExpertCosts,
                  quant: dict | None = None, threads: int | None = None,
-                 adapt: bool = True, signal: str = DEFAULT_SIGNAL) -> None:
+                 adapt: bool = True, signal: str = DEFAULT_SIGNAL,
+                 cost_pool: dict | None = None) -> None:
         costs.check()
         _check_signal(signal)
         self.signal = signal  # resolved at the first GPU call (resolve_signal)
@@ -559,6 +573,7 @@ class CpuShare:
         self.follow_calls = True  # re-read resident_ids() at each eager call
         self.set_gpu_experts(self.resident_ids())
         self._steps: dict[tuple, _GpuStep] = {}  # by (tokens, top_k, ids dtype)
+        self.cost_pool = cost_pool  # by the same key: the pinned costs the layers share
 
     def set_gpu_experts(self, ids: Iterable[int]) -> None:
         """The experts the split leaves to the GPU (the resident ones), for the steps enqueued
@@ -585,8 +600,11 @@ class CpuShare:
                 index = hidden.device.index
                 index = torch.cuda.current_device() if index is None else index
                 self.signal, _ = resolve_signal(self.signal, index)
+            pooled = None if self.cost_pool is None else self.cost_pool.get(key)
             host = HostStep(self.kernel, key[0], key[1], self.resident, self.costs,
-                            self.threads, self.adapt, pin=True)
+                            self.threads, self.adapt, pin=True, shared_costs=pooled)
+            if self.cost_pool is not None:
+                self.cost_pool.setdefault(key, host.costs)
             step = self._steps[key] = _GpuStep(host, self.resident, key[0], key[1], key[2],
                                                hidden.device, self.signal)
         return step
@@ -721,7 +739,8 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     the GPU's from its fused kernel on layer 0's offloaded experts (`calibrate_gpu_us`; from
     `read_through_gbps` when fewer than two are offloaded), the CPU's from its kernel on cold
     experts of layer 0 (`calibrate_cpu_us`), which each share's steps then follow.
-    `resident_ids(layer)` gives a layer's resident experts now; `top_k` the routing's."""
+    `resident_ids(layer)` gives a layer's resident experts now; `top_k` the routing's. The
+    shares adapt one set of costs per batch size together (CpuShare's `cost_pool`)."""
     threads = default_threads() if threads is None else threads
     costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, 1.0)
     w13, w2, quant = layers[0]
@@ -729,8 +748,9 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     gpu = calibrate_gpu_us(w13, w2, offloaded, top_k, quant)
     if gpu is not None:
         costs.gpu_fixed_us, costs.gpu_expert_us = gpu
+    pool: dict = {}
     shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
-                       threads=threads, signal=signal)
+                       threads=threads, signal=signal, cost_pool=pool)
               for i, (w13, w2, quant) in enumerate(layers)]
     costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
     return shares

@@ -353,7 +353,7 @@ def test_doorbell_thread_serves_each_requested_layer_as_the_host_function(seed):
         bell.register(steps[0])
 
 
-def _adapting_step(cpu_expert_us):
+def _adapting_step(cpu_expert_us, shared_costs=None):
     """A HostStep that adapts, over 8 experts of a tiny layer, routed 2 tokens x top-2."""
     from moe_uvm.hybrid import HostStep
 
@@ -366,7 +366,7 @@ def _adapting_step(cpu_expert_us):
     c = ExpertCosts(gpu_expert_us=1e9, cpu_expert_us=cpu_expert_us, gpu_fixed_us=0.0,
                     cpu_fixed_us=0.0)
     step = HostStep(kernel, T, k, torch.zeros(E, dtype=torch.uint8), c, threads=2, adapt=True,
-                    pin=False)
+                    pin=False, shared_costs=shared_costs)
     step.ids.copy_(topk_ids.reshape(-1))
     step.weights.copy_(topk_weights.reshape(-1))
     step.x.copy_(x)
@@ -406,6 +406,26 @@ def test_a_share_under_one_expert_moves_the_estimate_in_proportion(seed):
     whole.cols[int(topk_ids[0, 0])] = I
     whole.compute()
     assert 1 - whole.current_costs().cpu_expert_us / 1e9 == pytest.approx(_EMA, rel=1e-3)
+
+
+def test_layers_sharing_costs_adapt_one_estimate(seed):
+    from moe_uvm.hybrid import _EMA
+
+    # Two layers over one cost buffer (CpuShare's cost_pool): each one's observation moves
+    # the estimate the other's next split reads; the starting value is the first's.
+    first, first_ids, I = _adapting_step(cpu_expert_us=1e9)
+    second, second_ids, _ = _adapting_step(cpu_expert_us=5.0, shared_costs=first.costs)
+    assert second.costs.data_ptr() == first.costs.data_ptr()
+    for step, topk_ids in ((first, first_ids), (second, second_ids)):
+        step.cols.zero_()
+        step.cols[int(topk_ids[0, 0])] = I
+    first.compute()
+    second.compute()
+    assert second.current_costs().cpu_expert_us == first.current_costs().cpu_expert_us
+    moved = 1 - first.current_costs().cpu_expert_us / 1e9
+    assert moved == pytest.approx(1 - (1 - _EMA) ** 2, rel=1e-3)
+    with pytest.raises(ValueError, match="shared_costs must be float64"):
+        _adapting_step(cpu_expert_us=5.0, shared_costs=first.costs.float())
 
 
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
