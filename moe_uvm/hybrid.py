@@ -698,10 +698,17 @@ def calibrate_gpu_us(w13: torch.Tensor, w2: torch.Tensor, offloaded: list[int], 
                      quant: dict | None = None, calls: int = 7,
                      seed: int = 0) -> tuple[float, float] | None:
     """(fixed microseconds, microseconds per expert) of the fused kernel reading offloaded
-    experts through PCIe at one token: medians of `calls` calls routed to 1 and to
-    min(top_k, len(offloaded)) experts of `offloaded` (drawn in turn from a shuffle, so none is
-    in the GPU's L2 from the call before), as a line through the two. None with fewer than
-    two offloaded experts."""
+    experts through PCIe at one token, as decode runs it: at least `calls` calls captured
+    back to back in one CUDA graph (up to 64 where they would read under 256 MB), routed
+    to 1 and to min(top_k, len(offloaded)) experts of `offloaded` (drawn in turn from a
+    shuffle, so a call finds none in the GPU's L2 from the call before), the median of 3
+    replays, per call, as a line through the two. None with fewer than two offloaded
+    experts.
+
+    (Timed eagerly, the host's launch of each call, tens of microseconds of Python before its
+    first kernel, fell between the events and read as a GPU cost: 124-156 us of "fixed" cost
+    a layer on the H200 where a graph's layer pays nearly none, so the split gave the CPU too
+    much, most at 50% resident, batch 1.)"""
     n = min(top_k, len(offloaded))
     if n < 2:
         return None
@@ -712,22 +719,32 @@ def calibrate_gpu_us(w13: torch.Tensor, w2: torch.Tensor, offloaded: list[int], 
     x = torch.randn(1, w13.shape[2], device=device).to(torch.bfloat16 if w13.element_size() == 1
                                                         else w13.dtype)
     weights = torch.full((1, top_k), 1.0 / top_k, device=device)
-    medians, drawn = [], 0
+    per_call, drawn = [], 0
+    expert_nbytes = w13[0].nbytes + w2[0].nbytes
     for count in (1, n):
-        times = []
-        for _ in range(calls + 1):
+        ids = []
+        for _ in range(max(calls, min(64, -(-(1 << 28) // (count * expert_nbytes))))):
             pick = [int(pool[(drawn + j) % len(pool)]) for j in range(count)]
             drawn += count
-            ids = torch.tensor([pick + [-1] * (top_k - count)], device=device)
+            ids.append(torch.tensor([pick + [-1] * (top_k - count)], device=device))
+        fused_moe(x, w13, w2, weights, ids[0], **quant)  # compiled and tuned outside the capture
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for routed in ids:
+                fused_moe(x, w13, w2, weights, routed, **quant)
+        times = []
+        for _ in range(4):  # the first replay (its upload) untimed
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fused_moe(x, w13, w2, weights, ids, **quant)
+            graph.replay()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        medians.append(float(np.median(times[1:])))
-    per_expert = max((medians[1] - medians[0]) / (n - 1), 1e-3)
-    return max(medians[0] - per_expert, 0.0), per_expert
+            times.append(start.elapsed_time(end) * 1e3 / len(ids))
+        per_call.append(float(np.median(times[1:])))
+        del graph
+    per_expert = max((per_call[1] - per_call[0]) / (n - 1), 1e-3)
+    return max(per_call[0] - per_expert, 0.0), per_expert
 
 
 def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],

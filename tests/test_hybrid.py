@@ -472,6 +472,18 @@ def test_host_alias_refuses_what_the_cpu_cannot_read_in_place():
 
 
 @pytest.mark.gpu
+def test_gpu_calibration_times_the_fused_kernel_in_a_graph(seed):
+    from moe_uvm.hybrid import calibrate_gpu_us
+
+    E, k, H, I = 16, 4, 256, 128
+    _, w13, w2, _, _ = make_inputs(1, E, k, H, I, torch.bfloat16, "cuda")
+    assert calibrate_gpu_us(w13, w2, [3], k) is None  # one offloaded expert: no line
+    fixed, per_expert = calibrate_gpu_us(w13, w2, list(range(E)), k)
+    assert np.isfinite(fixed) and fixed >= 0 and 0 < per_expert < 1e4
+    assert not torch.cuda.is_current_stream_capturing()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("weight_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("num_tokens", [1, 4])
 def test_gpu_hybrid_layer_matches_the_gpu_kernel(seed, weight_dtype, num_tokens):
