@@ -134,6 +134,9 @@ def run_one(spec: dict) -> dict:
             cpu = sum(st["cpu_experts"] for st in stats)
             total = cpu + sum(st["gpu_offloaded_experts"] for st in stats)
             record.update(hybrid_cpu_share=cpu / max(total, 1e-9),
+                          hybrid_gpu_first=float(np.mean(
+                              [st["gpu_first"] for st in stats if st["gpu_first"] is not None]
+                              or [float("nan")])),
                           hybrid_cpu_layer_ms_median=float(np.median(
                               [st["cpu_ms_median"] for st in stats if st["cpu_experts"]]
                               or [0.0])),

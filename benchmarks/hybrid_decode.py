@@ -105,6 +105,8 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
                 gpu_graph_tok_s=batch / graph_ms * 1e3,
                 hybrid_tok_s=batch / hybrid_ms * 1e3, hybrid_over_graph=graph_ms / hybrid_ms,
                 cpu_share_of_offloaded=cpu_n / max(total, 1),
+                gpu_first_share=statistics.mean(
+                    [st["gpu_first"] for st in stats if st["gpu_first"] is not None] or [0.0]),
                 cpu_layer_ms_median=statistics.median(
                     [st["cpu_ms_median"] for st in stats if st["cpu_experts"]] or [0.0]),
                 cpu_expert_us=costs.cpu_expert_us, cpu_pair_us=costs.cpu_pair_us,
@@ -168,7 +170,8 @@ def main() -> None:
                   f"{row['hybrid_ms']:.2f} ms ({row['hybrid_over_graph']:.2f}x graph; eager "
                   f"{row['hybrid_eager_ms']:.2f} ms), CPU took "
                   f"{row['cpu_share_of_offloaded']:.0%} of the offloaded experts "
-                  f"({row['cpu_expert_us']:.0f} us each vs GPU {row['gpu_expert_us']:.0f}), "
+                  f"({row['cpu_expert_us']:.0f} us each vs GPU {row['gpu_expert_us']:.0f}; "
+                  f"GPU first in {row['gpu_first_share']:.0%} of the layers), "
                   f"layer error {row['max_layer_rel_err']:.1e}", flush=True)
     result = dict(ceilings.device_summary(), layers=work.num_layers, trace=args.trace,
                   shape=dict(name=args.model_shape, experts=work.num_experts, hidden=work.hidden,

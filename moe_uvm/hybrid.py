@@ -27,12 +27,19 @@ at each layer and split in Python: 190-320 us a layer on the H200 host, no graph
 ran the split as a host node too: the GPU then waited for a host-thread wake-up before each
 layer's kernel, 125-175 us a layer at batch 1 on an H100.)
 
-The GPU's per-expert cost comes from measurements of the fused kernel on the layer's
-offloaded pages; the CPU's starts from its kernel on cold experts and follows the observed
-wall time of each step's CPU side, so the split tracks the CPU under the real concurrency. A
-share under one expert moves that estimate in proportion to its size (its time is mostly the
-fixed part), and a step that gives the CPU nothing moves an estimate above the starting one
-back toward it, so a slow spell cannot leave the CPU idle for good.
+The GPU's per-expert cost comes from the fused kernel on the layer's offloaded pages, timed
+in a CUDA graph as decode runs it; the CPU's starts from its kernel on cold experts. With the
+doorbell, the split then follows which side finished first: the stream also sets a second
+word once its own kernel is done, the host reads it when its share is done, and the CPU's
+per-expert cost goes up 2% if the GPU was first, down 2% if not (the layers of a model
+share one set of costs, so a 24-layer token makes 24 such steps). That balances the sides
+whatever the CPU's real time is made of (its fixed cost per call, a split expert's strided w2
+rows, the GPU beside it), where a model of it fitted to the observed times drifted: with
+small shares, the error in its fixed part swung the per-expert estimate, which shrank the
+share further (an H100 run ended with 15% of the offloaded experts on the CPU at 50%
+resident, batch 1, and 1.06x). With host nodes the CPU's estimate follows its observed wall
+time (a share under one expert moves it in proportion; a step that gives the CPU nothing
+moves an estimate above the starting one back toward it).
 
 Accumulation order differs from the GPU-only path (the CPU's fp32 sum is added to the GPU's
 bf16 output in fp32 and rounded once), so outputs agree within bf16 rounding, not bitwise; the
@@ -259,13 +266,18 @@ class HybridStats:
     gpu_offloaded_experts: float = 0.0
     cpu_ms: list[float] = field(default_factory=list)
     """Wall time of the CPU side of the last split steps (at most 256 a batch size)."""
+    balanced: int = 0
+    """Steps whose split was adapted by which side finished first (the doorbell's)."""
+    gpu_first: int = 0
+    """Of them, the steps in which the GPU's kernel finished before the CPU's share."""
 
     def summary(self) -> dict:
         total = self.cpu_experts + self.gpu_offloaded_experts
         return dict(steps=self.steps, cpu_experts=self.cpu_experts,
                     gpu_offloaded_experts=self.gpu_offloaded_experts,
                     cpu_share=self.cpu_experts / total if total else 0.0,
-                    cpu_ms_median=float(np.median(self.cpu_ms)) if self.cpu_ms else 0.0)
+                    cpu_ms_median=float(np.median(self.cpu_ms)) if self.cpu_ms else 0.0,
+                    gpu_first=self.gpu_first / self.balanced if self.balanced else None)
 
 
 _RING = 256  # HYBRID_RING of cpu_experts.c
@@ -282,11 +294,12 @@ class _State(ctypes.Structure):
     _fields_ += [(name, _I64) for name in ("kind", "scale_kind", "block_n", "block_k")]
     _fields_ += [(name, _P) for name in ("ids", "weights", "x", "cols", "out", "resident",
                                          "costs", "gate_up", "experts", "expert_cols",
-                                         "offsets", "pair_tokens", "pair_weights", "seen")]
+                                         "offsets", "pair_tokens", "pair_weights", "seen",
+                                         "gpu_done")]
     _fields_ += [("ema", _F64), ("cpu_expert_start", _F64), ("m", _I64), ("pairs", _I64),
-                 ("share", _F64),
+                 ("share", _F64), ("offloaded", _I64),
                  ("steps", _I64), ("cpu_experts", _F64), ("gpu_offloaded_experts", _F64),
-                 ("timed", _I64), ("status", _I64)]
+                 ("timed", _I64), ("status", _I64), ("balanced", _I64), ("gpu_first", _I64)]
     _fields_ += [("cpu_us", _F64 * _RING)]
 
 
@@ -382,11 +395,13 @@ class HostStep:
         timed = min(s.timed, _RING)
         return HybridStats(steps=s.steps, cpu_experts=s.cpu_experts,
                            gpu_offloaded_experts=s.gpu_offloaded_experts,
-                           cpu_ms=[v / 1e3 for v in s.cpu_us[:timed]])
+                           cpu_ms=[v / 1e3 for v in s.cpu_us[:timed]], balanced=s.balanced,
+                           gpu_first=s.gpu_first)
 
     def reset_stats(self) -> None:
         s = self.state
         s.steps = s.cpu_experts = s.gpu_offloaded_experts = s.timed = 0
+        s.balanced = s.gpu_first = 0
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -419,6 +434,10 @@ class Doorbell:
         pin = device is not None
         self.words = torch.zeros(self.CAPACITY, dtype=torch.int32, pin_memory=pin)
         self.words_device = uvm.mapped_host_view(self.words, device) if pin else None
+        # a second word per state: the GPU's own kernel done (0 before it asks, 1 after), read
+        # by the host when its share is done: which side was last, which adaptation balances
+        self.gpu_words = torch.zeros(self.CAPACITY, dtype=torch.int32, pin_memory=pin)
+        self.gpu_words_device = uvm.mapped_host_view(self.gpu_words, device) if pin else None
         self.handle = self.lib.moe_uvm_doorbell_start(self.words.data_ptr(), self.CAPACITY,
                                                       self.SPIN_US)
         if not self.handle:
@@ -428,7 +447,8 @@ class Doorbell:
         self._lock = threading.Lock()
 
     def register(self, host: HostStep) -> int:
-        """The index of `host`'s word (its device address: word_address)."""
+        """The index of `host`'s words (their device addresses: word_address,
+        gpu_word_address); `host` reads its GPU word when its share is done."""
         if not self.handle:
             raise RuntimeError("the doorbell is closed")
         with self._lock:
@@ -437,6 +457,7 @@ class Doorbell:
                 raise RuntimeError(f"the hybrid's doorbell is full ({self.CAPACITY} layer-batch "
                                    "states): fewer CpuShares or batch sizes, or "
                                    "signal='host_node'")
+            host.state.gpu_done = self.gpu_words.data_ptr() + 4 * index
             self.states.append(host)
         return index
 
@@ -451,6 +472,9 @@ class Doorbell:
 
     def word_address(self, index: int) -> int:
         return self.words_device.data_ptr() + 4 * index
+
+    def gpu_word_address(self, index: int) -> int:
+        return self.gpu_words_device.data_ptr() + 4 * index
 
     def served(self) -> int:
         return self.lib.moe_uvm_doorbell_served(self.handle)
@@ -510,7 +534,8 @@ class _GpuStep:
         self.signal = signal
         if signal == "doorbell":
             bell = _doorbell(index)
-            self.word = bell.word_address(bell.register(host))
+            slot = bell.register(host)
+            self.word, self.gpu_word = bell.word_address(slot), bell.gpu_word_address(slot)
         else:
             self.split_done = torch.cuda.Event()
             self.cpu_done = torch.cuda.Event()
@@ -525,7 +550,8 @@ class CpuShare:
     set through `set_gpu_experts`, which the offload manager calls around each re-advise so
     captured graphs follow it); `costs` the per-expert costs the split starts from
     (ExpertCosts.from_bandwidths with the machine's read-through and CPU-kernel bandwidths);
-    `adapt`: the CPU's per-expert time follows what each step observes. `cost_pool`: a dict
+    `adapt`: the split adapts each step (with the doorbell, to which side finished first;
+    with host nodes, to the CPU's observed time; the module's docstring). `cost_pool`: a dict
     shared by the CpuShares of one model's layers (`measured_shares` passes one), so they
     adapt one set of costs per batch size: the layers' experts have the same shapes and the
     same CPU computes them, and a decode token then brings one observation per layer, not one
@@ -621,6 +647,8 @@ class CpuShare:
             total.cpu_experts += one.cpu_experts
             total.gpu_offloaded_experts += one.gpu_offloaded_experts
             total.cpu_ms += one.cpu_ms
+            total.balanced += one.balanced
+            total.gpu_first += one.gpu_first
         return total
 
     def reset_stats(self) -> None:
@@ -650,9 +678,13 @@ class CpuShare:
         step.weights.copy_(topk_weights.reshape(-1))
         step.x.copy_(hidden)
         if step.signal == "doorbell":
+            if self.adapt:  # the host reads, when its share is done, whether the GPU was first
+                uvm.stream_write_value32(stream.cuda_stream, step.gpu_word, 0)
             uvm.stream_write_value32(stream.cuda_stream, step.word, Doorbell.REQUEST)
             out = fused_moe(hidden, self.w13, self.w2, topk_weights, step.gpu_ids,
                             first_col=step.gpu_cols, **self.quant)
+            if self.adapt:
+                uvm.stream_write_value32(stream.cuda_stream, step.gpu_word, 1)
             uvm.stream_wait_value32(stream.cuda_stream, step.word, Doorbell.DONE)
             return out.add_(step.out)
         step.split_done.record(stream)

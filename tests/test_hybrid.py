@@ -428,6 +428,35 @@ def test_layers_sharing_costs_adapt_one_estimate(seed):
         _adapting_step(cpu_expert_us=5.0, shared_costs=first.costs.float())
 
 
+def test_with_the_gpu_word_the_split_follows_which_side_finished_first(seed):
+    # The doorbell's second word: 1 when the GPU's kernel was done before the CPU's share.
+    step, topk_ids, I = _adapting_step(cpu_expert_us=100.0)
+    word = torch.zeros(1, dtype=torch.int32)
+    step.state.gpu_done = word.data_ptr()
+    step.cols.zero_()
+    step.cols[int(topk_ids[0, 0])] = I
+    word[0] = 1  # the GPU first: the CPU had too much, its cost goes up
+    step.compute()
+    assert step.current_costs().cpu_expert_us == pytest.approx(102.0, rel=1e-12)
+    word[0] = 0  # the CPU first: down
+    step.compute()
+    assert step.current_costs().cpu_expert_us == pytest.approx(102.0 * 0.98, rel=1e-12)
+    step.cols.zero_()  # the GPU took every offloaded expert: the CPU counts as first
+    step.compute()
+    assert step.current_costs().cpu_expert_us == pytest.approx(102.0 * 0.98**2, rel=1e-12)
+    stats = step.stats()
+    assert (stats.balanced, stats.gpu_first, stats.summary()["gpu_first"]) == (3, 1, 1 / 3)
+    for _ in range(300):  # within 16x of the calibrated cost either way
+        step.compute()
+    assert step.current_costs().cpu_expert_us == pytest.approx(100.0 / 16, rel=1e-12)
+    step.resident.fill_(1)  # nothing offloaded: nothing to balance
+    step.compute()
+    assert step.current_costs().cpu_expert_us == pytest.approx(100.0 / 16, rel=1e-12)
+    assert step.stats().balanced == 303
+    step.reset_stats()
+    assert step.stats().balanced == step.stats().gpu_first == 0
+
+
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
     # A CPU cost 1e4 times too high at first: its observed time pulls the estimate down.
     step, _, I = _adapting_step(cpu_expert_us=1e5)

@@ -257,15 +257,21 @@ typedef struct {
     int64_t *pair_tokens;  /* [T * k] */
     float *pair_weights;   /* [T * k] */
     uint8_t *seen;         /* [E] */
+    /* the doorbell's second word of this state (NULL with host nodes): the GPU's stream sets
+     * it to 0 before asking and to 1 once its own kernel is done, so the host sees which
+     * side finished first */
+    const volatile uint32_t *gpu_done;
     double ema; /* weight of a new observation of the CPU's per-expert time; 0: fixed */
     double cpu_expert_start; /* the per-expert time given at the start (calibrated) */
     /* the last step */
     int64_t m, pairs;
     double share; /* the CPU's experts, a split one counting its fraction of the columns */
+    int64_t offloaded; /* the routed experts the split could give either side */
     /* totals (experts as in `share`) */
     int64_t steps;
     double cpu_experts, gpu_offloaded_experts;
     int64_t timed, status;
+    int64_t balanced, gpu_first; /* steps balanced through gpu_done; of them, the GPU first */
     double cpu_us[HYBRID_RING]; /* wall time of the last steps' CPU side that had experts */
 } HybridState;
 
@@ -314,6 +320,7 @@ static void hybrid_group(HybridState *s) {
     s->m = n_cpu;
     s->pairs = pairs;
     s->share = share;
+    s->offloaded = offloaded;
     s->steps++;
     s->cpu_experts += share;
     s->gpu_offloaded_experts += (double)offloaded > share ? (double)offloaded - share : 0.0;
@@ -325,11 +332,36 @@ static double share_of(const HybridState *s) {
     return s->share > least ? s->share : least;
 }
 
+/* With the doorbell, adaptation balances the two sides directly: when the CPU is done, the
+ * GPU's word says whether its kernel finished first; the CPU's per-expert cost the split
+ * uses goes up BALANCE_STEP if so (the CPU had too much), down otherwise, within
+ * BALANCE_RANGE of the calibrated one. No model of the CPU's time is needed (its fixed cost,
+ * a split expert's strided w2 rows, the GPU beside it), and none can drift off: a step that
+ * gives the CPU nothing counts as the CPU first. Steps with nothing offloaded say nothing. */
+#define BALANCE_STEP 0.02
+#define BALANCE_RANGE 16.0
+
+static void balance(HybridState *s, double *c) {
+    if (s->offloaded == 0) return;
+    int gpu_first = *s->gpu_done != 0;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    double v = c[COST_CPU_EXPERT] * (gpu_first ? 1.0 + BALANCE_STEP : 1.0 - BALANCE_STEP);
+    double lo = s->cpu_expert_start / BALANCE_RANGE, hi = s->cpu_expert_start * BALANCE_RANGE;
+    c[COST_CPU_EXPERT] = v < lo ? lo : v > hi ? hi : v;
+    s->balanced++;
+    s->gpu_first += gpu_first;
+}
+
 void moe_uvm_hybrid_compute(void *state) {
     HybridState *s = (HybridState *)state;
     memset(s->out, 0, sizeof(float) * (size_t)(s->tokens * s->hidden));
     hybrid_group(s);
     double *c = s->costs;
+    int by_balance = s->ema > 0 && s->gpu_done != NULL;
+    if (s->m == 0 && by_balance) {
+        balance(s, c);
+        return;
+    }
     if (s->m == 0) {
         /* Given nothing, the CPU is not observed, so an estimate pushed up by a slow spell
          * (another process on the cores) would keep it idle for good: it drifts back toward
@@ -353,6 +385,10 @@ void moe_uvm_hybrid_compute(void *state) {
     double us = now_us() - start;
     s->cpu_us[s->timed % HYBRID_RING] = us;
     s->timed++;
+    if (by_balance) {
+        balance(s, c);
+        return;
+    }
     double per_expert = (us - c[4] - c[COST_CPU_PAIR] * (double)s->pairs) / share_of(s);
     /* A share under one expert weighs less: its time is mostly the fixed part, whose error,
      * divided by a small share, would otherwise swing the per-expert estimate (and with it
