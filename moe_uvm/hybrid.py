@@ -700,12 +700,20 @@ class CpuShare:
 
 
 def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int = 8,
-                     calls: int = 5, seed: int = 0) -> tuple[float, float]:
+                     calls: int = 5, seed: int = 0,
+                     experts: Iterable[int] | None = None) -> tuple[float, float]:
     """(microseconds per expert, per extra (token, expert) pair) of `kernel`: medians of
-    `calls` calls at 1 and at 8 tokens per expert, on experts drawn at random from its pool
-    for every call (cold in the caches, as in decode)."""
+    `calls` calls at 1 and at 8 tokens per expert, on experts drawn at random for every call
+    (cold in the caches, as in decode) from `experts` (default: all of the kernel's). Over a
+    managed store, pass the offloaded ones: the CPU reading a resident expert's pages pulls
+    them off the GPU (on the H100, at 50% resident, that calibration read 499-531 us an
+    expert against 198-248 at 0%, and left the GPU to fault the pages back)."""
+    pool = np.arange(kernel.num_experts) if experts is None else np.asarray(sorted(experts))
+    if pool.size == 0 or pool.min() < 0 or pool.max() >= kernel.num_experts:
+        raise ValueError(f"calibrate_cpu_us: experts must be a non-empty subset of "
+                         f"0..{kernel.num_experts - 1}; got {pool.tolist()[:8]}")
     rng = np.random.default_rng(seed)
-    n = min(experts_per_call, kernel.num_experts)
+    n = min(experts_per_call, pool.size)
     medians = []
     for per_expert in (1, 8):
         pairs = n * per_expert
@@ -717,9 +725,9 @@ def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int
         weights = np.full(pairs, 1.0 / n, np.float32)
         times = []
         for _ in range(calls + 1):
-            experts = np.sort(rng.choice(kernel.num_experts, n, replace=False)).astype(np.int64)
+            drawn = np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
             start = time.perf_counter()
-            kernel(x, experts, offsets, tokens, weights, gate_up, out, threads)
+            kernel(x, drawn, offsets, tokens, weights, gate_up, out, threads)
             times.append(time.perf_counter() - start)
         medians.append(float(np.median(times[1:])) * 1e6)
     pair_us = max(0.0, (medians[1] - medians[0]) / (7 * n))
@@ -787,7 +795,9 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     """One CpuShare per (w13, w2, quant) of managed layers, all starting from one ExpertCosts:
     the GPU's from its fused kernel on layer 0's offloaded experts (`calibrate_gpu_us`; from
     `read_through_gbps` when fewer than two are offloaded), the CPU's from its kernel on cold
-    experts of layer 0 (`calibrate_cpu_us`), which each share's steps then follow.
+    offloaded experts of the first layer that has any (`calibrate_cpu_us`; never a resident
+    one, whose pages the CPU would pull off the GPU; the GPU's cost where nothing is
+    offloaded), which each share's steps then follow.
     `resident_ids(layer)` gives a layer's resident experts now; `top_k` the routing's. The
     shares adapt one set of costs per batch size together (CpuShare's `cost_pool`)."""
     threads = default_threads() if threads is None else threads
@@ -801,7 +811,14 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
                        threads=threads, signal=signal, cost_pool=pool)
               for i, (w13, w2, quant) in enumerate(layers)]
-    costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(shares[0].kernel, threads)
+    for i, share in enumerate(shares):
+        cold = sorted(set(range(share.num_experts)) - set(resident_ids(i)))
+        if cold:
+            costs.cpu_expert_us, costs.cpu_pair_us = calibrate_cpu_us(share.kernel, threads,
+                                                                      experts=cold)
+            break
+    else:  # nothing offloaded: nothing to split until a re-advise offloads some
+        costs.cpu_expert_us = costs.gpu_expert_us
     return shares
 
 

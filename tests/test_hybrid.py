@@ -457,6 +457,30 @@ def test_with_the_gpu_word_the_split_follows_which_side_finished_first(seed):
     assert step.stats().balanced == step.stats().gpu_first == 0
 
 
+def test_cpu_calibration_reads_only_the_experts_it_is_given():
+    from moe_uvm.hybrid import calibrate_cpu_us
+
+    class Recording:  # GroupedExperts' call, recording which experts each call reads
+        num_experts, hidden, intermediate = 16, 8, 4
+
+        def __init__(self):
+            self.read = set()
+
+        def __call__(self, x, experts, offsets, tokens, weights, gate_up, out, threads):
+            assert len(experts) == len(offsets) - 1 and threads == 2
+            self.read.update(int(e) for e in experts)
+
+    kernel = Recording()
+    per_expert, per_pair = calibrate_cpu_us(kernel, 2, experts=[3, 9, 12])
+    assert kernel.read == {3, 9, 12} and per_expert > 0 and per_pair >= 0
+    everything = Recording()
+    calibrate_cpu_us(everything, 2, calls=20)
+    assert len(everything.read) > 8  # default: all of the kernel's experts
+    for bad in ([], [16], [-1, 2]):
+        with pytest.raises(ValueError, match="non-empty subset of 0..15"):
+            calibrate_cpu_us(Recording(), 2, experts=bad)
+
+
 def test_host_function_adapts_the_cpu_cost_to_what_it_observes(seed):
     # A CPU cost 1e4 times too high at first: its observed time pulls the estimate down.
     step, _, I = _adapting_step(cpu_expert_us=1e5)
