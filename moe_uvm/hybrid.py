@@ -555,8 +555,7 @@ class CpuShare:
     shared by the CpuShares of one model's layers (`measured_shares` passes one), so they
     adapt one set of costs per batch size: the layers' experts have the same shapes and the
     same CPU computes them, and a decode token then brings one observation per layer, not one
-    in all (with per-layer costs, a whole-model generate spent its first ten or so tokens
-    converging from the costs calibrated with the GPU idle).
+    in all (per-layer costs adapt once a token each, from costs calibrated with the GPU idle).
 
     A step, all in stream order (nothing waits on the host, nothing on the GPU waits for the
     host but the final add):
@@ -747,8 +746,8 @@ def calibrate_gpu_us(w13: torch.Tensor, w2: torch.Tensor, offloaded: list[int], 
 
     (Timed eagerly, the host's launch of each call, tens of microseconds of Python before its
     first kernel, fell between the events and read as a GPU cost: 124-156 us of "fixed" cost
-    a layer on the H200 where a graph's layer pays nearly none, so the split gave the CPU too
-    much, most at 50% resident, batch 1.)"""
+    a layer on the H200 and the H100, against 4-6 us timed this way on the H100, so the split
+    gave the CPU too much, most at 50% resident, batch 1.)"""
     n = min(top_k, len(offloaded))
     if n < 2:
         return None
