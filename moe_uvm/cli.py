@@ -248,8 +248,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     gpu.add_argument("--nproc", type=int, metavar="N",
                      help="expert parallelism over N processes, one GPU each (gloo with "
                      "--device cpu; under torchrun its WORLD_SIZE): rows one-gpu (rank 0 "
-                     "alone), ep (the same resident fraction in total) and ep-full (each GPU "
-                     "the one-GPU budget), profile residency, with read-through from one GPU "
+                     "alone), ep (the same resident fraction in total), ep-full (each GPU "
+                     "the one-GPU budget), ep-ag and ep-a2a (as ep with the tokens sharded too: "
+                     "all-gather + reduce-scatter, or all-to-all; batches divisible by N), "
+                     "profile residency, with read-through from one GPU "
                      "and from all at once; writes parallel.json")
     bench.set_defaults(run=bench_command)
 

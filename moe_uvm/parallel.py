@@ -18,8 +18,15 @@ layer, and this rank's slice of a routing profile. The Hugging Face integration 
 become a FusedExperts over this rank's experts, summed over the ranks the same way, and
 `moe-uvm generate --nproc N` runs a checkpoint so (`run_ranks`).
 
-Not yet: the all-to-all variant for larger batches, `bench --nproc`, and a measurement on two
-GPUs."""
+`TokenExchange` is the other way to lay out a step: the tokens sharded over the ranks as well
+(data-parallel non-expert layers, each rank its own rows and routing), with each rank's pairs
+brought to the experts' ranks and their sums back either by an all-gather of the rows and one
+reduce-scatter, or by all-to-all (each pair to its expert's rank and back). `moe-uvm bench
+--nproc N` times both beside the replicated all-reduce (rows `ep-ag` and `ep-a2a`); the model
+integrations use the replicated layout, whose decode batches (1-16 tokens) make the non-expert
+layers' replication cheap and need one collective a layer.
+
+Not yet: a measurement on two GPUs (the 2-GPU machine was not lent)."""
 
 from __future__ import annotations
 
@@ -168,6 +175,123 @@ class ExpertShard:
         part = part.float()
         dist.all_reduce(part, group=self.group)
         return part.to(dtype)
+
+
+EXCHANGES = ("all-gather", "all-to-all")
+
+
+def reduce_scatter_rows(out: torch.Tensor, full: torch.Tensor, group=None) -> None:
+    """dist.reduce_scatter_single (torch >= 2.13; reduce_scatter_tensor before)."""
+    single = getattr(dist, "reduce_scatter_single", None)
+    (single or dist.reduce_scatter_tensor)(out, full, group=group)
+
+
+def all_gather_rows(out: torch.Tensor, part: torch.Tensor, group=None) -> None:
+    """dist.all_gather_single (torch >= 2.13; all_gather_into_tensor before)."""
+    single = getattr(dist, "all_gather_single", None)
+    (single or dist.all_gather_into_tensor)(out, part, group=group)
+
+
+class TokenExchange:
+    """One MoE layer's step with the tokens sharded over the ranks too: rank r holds `tokens`
+    rows of the batch (its slice) and their routing [tokens, top_k] in global expert ids, and
+    gets back, in fp32, the weighted sum of every rank's experts for its rows. `owner` [E]: the
+    rank of each expert (a row of ExpertParallel.owner); `kernel(rows, weights, local_ids)`:
+    this rank's experts over `rows` (fused_moe over its local weights; ids < 0 are padding).
+    Shapes are fixed (no host sync), so a step captures in a CUDA graph with NCCL.
+
+    `mode`:
+      all-gather   every rank's rows and routing gathered, this rank's experts' part computed
+                   for the whole batch, one fp32 reduce-scatter hands each rank its rows' sum
+                   over the ranks (with two ranks the same additions as the replicated
+                   all-reduce). Moves the batch's rows twice a layer, plus the routing.
+      all-to-all   each (token, expert) pair's row sent to its expert's rank, computed there as
+                   a one-expert pair, its weighted output sent back in the activations' dtype,
+                   and each token's top_k outputs added in fp32 in routing order. Moves top_k
+                   rows per token each way; every rank pair gets a fixed capacity of tokens x
+                   top_k rows (the worst case), padding included. Rounding differs from the
+                   other layouts by the rounding of each pair's output (one bf16 rounding per
+                   pair with bf16 activations)."""
+
+    def __init__(self, owner: Sequence[int] | np.ndarray | torch.Tensor, tokens: int,
+                 top_k: int, hidden: int, *, mode: str, dtype: torch.dtype,
+                 device: torch.device | str, group: dist.ProcessGroup | None = None) -> None:
+        if mode not in EXCHANGES:
+            raise ValueError(f"mode must be one of {EXCHANGES}; got {mode!r}")
+        rank, world = _require_group("TokenExchange", group)
+        owner = torch.as_tensor(np.asarray(owner), dtype=torch.int64).cpu()
+        if owner.dim() != 1 or owner.numel() == 0 or owner.min() < 0 or owner.max() >= world:
+            raise ValueError(f"owner must be [experts] ranks in [0, {world}); got shape "
+                             f"{tuple(owner.shape)}")
+        if tokens < 1 or top_k < 1:
+            raise ValueError(f"tokens and top_k must be >= 1; got {tokens}, {top_k}")
+        local = torch.empty_like(owner)
+        for r in range(world):  # each expert's index among its owner's experts (ascending ids)
+            mine = owner == r
+            local[mine] = torch.arange(int(mine.sum()))
+        self.mode, self.group, self.rank, self.world = mode, group, rank, world
+        self.tokens, self.top_k, self.hidden, self.dtype = tokens, top_k, hidden, dtype
+        self.num_experts = owner.numel()
+        self.owner = owner.to(device)
+        self.local_index = local.to(device)
+        self.ranks = torch.arange(world, device=device)
+        self.capacity = tokens * top_k
+
+    def _local(self, ids: torch.Tensor, on: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        """(owner rank, index on that rank, routed) of global ids; padding ids stay -1."""
+        ids = ids.long()
+        routed = (ids >= 0) & (ids < self.num_experts)
+        e = ids.clamp(0, self.num_experts - 1)
+        owner = torch.where(routed, self.owner[e], on)
+        return owner, torch.where(routed, self.local_index[e], -1), routed
+
+    def __call__(self, rows: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 kernel: Callable) -> torch.Tensor:
+        if rows.shape != (self.tokens, self.hidden) or topk_ids.shape != (self.tokens,
+                                                                          self.top_k):
+            raise ValueError(f"rows [{self.tokens}, {self.hidden}] and ids [{self.tokens}, "
+                             f"{self.top_k}] expected; got {tuple(rows.shape)}, "
+                             f"{tuple(topk_ids.shape)}")
+        if self.mode == "all-gather":
+            return self._all_gather(rows, topk_weights, topk_ids, kernel)
+        return self._all_to_all(rows, topk_weights, topk_ids, kernel)
+
+    def _all_gather(self, rows, topk_weights, topk_ids, kernel) -> torch.Tensor:
+        T, k, N = self.tokens, self.top_k, self.world
+        everyone = rows.new_empty(N * T, self.hidden)
+        all_gather_rows(everyone, rows.contiguous(), self.group)
+        # the routing in one message: ids as fp32 (exact below 2^24) beside the weights
+        routing = torch.cat([topk_ids.float(), topk_weights.float()], dim=1)
+        routings = routing.new_empty(N * T, 2 * k)
+        all_gather_rows(routings, routing, self.group)
+        owner, local, _ = self._local(routings[:, :k], -1)
+        local = torch.where(owner == self.rank, local, -1).to(torch.int32)
+        part = kernel(everyone, routings[:, k:], local).float()
+        mine = part.new_empty(T, self.hidden)
+        reduce_scatter_rows(mine, part, self.group)
+        return mine
+
+    def _all_to_all(self, rows, topk_weights, topk_ids, kernel) -> torch.Tensor:
+        T, k, N, C = self.tokens, self.top_k, self.world, self.capacity
+        owner, local, _ = self._local(topk_ids.reshape(-1), self.rank)  # padding: kept here
+        # each pair's place in its destination's block: its rank among the pairs bound there
+        bound = (owner[:, None] == self.ranks[None, :]).long()
+        place = (bound.cumsum(0) - 1).gather(1, owner[:, None]).squeeze(1)
+        slot = owner * C + place
+        token = torch.arange(T * k, device=rows.device) // k
+        send = rows.new_zeros(N * C, self.hidden)
+        send.index_copy_(0, slot, rows.index_select(0, token))
+        meta = torch.zeros(N * C, 2, dtype=torch.float32, device=rows.device)
+        meta[:, 0] = -1.0
+        meta.index_copy_(0, slot, torch.stack([local.float(),
+                                               topk_weights.reshape(-1).float()], dim=1))
+        got, got_meta = torch.empty_like(send), torch.empty_like(meta)
+        dist.all_to_all_single(got, send, group=self.group)
+        dist.all_to_all_single(got_meta, meta, group=self.group)
+        out = kernel(got, got_meta[:, 1:], got_meta[:, :1].to(torch.int32))
+        back = torch.empty_like(out)
+        dist.all_to_all_single(back, out.contiguous(), group=self.group)
+        return back.index_select(0, slot).view(T, k, self.hidden).float().sum(dim=1)
 
 
 class ExpertParallelMoE(nn.Module):

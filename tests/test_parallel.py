@@ -1,5 +1,6 @@
-"""Expert parallelism (issue 19, first part): the placement policy, and two gloo processes on
-the CPU against one process.
+"""Expert parallelism (issue 19): the placement policy, and two gloo processes on the CPU
+against one process, with the tokens replicated (all-reduce) and sharded (TokenExchange:
+all-gather + reduce-scatter, all-to-all).
 
 Tolerance against one process: each rank sums its experts' part of a token's output and one
 fp32 all-reduce adds the parts, so the per-token sum is split in two: fp32 layers agree to
@@ -14,8 +15,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moe_uvm.kernels import fused_moe
 from moe_uvm.layer import FusedMoE
-from moe_uvm.parallel import ExpertParallelMoE, exit_spawned_rank, shard_moe_layers
+from moe_uvm.parallel import (
+    EXCHANGES,
+    ExpertParallelMoE,
+    TokenExchange,
+    exit_spawned_rank,
+    shard_moe_layers,
+)
 from moe_uvm.policies.placement import place_experts, rank_loads
 
 
@@ -114,3 +122,66 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     rendezvous = tmp_path / "rendezvous"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_worker, args=(2, str(rendezvous), 1234), nprocs=2, join=True)
+
+
+def test_token_exchange_refuses_bad_input_before_needing_a_group():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TokenExchange([0, 1], 2, 1, 8, mode="ring", dtype=torch.float32, device="cpu")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+            TokenExchange([0, 1], 2, 1, 8, mode="all-to-all", dtype=torch.float32,
+                          device="cpu")
+
+
+def _exchange_worker(rank: int, world: int, rendezvous: str, seed: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        E, k, H, T = 8, 3, 32, 4  # T rows per rank (the layer: 8 experts, hidden 32)
+        layer = _random_layer(seed)
+        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randn(world * T, H, generator=gen)
+        weights = torch.rand(world * T, k, generator=gen) + 0.1
+        owner = place_experts(E, world, num_layers=1)[0]
+        mine = np.flatnonzero(owner == rank)
+        cases = {
+            "random": torch.stack([torch.randperm(E, generator=gen)[:k]
+                                   for _ in range(world * T)]),
+            # every pair of every rank bound to one rank's experts: the full capacity
+            "one rank": torch.from_numpy(np.flatnonzero(owner == 1)[:k]).repeat(world * T, 1),
+            "padding": torch.stack([torch.randperm(E, generator=gen)[:k]
+                                    for _ in range(world * T)]),
+        }
+        cases["padding"][::2, 1] = -1
+        local_w13, local_w2 = w13[torch.from_numpy(mine)], w2[torch.from_numpy(mine)]
+
+        def kernel(x, topk_weights, local_ids):
+            return fused_moe(x, local_w13, local_w2, topk_weights, local_ids)
+
+        slice_ = slice(rank * T, (rank + 1) * T)
+        for name, ids in cases.items():
+            ids = ids.to(torch.int32)
+            ref = fused_moe(rows, w13, w2, weights, ids)[slice_]
+            for mode in EXCHANGES:
+                exchange = TokenExchange(owner, T, k, H, mode=mode, dtype=torch.float32,
+                                         device="cpu")
+                out = exchange(rows[slice_], weights[slice_], ids[slice_], kernel)
+                assert out.dtype == torch.float32 and out.shape == (T, H)
+                err = ((out - ref).norm() / ref.norm()).item()
+                assert err < 1e-5, (name, mode, err)
+        with pytest.raises(ValueError, match=r"rows \[4, 32\] and ids \[4, 3\] expected"):
+            exchange(rows, weights, ids, kernel)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    exit_spawned_rank()
+
+
+def test_token_exchange_over_two_gloo_processes_matches_one_process(tmp_path):
+    """Each rank's rows through both exchanges equal the one-process layer within fp32
+    rounding (< 1e-5), also when every pair goes to one rank (the all-to-all's worst case,
+    its whole capacity) and with padding ids."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_exchange_worker, args=(2, str(tmp_path / "rendezvous"), 99), nprocs=2,
+             join=True)

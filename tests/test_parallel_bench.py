@@ -1,6 +1,7 @@
 """`moe-uvm bench --nproc 2` on the CPU (gloo, tiny layers): every row is there, the expert-
-parallel steps equal one process's within fp32 rounding (< 1e-5: the per-token sum is split
-over the ranks), and what it cannot run is refused."""
+parallel steps (replicated tokens with an all-reduce; tokens sharded with all-gather +
+reduce-scatter or with all-to-all) equal one process's within fp32 rounding (< 1e-5: the
+per-token sum is split over the ranks), and what it cannot run is refused."""
 
 import json
 
@@ -27,6 +28,11 @@ def test_bench_nproc_2_rows_match_one_process(tmp_path, capsys):
         assert full["resident_gb"] == pytest.approx(2 * half["resident_gb"])
         assert rows[("ep", batch, 0.5)]["resident_gb"] == pytest.approx(
             rows[("one-gpu", batch, 0.5)]["resident_gb"])
+        # tokens sharded too (all-gather + reduce-scatter, all-to-all): batches divisible by 2
+        for name in ("ep-ag", "ep-a2a"):
+            for fraction in (0.0, 0.5, 1.0):
+                assert ((name, batch, fraction) in rows) == (batch % 2 == 0)
+    assert rows[("ep-a2a", 2, 0.5)]["tokens_per_rank"] == 1
     errors = [r["rel_err_vs_one_gpu"] for r in result["records"] if r["method"] != "one-gpu"]
     assert errors and max(errors) < 1e-5, errors
     shown = capsys.readouterr().out

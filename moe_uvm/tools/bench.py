@@ -211,14 +211,17 @@ def decode_step_cached(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
 def run_captured(work: Workload, layers: list[LayerWeights], ids: torch.Tensor,
                  weights: torch.Tensor, h0: torch.Tensor, cache: SlotCache | None = None,
-                 warmup: int = 0, reduce=None) -> tuple[float, torch.Tensor]:
+                 warmup: int = 0, reduce=None, step_fn=None) -> tuple[float, torch.Tensor]:
     """Median step time of a CUDA-graph-captured decode step (eager on the CPU path) over the
     routing steps after the first `warmup` (replayed untimed, so caches and policies settle),
     and the first timed step's output for the equality check. With a slot cache, it starts
-    empty and its counters cover the timed steps only. `reduce`: decode_step's (no cache)."""
+    empty and its counters cover the timed steps only. `reduce`: decode_step's (no cache);
+    `step_fn(h, ids, weights, layers)`: another step in decode_step's place (no cache)."""
     static_ids, static_w, static_h = ids[0].clone(), weights[0].clone(), h0.clone()
 
     def body():
+        if step_fn is not None:
+            return step_fn(static_h, static_ids, static_w, layers)
         if cache is None:
             return decode_step(static_h, static_ids, static_w, layers, reduce)
         return decode_step_cached(static_h, static_ids, static_w, layers, cache)

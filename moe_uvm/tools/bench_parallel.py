@@ -13,6 +13,11 @@ resident in total:
   ep         every rank at the same fraction of its own experts: the same resident bytes in
              total, each GPU holding 1/N of them
   ep-full    every rank resident up to the one-GPU budget on its own (N x the bytes in total)
+  ep-ag      as ep, with the tokens sharded over the ranks too (each rank B/N rows and their
+             routing, as under data-parallel attention): all-gather of the rows, one
+             reduce-scatter of the sums (`TokenExchange`, mode all-gather)
+  ep-a2a     the same shards, each (token, expert) pair sent to its expert's rank and its
+             output back (all-to-all, fixed capacity); ep-ag and ep-a2a need B divisible by N
 
 with the ceilings measured first: HBM read, and read-through of host-resident managed memory
 from rank 0 alone and from every rank at once (their sum is what N links give). Outputs are
@@ -31,7 +36,14 @@ import torch
 import torch.distributed as dist
 
 from moe_uvm import ceilings
-from moe_uvm.parallel import ExpertParallel, ExpertShard, run_ranks
+from moe_uvm.kernels import fused_moe
+from moe_uvm.parallel import (
+    ExpertParallel,
+    ExpertShard,
+    TokenExchange,
+    all_gather_rows,
+    run_ranks,
+)
 from moe_uvm.simulate import resident_sizes
 from moe_uvm.tools.bench import (
     Workload,
@@ -68,6 +80,27 @@ def _reduce(part: torch.Tensor) -> torch.Tensor:
     summed = part.float()
     dist.all_reduce(summed)
     return summed.to(part.dtype)
+
+
+def _sharded_step(exchanges: list[TokenExchange]):
+    """decode_step with the tokens sharded: h, ids and weights are this rank's rows."""
+
+    def step(h, ids, weights, layers):
+        for layer, (w, exchange) in enumerate(zip(layers, exchanges, strict=True)):
+            def kernel(rows, topk_weights, local_ids, w=w):
+                return fused_moe(rows, w.w13, w.w2, topk_weights, local_ids,
+                                 expert_slot=w.expert_slot, w13_slots=w.w13_slots,
+                                 w2_slots=w.w2_slots, **w.quant)
+            h = h + exchange(h, weights[layer], ids[layer], kernel).to(h.dtype)
+        return h
+
+    return step
+
+
+def _gather_rows(mine: torch.Tensor, world: int) -> torch.Tensor:
+    everyone = mine.new_empty(world * mine.shape[0], *mine.shape[1:])
+    all_gather_rows(everyone, mine.contiguous())
+    return everyone
 
 
 def _concurrent_read_through(cuda: bool) -> dict[str, float]:
@@ -162,6 +195,24 @@ def _rank(rank: int, world: int, device: torch.device, cfg: BenchConfig, out: st
                 if rank == 0:
                     record(method, batch, n, times.item(), first, int(resident.item()),
                            resident_per_rank=n_local, ranks=world)
+                if method != "ep" or batch % world:
+                    continue
+                # the same residency with the tokens sharded too: rows [rank T, (rank+1) T)
+                T = batch // world
+                rows = slice(rank * T, (rank + 1) * T)
+                for mode, name in (("all-gather", "ep-ag"), ("all-to-all", "ep-a2a")):
+                    exchanges = [TokenExchange(ep.owner[layer], T, local.top_k, local.hidden,
+                                               mode=mode, dtype=local.dtype, device=device)
+                                 for layer in range(L)]
+                    ms, first = run_captured(local, layers, r["ids"][:, :, rows],
+                                             r["weights"][:, :, rows], r["h0"][rows],
+                                             warmup=r["warm"], step_fn=_sharded_step(exchanges))
+                    first = _gather_rows(first, world)
+                    times = torch.tensor([ms], dtype=torch.float64, device=device)
+                    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+                    if rank == 0:
+                        record(name, batch, n, times.item(), first, int(resident.item()),
+                               resident_per_rank=n_local, ranks=world, tokens_per_rank=T)
     manager.close()
     if rank == 0:
         Path(out).write_text(json.dumps(dict(

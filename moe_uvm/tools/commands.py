@@ -454,8 +454,8 @@ def _bench_parallel(cfg: BenchConfig, nproc: int, out: Path) -> int:
     if nproc < 1:
         raise CLIError(f"--nproc must be >= 1, got {nproc}")
     if cfg.slots or cfg.prefetch != ("none",) or set(cfg.methods) != set(DEFAULT_METHODS):
-        raise CLIError("--nproc runs its own rows (one-gpu, ep, ep-full at profile residency): "
-                       "drop --slots, --prefetch and --methods")
+        raise CLIError("--nproc runs its own rows (one-gpu, ep, ep-full, ep-ag, ep-a2a at profile "
+                       "residency): drop --slots, --prefetch and --methods")
     result = _in_ranks(bench_parallel.parallel_sweep, nproc, cfg, nproc,
                        cuda=cfg.device == "cuda")
     if not result:
