@@ -702,17 +702,25 @@ def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int
                      calls: int = 5, seed: int = 0,
                      experts: Iterable[int] | None = None) -> tuple[float, float]:
     """(microseconds per expert, per extra (token, expert) pair) of `kernel`: medians of
-    `calls` calls at 1 and at 8 tokens per expert, on experts drawn at random for every call
-    (cold in the caches, as in decode) from `experts` (default: all of the kernel's). Over a
-    managed store, pass the offloaded ones: the CPU reading a resident expert's pages pulls
-    them off the GPU (on the H100, at 50% resident, that calibration read 499-531 us an
-    expert against 198-248 at 0%, and left the GPU to fault the pages back)."""
+    `calls` calls at 1 and at 8 tokens per expert. The experts come from `experts` (default:
+    all of the kernel's): up to three groups of `experts_per_call` drawn at random, each read
+    once untimed first, then taken in turn, so a timed call reads experts that the CPU has
+    mapped but that two other groups' reads have since pushed out of its caches, as in decode.
+    Over a managed store, pass the offloaded ones: the CPU reading a resident expert's pages
+    pulls them off the GPU (on the H100, at 50% resident, that calibration read 499-531 us an
+    expert against 198-248 at 0%, and left the GPU to fault the pages back). The untimed reads
+    keep the CPU's first touch of a page out of the timing: without them, calibrations over
+    freshly written stores on the H100 read 1632-1736 us an expert, against 154-172 from
+    experts already read (2026-12-07, `benchmarks/results/h100/*cpu_calibration_fix*`)."""
     pool = np.arange(kernel.num_experts) if experts is None else np.asarray(sorted(experts))
     if pool.size == 0 or pool.min() < 0 or pool.max() >= kernel.num_experts:
         raise ValueError(f"calibrate_cpu_us: experts must be a non-empty subset of "
                          f"0..{kernel.num_experts - 1}; got {pool.tolist()[:8]}")
     rng = np.random.default_rng(seed)
     n = min(experts_per_call, pool.size)
+    groups = max(1, min(3, pool.size // n))
+    chosen = rng.choice(pool, groups * n, replace=False).reshape(groups, n)
+    chosen = [np.sort(g).astype(np.int64) for g in chosen]
     medians = []
     for per_expert in (1, 8):
         pairs = n * per_expert
@@ -722,13 +730,14 @@ def calibrate_cpu_us(kernel: GroupedExperts, threads: int, experts_per_call: int
         offsets = np.arange(0, pairs + 1, per_expert, dtype=np.int64)
         tokens = np.arange(pairs, dtype=np.int64)
         weights = np.full(pairs, 1.0 / n, np.float32)
+        for group in chosen:  # untimed: the first touch of every page, and the kernel warm
+            kernel(x, group, offsets, tokens, weights, gate_up, out, threads)
         times = []
-        for _ in range(calls + 1):
-            drawn = np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
+        for call in range(calls):
             start = time.perf_counter()
-            kernel(x, drawn, offsets, tokens, weights, gate_up, out, threads)
+            kernel(x, chosen[call % groups], offsets, tokens, weights, gate_up, out, threads)
             times.append(time.perf_counter() - start)
-        medians.append(float(np.median(times[1:])) * 1e6)
+        medians.append(float(np.median(times)) * 1e6)
     pair_us = max(0.0, (medians[1] - medians[0]) / (7 * n))
     return medians[0] / n, pair_us
 

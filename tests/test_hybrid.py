@@ -465,17 +465,26 @@ def test_cpu_calibration_reads_only_the_experts_it_is_given():
 
         def __init__(self):
             self.read = set()
+            self.calls = []
 
         def __call__(self, x, experts, offsets, tokens, weights, gate_up, out, threads):
             assert len(experts) == len(offsets) - 1 and threads == 2
             self.read.update(int(e) for e in experts)
+            self.calls.append(tuple(int(e) for e in experts))
 
     kernel = Recording()
     per_expert, per_pair = calibrate_cpu_us(kernel, 2, experts=[3, 9, 12])
     assert kernel.read == {3, 9, 12} and per_expert > 0 and per_pair >= 0
     everything = Recording()
+    everything.num_experts = 40
     calibrate_cpu_us(everything, 2, calls=20)
-    assert len(everything.read) > 8  # default: all of the kernel's experts
+    assert len(everything.read) == 24  # default: all of the kernel's experts, three groups of 8
+    # every expert a timed call reads was read by an untimed call before it (the CPU's first
+    # touch of a page is not timed), and consecutive timed calls read different groups
+    for batch in (everything.calls[:23], everything.calls[23:]):  # 1 token, then 8 per expert
+        warm, timed = batch[:3], batch[3:]
+        assert len(set(warm)) == 3 and all(call in warm for call in timed)
+        assert all(a != b for a, b in zip(timed, timed[1:], strict=False))
     for bad in ([], [16], [-1, 2]):
         with pytest.raises(ValueError, match="non-empty subset of 0..15"):
             calibrate_cpu_us(Recording(), 2, experts=bad)
