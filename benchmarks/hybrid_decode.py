@@ -109,6 +109,8 @@ def measure(work, manager, managed, device_layers, shares, batch: int, args) -> 
                     [st["gpu_first"] for st in stats if st["gpu_first"] is not None] or [0.0]),
                 cpu_layer_ms_median=statistics.median(
                     [st["cpu_ms_median"] for st in stats if st["cpu_experts"]] or [0.0]),
+                cpu_layer_ms_p90=statistics.median(
+                    [st["cpu_ms_p90"] for st in stats if st["cpu_experts"]] or [0.0]),
                 cpu_expert_us=costs.cpu_expert_us, cpu_pair_us=costs.cpu_pair_us,
                 gpu_expert_us=costs.gpu_expert_us, gpu_fixed_us=costs.gpu_fixed_us,
                 cpu_fixed_us=costs.cpu_fixed_us, fixed_split_sweep=sweep,

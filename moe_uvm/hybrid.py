@@ -277,6 +277,8 @@ class HybridStats:
                     gpu_offloaded_experts=self.gpu_offloaded_experts,
                     cpu_share=self.cpu_experts / total if total else 0.0,
                     cpu_ms_median=float(np.median(self.cpu_ms)) if self.cpu_ms else 0.0,
+                    # slow throughout, or slow spells: the spread of the CPU side's time
+                    cpu_ms_p90=float(np.percentile(self.cpu_ms, 90)) if self.cpu_ms else 0.0,
                     gpu_first=self.gpu_first / self.balanced if self.balanced else None)
 
 

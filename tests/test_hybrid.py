@@ -446,6 +446,9 @@ def test_with_the_gpu_word_the_split_follows_which_side_finished_first(seed):
     assert step.current_costs().cpu_expert_us == pytest.approx(102.0 * 0.98**2, rel=1e-12)
     stats = step.stats()
     assert (stats.balanced, stats.gpu_first, stats.summary()["gpu_first"]) == (3, 1, 1 / 3)
+    summary = stats.summary()  # two steps gave the CPU work and were timed
+    assert len(stats.cpu_ms) == 2 and summary["cpu_ms_p90"] == pytest.approx(
+        np.percentile(stats.cpu_ms, 90)) and summary["cpu_ms_p90"] >= summary["cpu_ms_median"]
     for _ in range(300):  # within 16x of the calibrated cost either way
         step.compute()
     assert step.current_costs().cpu_expert_us == pytest.approx(100.0 / 16, rel=1e-12)
