@@ -266,7 +266,7 @@ class TokenExchange:
         all_gather_rows(routings, routing, self.group)
         owner, local, _ = self._local(routings[:, :k], -1)
         local = torch.where(owner == self.rank, local, -1).to(torch.int32)
-        part = kernel(everyone, routings[:, k:], local).float()
+        part = kernel(everyone, routings[:, k:].contiguous(), local).float()
         mine = part.new_empty(T, self.hidden)
         reduce_scatter_rows(mine, part, self.group)
         return mine
@@ -288,7 +288,7 @@ class TokenExchange:
         got, got_meta = torch.empty_like(send), torch.empty_like(meta)
         dist.all_to_all_single(got, send, group=self.group)
         dist.all_to_all_single(got_meta, meta, group=self.group)
-        out = kernel(got, got_meta[:, 1:], got_meta[:, :1].to(torch.int32))
+        out = kernel(got, got_meta[:, 1:].contiguous(), got_meta[:, :1].to(torch.int32))
         back = torch.empty_like(out)
         dist.all_to_all_single(back, out.contiguous(), group=self.group)
         return back.index_select(0, slot).view(T, k, self.hidden).float().sum(dim=1)
