@@ -236,6 +236,7 @@ class TokenExchange:
         self.local_index = local.to(device)
         self.ranks = torch.arange(world, device=device)
         self.capacity = tokens * top_k
+        self.token_of_pair = torch.arange(tokens * top_k, device=device) // top_k
 
     def _local(self, ids: torch.Tensor, on: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
         """(owner rank, index on that rank, routed) of global ids; padding ids stay -1."""
@@ -278,9 +279,8 @@ class TokenExchange:
         bound = (owner[:, None] == self.ranks[None, :]).long()
         place = (bound.cumsum(0) - 1).gather(1, owner[:, None]).squeeze(1)
         slot = owner * C + place
-        token = torch.arange(T * k, device=rows.device) // k
         send = rows.new_zeros(N * C, self.hidden)
-        send.index_copy_(0, slot, rows.index_select(0, token))
+        send.index_copy_(0, slot, rows.index_select(0, self.token_of_pair))
         meta = torch.zeros(N * C, 2, dtype=torch.float32, device=rows.device)
         meta[:, 0] = -1.0
         meta.index_copy_(0, slot, torch.stack([local.float(),
