@@ -7,8 +7,8 @@ Methods, each at GPU budgets of the non-expert weights + KV cache + X% of the ex
   moe-uvm-hybrid
                the same budget filled with resident experts (profile residency when traced, no
                slots) and the CPU computing a share of the offloaded experts (cpu_experts="on",
-               moe_uvm.hybrid); CUDA-graph decode with its host functions as host nodes,
-               not compiled
+               moe_uvm.hybrid); the same compiled CUDA-graph decode, the CPU handed its share
+               in stream order inside each layer's op
   uva          the budget's first experts resident, the rest read in place over PCIe, no slots
                (vLLM --cpu-offload-gb style), same decoder
   hf-eager     transformers alone, everything on the GPU (100% only), eager generate
@@ -349,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(moe-uvm and uva only; speed and expert reads, not quality); "
                         f"'{UNIFORM}': uniform routing made for the model's shape")
     parser.add_argument("--no-compile", action="store_true",
-                        help="moe-uvm methods: CUDA-graph decode without torch.compile (as the "
-                        "hybrid runs: the same build on both sides; no minutes of compile)")
+                        help="moe-uvm methods: CUDA-graph decode without torch.compile (no "
+                        "minutes of compile; attention, norms and routers then run as many "
+                        "small kernels)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape")
     parser.add_argument("--table", action="store_true",
                         help="print the JSON's table, run nothing")

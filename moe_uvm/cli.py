@@ -293,7 +293,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--cpu-experts", choices=("off", "on", "auto"), default="off",
                      help="the CPU/GPU hybrid: the CPU computes a share of each layer's "
                      "offloaded experts from host memory while the GPU reads the rest (in "
-                     "the decode graphs; no torch.compile). auto: on where the cost model, "
+                     "the compiled decode graphs). auto: on where the cost model, "
                      "measured at load, predicts a faster step (default off)")
     gen.add_argument("--cpu-threads", type=int, help="CPU threads of the hybrid (default: "
                      "every core but one)")

@@ -150,9 +150,9 @@ class ExpertOffloadConfig:
     cpu_experts: the CPU/GPU hybrid (moe_uvm.hybrid): off (default) | on | auto. On, the host's
         CPU computes a share of each layer's routed offloaded experts from their managed pages
         while the GPU reads the rest over PCIe; the split follows measured per-expert costs.
-        The split and the CPU share are CUDA host functions in stream order, so decode stays
-        in CUDA graphs (not compiled); outputs agree with the GPU-only path within bf16
-        rounding, not bitwise.
+        The split runs on the GPU and the CPU is handed its share in stream order, inside each
+        layer's opaque op, so decode stays compiled and in CUDA graphs; outputs agree with the
+        GPU-only path within bf16 rounding, not bitwise.
         auto: on only where the cost model, fed by the read-through and CPU-kernel rates
         measured at load, predicts a decode step at least 5% faster (never with everything
         resident or with a slot cache). Off keeps every bitwise promise.

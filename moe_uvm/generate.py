@@ -331,10 +331,10 @@ def generate(
     graphs are captured before timing starts either way; `report.setup_s` says how long
     warm-up and capture took (not counted in the rates or in `total_s`). `compile`: the
     decoder's torch.compile of the decode step (default: with CUDA graphs; the first compile
-    of a model shape takes minutes at full depth, later ones hit inductor's cache). With the
-    CPU/GPU hybrid on (`cpu_experts` in the load's config; `manager.hybrid`) the decode step is
-    captured in graphs (the hybrid hands the CPU its share in stream order), and not
-    compiled."""
+    of a model shape takes minutes at full depth, later ones hit inductor's cache). The CPU/GPU
+    hybrid (`cpu_experts` in the load's config; `manager.hybrid`) runs inside each MoE layer's
+    opaque op (`moe_uvm::hf_experts`) and hands the CPU its share in stream order, so the step
+    is compiled and captured with it as without it."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode not in DECODES:
@@ -349,12 +349,6 @@ def generate(
         torch.cuda.reset_peak_memory_stats(device)
     extra = {"eos_token_id": None} if ignore_eos else {}
     decoder = None
-    if manager.hybrid[0]:  # the CPU/GPU hybrid's host functions: graphs yes, compile no
-        if compile:
-            raise ValueError("cpu_experts is on (the CPU computes a share of the offloaded "
-                             "experts through host functions torch.compile cannot trace): "
-                             f"compile must be off or unset; got compile={compile!r}")
-        compile = False
     groups = _batches([list(p) for p in ids], batch, pad)
     setup = time.perf_counter()
     if decode == "static":

@@ -616,8 +616,6 @@ def _generate(device, args: argparse.Namespace, model_dir: Path, ids: list[list[
     if args.cpu_experts != "off":
         print(f"cpu experts: {'on' if hybrid_on else 'off'} ({why})", file=sys.stderr,
               flush=True)
-    if hybrid_on:
-        args.no_compile = True  # its host functions are captured in graphs, not compiled
     try:
         text = args.batch == 1 and args.prompt is not None
         tokenizer = None
