@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -367,6 +368,83 @@ def planning_routing(profile: Profile | None, num_layers: int, num_experts: int,
     return Profile(L, E, k, tokens, np.full((L, E), tokens * k // E, np.int64))
 
 
+HYBRID_MARGIN = 0.05
+"""auto_config moves to the hybrid's split (no slots) only where the hybrid's predicted step is
+at least this much shorter than the best split's: the prediction leaves out each layer's
+hand-off to the CPU."""
+
+
+@dataclass(frozen=True)
+class HybridPlan:
+    """The CPU/GPU hybrid on a split without slots (it serves offloaded experts only without a
+    slot cache): the split, the offloaded experts a layer and the CPU's share of them, and the
+    predicted step (the split's, less what the CPU's share saves; the hand-off to the CPU,
+    tens of microseconds a layer, is not in it)."""
+
+    split: Split
+    offloaded_per_layer: float
+    cpu_experts_per_layer: float
+    predicted_step_ms: float
+    prediction: dict
+
+
+def quickest_without_slots(candidates: list[Split]) -> Split | None:
+    """The quickest of the planner's candidates without slots (the split the hybrid runs on);
+    None when the budget fits none."""
+    plain = [c for c in candidates if c.slots == 0]
+    return min(plain, key=lambda c: (round(c.predicted_step_ms, 9), c.device_bytes)) \
+        if plain else None
+
+
+def hybrid_plan(candidates: list[Split], *, cpu_gbps: float, read_through_gbps: float,
+                expert_nbytes: int, layers: int, top_k: int, batch: int = 1) -> HybridPlan | None:
+    """The hybrid on `quickest_without_slots(candidates)` (None when there is none), the CPU's
+    kernel at `cpu_gbps` beside the GPU's read-through at `read_through_gbps`
+    (moe_uvm.hybrid.predict_hybrid)."""
+    from moe_uvm.hybrid import predict_hybrid
+
+    base = quickest_without_slots(candidates)
+    if base is None:
+        return None
+    offloaded = base.pcie_bytes_per_token * batch / expert_nbytes / layers
+    tokens = max(1.0, batch * top_k * (1 - base.hit_rate) / max(offloaded, 1.0))
+    h = predict_hybrid(offloaded, tokens, expert_nbytes, read_through_gbps, cpu_gbps, layers)
+    return HybridPlan(base, offloaded, h["cpu_experts_per_layer"],
+                      base.predicted_step_ms - h["saved_step_ms"], h)
+
+
+def choose_hybrid_split(best: Split, candidates: list[Split], mode: str, *,
+                        cpu_gbps: float | Callable[[], float | None] | None,
+                        read_through_gbps: float, expert_nbytes: int, layers: int,
+                        top_k: int) -> tuple[Split, str]:
+    """The split to run with `cpu_experts=mode` and why: `best` with the hybrid off or where
+    `best` has no slots; else, with it on, the quickest split without slots (the hybrid and a
+    slot cache do not go together), and with auto that split only where the hybrid on it is
+    predicted at least HYBRID_MARGIN quicker than `best` (`cpu_gbps`: the CPU kernel's rate, or
+    a function measuring it, called only then; None, not measured: `best`)."""
+    if mode == "off":
+        return best, "cpu_experts='off'"
+    if best.slots == 0:
+        return best, "the best split has no slots"
+    base = quickest_without_slots(candidates)
+    if base is None:
+        return best, "the budget fits no split without slots"
+    if mode == "on":
+        return base, "cpu_experts='on': the quickest split without slots"
+    if callable(cpu_gbps):
+        cpu_gbps = cpu_gbps()
+    if cpu_gbps is None:
+        return best, "the CPU kernel's rate is not known here"
+    plan = hybrid_plan(candidates, cpu_gbps=cpu_gbps, read_through_gbps=read_through_gbps,
+                       expert_nbytes=expert_nbytes, layers=layers, top_k=top_k,
+                       batch=best.batch)
+    verdict = (f"the hybrid without slots predicted {plan.predicted_step_ms:.2f} ms a step "
+               f"against {best.predicted_step_ms:.2f} with slots")
+    if plan.predicted_step_ms < best.predicted_step_ms * (1 - HYBRID_MARGIN):
+        return base, verdict
+    return best, verdict + f": not {HYBRID_MARGIN:.0%} quicker"
+
+
 def auto_config(
     config: ExpertOffloadConfig,
     num_layers: int,
@@ -379,6 +457,7 @@ def auto_config(
     profile: Profile | None = None,
     device: torch.device | None = None,
     tokens: int = 512,
+    cpu_gbps: float | Callable[[], float | None] | None = None,
 ) -> tuple[ExpertOffloadConfig, Split | None]:
     """The config with the planner's split filled in, and that split; (config, None) when the
     planner does not apply. It applies when a budget is given and nothing the split decides is
@@ -386,7 +465,11 @@ def auto_config(
     replay runs on `tokens` tokens drawn from the profile's counts; without a profile on flat
     counts, so the split is the byte-cheapest (slots, whose lfu cache then learns the live
     routing). Prefetch modes that need what is missing (counts, co-occurrence) are not tried.
-    Costs: the cached measurement for this GPU (`moe-uvm bench` writes it), else the defaults."""
+    Costs: the cached measurement for this GPU (`moe-uvm bench` writes it), else the defaults.
+    With `config.cpu_experts` on, the split is the quickest without slots (the hybrid serves
+    offloaded experts only without a slot cache); with auto, that one where the hybrid on it,
+    the CPU's kernel at `cpu_gbps` (a rate, or a function measuring it, called only when the
+    choice needs it), is predicted faster (`choose_hybrid_split`)."""
     if not config.wants_auto_split:
         return config, None
     L, E, k = num_layers, num_experts, top_k
@@ -399,12 +482,15 @@ def auto_config(
     gpu = None
     if device is not None and device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
-    split, _ = plan_split(
+    split, candidates = plan_split(
         trace_from_profile(routing, tokens), config.gpu_budget_gb * 1e9,
         resident_nbytes=resident_nbytes, slot_nbytes=slot_nbytes, packed_nbytes=packed_nbytes,
-        costs=load_costs(gpu),
+        costs=(costs := load_costs(gpu)),
         profile=routing, max_tokens=tokens, kinds=kinds,
     )
+    split, _ = choose_hybrid_split(split, candidates, config.cpu_experts, cpu_gbps=cpu_gbps,
+                                   read_through_gbps=costs.read_through_gbps,
+                                   expert_nbytes=slot_nbytes, layers=L, top_k=k)
     chosen = replace(config, num_resident=split.resident, prefetch_slots=split.slots,
                      prefetch=split.prefetch, slot_eviction=split.eviction if split.slots
                      else "lru")

@@ -155,7 +155,11 @@ class ExpertOffloadConfig:
         GPU-only path within bf16 rounding, not bitwise.
         auto: on only where the cost model, fed by the read-through and CPU-kernel rates
         measured at load, predicts a decode step at least 5% faster (never with everything
-        resident or with a slot cache). Off keeps every bitwise promise.
+        resident or with a slot cache). Under a budget alone the planner takes it into account:
+        with on it plans the quickest split without slots; with auto, on a GPU, it measures the
+        CPU kernel and takes that split where the hybrid on it is predicted at least 5% quicker
+        than its best split (moe_uvm.autosplit.choose_hybrid_split). Off keeps every bitwise
+        promise.
     cpu_threads: CPU threads of the hybrid (default: every core but one, which drives the GPU).
     """
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from moe_uvm.autosplit import Split, auto_config
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.hybrid import attach_cpu_shares
+from moe_uvm.hybrid import attach_cpu_shares, measure_cpu_gbps
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import (
@@ -112,7 +112,9 @@ def resolve_config(
     """`config` with the planner's split filled in when it asks for one (a budget and nothing
     the split decides set: `ExpertOffloadConfig.wants_auto_split`), and that split; else
     (config, None). Nothing is allocated. offload_experts and plan_memory call it; a config it
-    returned is not planned again."""
+    returned is not planned again. With `cpu_experts='auto'` on a GPU, where the best split has
+    slots, the CPU expert kernel's rate is measured here (a second or two, on random experts of
+    the layers' shape) to weigh the hybrid's split without slots against it."""
     if not config.wants_auto_split:
         return config, None
     specs = _expert_specs(layers[0])
@@ -120,13 +122,27 @@ def resolve_config(
     if config.profile_path:
         profile = load_profile(config.profile_path)
         profile.check_matches(len(layers), layers[0].num_experts, layers[0].top_k)
+    target = target_device(device)
     return auto_config(
         config, len(layers), layers[0].num_experts, layers[0].top_k,
         resident_nbytes=ManagedExpertStore.planned_nbytes(1, specs),
         packed_nbytes=ManagedExpertStore.planned_nbytes(1, specs, PACKED_ALIGNMENT),
         slot_nbytes=sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()),
-        profile=profile, device=target_device(device),
+        profile=profile, device=target,
+        cpu_gbps=partial(_cpu_gbps, layers[0], config, target),
     )
+
+
+def _cpu_gbps(layer: FusedMoE, config: ExpertOffloadConfig, device: torch.device) -> float | None:
+    """The CPU expert kernel's rate for the layers' shape (moe_uvm.hybrid.measure_cpu_gbps, bf16
+    experts, at most 0.5 GB of them); None off CUDA or where the kernel cannot be built, where
+    the hybrid cannot run."""
+    from moe_uvm.kernels import cpu_experts as cpu_kernel
+
+    if device.type != "cuda" or not cpu_kernel.available()[0]:
+        return None
+    return measure_cpu_gbps(layer.hidden_size, layer.intermediate_size,
+                            threads=config.cpu_threads, pool_bytes=5e8)
 
 
 def _check_prefetch(

@@ -148,3 +148,25 @@ def test_hf_loader_takes_the_non_expert_weights_out_of_the_budget(tmp_path):
         assert manager.split is not None
         assert manager.config.gpu_budget_gb * 1e9 <= budget - fixed + 1e-3
         assert manager.resident_bytes() + manager.split.slot_bytes <= budget - fixed
+
+
+def test_cpu_experts_on_plans_without_slots_and_auto_measures_only_on_a_gpu(monkeypatch):
+    """With cpu_experts='on' the planner's split has no slots (a slot cache and the hybrid do not
+    go together; before, such a config failed at load); with auto off CUDA the CPU is never
+    measured (the hybrid cannot run there) and the split is the one without the hybrid."""
+    mods = layers(hidden=256, inter=336)  # ~1 MB experts: 2 MiB resident, 1 MB in a slot
+    budget = 6 * resident_nbytes(256, 336)
+    off, off_split = resolve_config(mods, ExpertOffloadConfig(gpu_budget_gb=budget / 1e9), "cpu")
+    assert off_split.slots > 0  # the planner's best split here has slots
+    chosen, split = resolve_config(
+        mods, ExpertOffloadConfig(gpu_budget_gb=budget / 1e9, cpu_experts="on"), "cpu")
+    assert split.slots == 0 and chosen.prefetch_slots == 0 and chosen.cpu_experts == "on"
+    assert split.device_bytes <= budget and sum(split.resident) > 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("the CPU kernel was measured off CUDA")
+
+    monkeypatch.setattr("moe_uvm.offload.measure_cpu_gbps", never)
+    _, auto_split = resolve_config(
+        mods, ExpertOffloadConfig(gpu_budget_gb=budget / 1e9, cpu_experts="auto"), "cpu")
+    assert auto_split == off_split

@@ -180,3 +180,42 @@ def test_plan_accounts_for_the_cpu_gpu_hybrid(capsys, monkeypatch, tmp_path):
     assert slow["model_step_ms"] > fast["model_step_ms"]
     assert main([*argv, "--cpu-gbps", "fast"]) == 2
     assert "--cpu-gbps must be a number > 0 or 'measure'" in capsys.readouterr().err
+
+
+def test_the_hybrid_runs_on_the_quickest_split_without_slots_where_it_is_predicted_faster():
+    """cpu_experts and the planner: on takes the quickest split without slots (the hybrid and a
+    slot cache do not go together); auto takes it only where the hybrid on it is predicted 5%
+    quicker than the best split (a fast CPU), keeps the best one for a slow CPU or an unknown
+    rate, and measures the CPU (a callable) only when the choice needs it; off changes nothing."""
+    t = trace(0.0, 0.0)
+    best, candidates = plan_split(t, 3 * 6 * EB, resident_nbytes=RB, slot_nbytes=EB)
+    assert best.slots > 0  # slots cost half a resident expert here: the planner takes them
+    plain = min((c for c in candidates if c.slots == 0), key=lambda c: c.predicted_step_ms)
+    args = dict(read_through_gbps=Costs().read_through_gbps, expert_nbytes=EB, layers=3,
+                top_k=2)
+    calls = []
+
+    def measured(gbps):
+        return lambda: calls.append(gbps) or gbps
+
+    choose = autosplit.choose_hybrid_split
+    assert choose(best, candidates, "off", cpu_gbps=measured(1e3), **args)[0] == best
+    assert choose(best, candidates, "on", cpu_gbps=None, **args)[0] == plain
+    fast, why = choose(best, candidates, "auto", cpu_gbps=measured(1e3), **args)
+    assert fast == plain and "predicted" in why
+    plan = autosplit.hybrid_plan(candidates, cpu_gbps=1e3, **args)
+    assert plan.split == plain and plan.predicted_step_ms < 0.95 * best.predicted_step_ms
+    assert 0 < plan.cpu_experts_per_layer <= plan.offloaded_per_layer
+    slow, why = choose(best, candidates, "auto", cpu_gbps=measured(0.01), **args)
+    assert slow == best and "not 5% quicker" in why
+    assert choose(best, candidates, "auto", cpu_gbps=None, **args)[0] == best
+    assert calls == [1e3, 0.01]  # off and on never measure
+    # A best split without slots is the hybrid's already: nothing to measure.
+    everything, all_candidates = plan_split(t, 3 * 16 * RB, resident_nbytes=RB, slot_nbytes=EB)
+    assert everything.slots == 0
+    assert choose(everything, all_candidates, "auto", cpu_gbps=measured(1e3),
+                  **args)[0] == everything
+    assert calls == [1e3, 0.01]
+    # A budget that fits no split without slots keeps the best one, even with on.
+    assert choose(best, [best], "on", cpu_gbps=None, **args) == (
+        best, "the budget fits no split without slots")

@@ -342,8 +342,8 @@ def _plan_hybrid(args, candidates, shape, costs, layers: int, scale: float,
                  step_ms: float) -> dict:
     """The hybrid on the best split without slots (the hybrid serves offloaded experts only
     without a slot cache): its step less what the CPU's share saves."""
-    from moe_uvm.autosplit import expert_nbytes
-    from moe_uvm.hybrid import measure_cpu_gbps, predict_hybrid
+    from moe_uvm.autosplit import expert_nbytes, hybrid_plan
+    from moe_uvm.hybrid import measure_cpu_gbps
 
     if args.cpu_gbps == "measure":
         from moe_uvm.kernels import cpu_experts as cpu_kernel
@@ -361,18 +361,14 @@ def _plan_hybrid(args, candidates, shape, costs, layers: int, scale: float,
         if not (gbps > 0 and gbps < float("inf")):
             raise CLIError(f"--cpu-gbps must be a number > 0 or 'measure', got "
                            f"{args.cpu_gbps!r}") from None
-    plain = [c for c in candidates if c.slots == 0]
-    if not plain:
+    plan = hybrid_plan(candidates, cpu_gbps=gbps, read_through_gbps=costs.read_through_gbps,
+                       expert_nbytes=expert_nbytes(shape)[1], layers=layers,
+                       top_k=shape.top_k, batch=args.batch)
+    if plan is None:
         raise CLIError("--cpu-gbps: the budget fits no split without slots")
-    base = min(plain, key=lambda c: c.predicted_step_ms)
-    nbytes = expert_nbytes(shape)[1]
-    offloaded = base.pcie_bytes_per_token * args.batch / nbytes / layers
-    k = shape.top_k
-    tokens = max(1.0, args.batch * k * (1 - base.hit_rate) / max(offloaded, 1.0))
-    h = predict_hybrid(offloaded, tokens, nbytes, costs.read_through_gbps, gbps, layers)
-    model_ms = (base.predicted_step_ms - h["saved_step_ms"]) * scale
-    return dict(h, cpu_gbps=gbps, cpu_source=source,
-                resident_per_layer=sum(base.resident) / layers, model_step_ms=model_ms,
+    model_ms = plan.predicted_step_ms * scale
+    return dict(plan.prediction, cpu_gbps=gbps, cpu_source=source,
+                resident_per_layer=sum(plan.split.resident) / layers, model_step_ms=model_ms,
                 model_tokens_per_s=args.batch / model_ms * 1e3,
                 faster_than_auto=model_ms < step_ms)
 
