@@ -636,6 +636,16 @@ class CpuShare:
                                                hidden.device, self.signal)
         return step
 
+    def touch_offloaded(self, page: int = 4096) -> float:
+        """The CPU's first touch of every page of the experts it may compute (those not
+        resident now), on its threads; seconds it took. Over managed memory a page the CPU
+        never read costs it a fault (mapping the page, or bringing it back to host memory)
+        at its first read: done here once, at load, rather than inside the first decode steps
+        that hand it each expert, and before the calibrations time anything."""
+        start = time.perf_counter()
+        self.kernel.touch(np.flatnonzero(self.resident.numpy() == 0), self.threads, page)
+        return time.perf_counter() - start
+
     @property
     def stats(self) -> HybridStats:
         """Totals over every batch size since the last `reset_stats` (waits for the GPU)."""
@@ -807,20 +817,23 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     `read_through_gbps` when fewer than two are offloaded), the CPU's from its kernel on cold
     offloaded experts of the first layer that has any (`calibrate_cpu_us`; never a resident
     one, whose pages the CPU would pull off the GPU; the GPU's cost where nothing is
-    offloaded), which each share's steps then follow.
+    offloaded), which each share's steps then follow. Before any of it the CPU touches every
+    offloaded page of every layer once (`CpuShare.touch_offloaded`).
     `resident_ids(layer)` gives a layer's resident experts now; `top_k` the routing's. The
     shares adapt one set of costs per batch size together (CpuShare's `cost_pool`)."""
     threads = default_threads() if threads is None else threads
     costs = ExpertCosts.from_bandwidths(expert_nbytes, read_through_gbps, 1.0)
+    pool: dict = {}
+    shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
+                       threads=threads, signal=signal, cost_pool=pool)
+              for i, (w13, w2, quant) in enumerate(layers)]
+    for share in shares:  # the CPU's first touch of every offloaded page, before any timing
+        share.touch_offloaded()
     w13, w2, quant = layers[0]
     offloaded = sorted(set(range(w13.shape[0])) - set(resident_ids(0)))
     gpu = calibrate_gpu_us(w13, w2, offloaded, top_k, quant)
     if gpu is not None:
         costs.gpu_fixed_us, costs.gpu_expert_us = gpu
-    pool: dict = {}
-    shares = [CpuShare(w13, w2, lambda i=i: resident_ids(i), costs=costs, quant=quant,
-                       threads=threads, signal=signal, cost_pool=pool)
-              for i, (w13, w2, quant) in enumerate(layers)]
     for i, share in enumerate(shares):
         cold = sorted(set(range(share.num_experts)) - set(resident_ids(i)))
         if cold:
@@ -832,12 +845,21 @@ def measured_shares(layers: list[tuple[torch.Tensor, torch.Tensor, dict]],
     return shares
 
 
-def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool, str]:
+PENDING = "waiting for the weights (moe_uvm.offload.finish_hybrid measures and attaches it)"
+
+
+def attach_cpu_shares(manager, layers, config, *, has_slots: bool,
+                      defer: bool = False) -> tuple[bool, str]:
     """`config.cpu_experts` applied to an offload manager's layers (offload_experts calls it):
     each layer gets a CpuShare (`layer.cpu_share`), all sharing one ExpertCosts measured now
     (the read-through of 256 MB of managed memory; the CPU kernel on cold experts of layer 0),
     when the mode is on, or auto and the cost model predicts a decode step (one token) at least
-    5% faster. Returns (on, why); `on` with no CUDA, no CPU kernel or a slot cache raises."""
+    5% faster. Returns (on, why); `on` with no CUDA, no CPU kernel or a slot cache raises.
+    First the manager's advice prefetches are waited for and the CPU touches every offloaded
+    page once (`CpuShare.touch_offloaded`), so neither the calibrations nor the first decode
+    steps pay for pages in flux or never mapped for the CPU. `defer`: only the checks now;
+    where they pass, (False, PENDING), and the caller measures and attaches once the weights
+    are written (calibrating on stores not yet filled measures the wrong pages)."""
     from moe_uvm import ceilings
 
     mode = config.cpu_experts
@@ -861,6 +883,9 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool) -> tuple[bool
                                        for i in range(len(layers))]))
     if mode == "auto" and offloaded < 0.5:
         return False, "no offloaded experts to share"
+    if defer:
+        return False, PENDING
+    manager.synchronize()
     first = layers[0]
     shares = measured_shares(
         [(m.w13_weight, m.w2_weight, m.quantization()) for m in layers], manager.resident_ids,

@@ -110,6 +110,8 @@ class ExpertOffloadManager:
         self.config = config
         self.split = None  # the planner's Split when it chose the config (offload_experts)
         self.hybrid = (False, "cpu_experts='off'")  # (on, why) of the CPU/GPU hybrid
+        # its attachment, deferred until the weights are written (offload.finish_hybrid)
+        self.pending_hybrid: Callable[[], tuple[bool, str]] | None = None
         # told (layer, ids) of the experts the GPU computes itself (the hybrid's masks)
         self._gpu_set_listeners: list[Callable[[int, tuple[int, ...]], None]] = []
         self.num_layers = len(stores)

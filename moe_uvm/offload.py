@@ -12,7 +12,7 @@ from torch import nn
 
 from moe_uvm.autosplit import Split, auto_config
 from moe_uvm.config import ExpertOffloadConfig
-from moe_uvm.hybrid import attach_cpu_shares, measure_cpu_gbps
+from moe_uvm.hybrid import PENDING, attach_cpu_shares, measure_cpu_gbps
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import (
@@ -242,9 +242,16 @@ def _build(
         manager = ExpertOffloadManager(
             stores, config, top_k=layers[0].top_k, profile=profile, plan=plan
         )
+        weights_later = any(m.w13_weight.device.type == "meta" for m in layers)
         _attach(layers, stores, manager, device)
         cache = manager.enable_slot_cache(next_gates)
-        manager.hybrid = attach_cpu_shares(manager, layers, config, has_slots=cache is not None)
+        # Layers built on meta get their weights after this (weight_loader): the hybrid's
+        # calibrations must read the pages decode will read, so only its checks run now.
+        manager.hybrid = attach_cpu_shares(manager, layers, config, has_slots=cache is not None,
+                                           defer=weights_later)
+        if manager.hybrid[1] == PENDING:
+            manager.pending_hybrid = partial(attach_cpu_shares, manager, layers, config,
+                                             has_slots=cache is not None)
     except BaseException:
         # The manager does not own the layers yet, so closing it frees its stores and slot
         # caches without touching them.
@@ -260,6 +267,18 @@ def _build(
     for index, module in enumerate(layers):
         module.slot_cache, module.layer_index = cache, index
     return manager
+
+
+def finish_hybrid(manager: ExpertOffloadManager) -> tuple[bool, str]:
+    """Measure and attach the CPU/GPU hybrid of a manager whose layers were built on the meta
+    device, once their weights are written (offload_experts leaves it pending for them:
+    calibrating on empty stores would time pages decode never reads); returns and sets
+    `manager.hybrid`. A no-op returning `manager.hybrid` when nothing is pending. The
+    Hugging Face loader (`moe_uvm.generate.load_model`, `attach_experts`) calls it."""
+    pending, manager.pending_hybrid = manager.pending_hybrid, None
+    if pending is not None:
+        manager.hybrid = pending()
+    return manager.hybrid
 
 
 def offload_experts(
@@ -282,7 +301,9 @@ def offload_experts(
     `next_gates[l]`, layer l+1's router weight, enables lookahead. A budget with nothing the
     split decides set goes through the planner first (`resolve_config`): `manager.config` is
     then the config it filled in and `manager.split` its `moe_uvm.autosplit.Split` (else None).
-    `manager.hybrid` is (on, why) of the CPU/GPU hybrid (`config.cpu_experts`).
+    `manager.hybrid` is (on, why) of the CPU/GPU hybrid (`config.cpu_experts`); for layers
+    built on meta it stays pending (`hybrid.PENDING`) until `finish_hybrid(manager)` once the
+    weights are written.
     """
     layers = find_moe_layers(module_or_modules)
     device = target_device(device)

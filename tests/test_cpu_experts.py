@@ -130,3 +130,28 @@ def test_a_missing_compiler_is_reported_not_crashed(monkeypatch, tmp_path):
             cpu_experts(x, w13.bfloat16(), w2.bfloat16(), topk_weights, topk_ids)
     finally:
         cpu_module._library.cache_clear()
+
+
+def test_touch_reads_one_byte_of_every_page_of_the_experts_given():
+    """GroupedExperts.touch (the hybrid's first touch of offloaded pages at load) reads byte 0,
+    page, 2 page, ... of each given expert's w13 and w2 and nothing else: its sum equals the
+    reference's over those bytes, for any expert order and thread count; other experts'
+    bytes change nothing; bad arguments are refused."""
+    w13 = torch.randn(6, 64, 48).bfloat16()
+    w2 = torch.randn(6, 48, 32).bfloat16()
+    kernel = cpu_module.GroupedExperts(w13, w2)
+
+    def reference(experts, page):
+        return sum(int(t[e].contiguous().view(torch.uint8).flatten()[::page].long().sum())
+                   for e in experts for t in (w13, w2))
+
+    for experts, page, threads in (([1, 4], 64, 2), ([5, 0, 3], 100, 1), ([2], 4096, 3)):
+        assert kernel.touch(experts, threads, page) == reference(experts, page)
+    before = kernel.touch([1, 4], 2, 64)
+    w13[0].fill_(7)  # not touched
+    assert kernel.touch([1, 4], 2, 64) == before
+    assert kernel.touch([], 2) == 0
+    with pytest.raises(ValueError, match="touch: experts must be in 0..5"):
+        kernel.touch([6], 2)
+    with pytest.raises(ValueError, match="touch: page and threads must be >= 1"):
+        kernel.touch([0], 0)

@@ -741,3 +741,22 @@ def test_gpu_auto_leaves_it_off_with_everything_resident_and_on_runs_the_share(s
         finally:
             manager.close()
         assert layer.cpu_share is None
+
+
+def test_finish_hybrid_runs_a_pending_attachment_once():
+    """offload_experts leaves the hybrid pending for layers built on meta (calibrating on
+    stores not yet written would time pages decode never reads); finish_hybrid runs the
+    pending attachment once, sets and returns manager.hybrid, and is a no-op after."""
+    from types import SimpleNamespace
+
+    from moe_uvm.hybrid import PENDING
+    from moe_uvm.offload import finish_hybrid
+
+    calls = []
+    manager = SimpleNamespace(hybrid=(False, PENDING),
+                              pending_hybrid=lambda: calls.append(1) or (True, "measured"))
+    assert finish_hybrid(manager) == (True, "measured") == manager.hybrid
+    assert manager.pending_hybrid is None and calls == [1]
+    assert finish_hybrid(manager) == (True, "measured") and calls == [1]
+    idle = SimpleNamespace(hybrid=(False, "cpu_experts='off'"), pending_hybrid=None)
+    assert finish_hybrid(idle) == (False, "cpu_experts='off'")

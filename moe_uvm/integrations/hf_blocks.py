@@ -17,7 +17,7 @@ from moe_uvm.kernels.fp8 import FP8_DTYPE, quantize
 from moe_uvm.layer import FusedMoE
 from moe_uvm.manager import ExpertOffloadManager
 from moe_uvm.memory import MemoryPlan
-from moe_uvm.offload import offload_experts, plan_memory
+from moe_uvm.offload import finish_hybrid, offload_experts, plan_memory
 from moe_uvm.parallel import ExpertParallel, ExpertShard
 
 # Quantise-at-load (ExpertOffloadConfig.quantize_experts="fp8"): the FP8 checkpoints' layout.
@@ -380,17 +380,24 @@ def attach_experts(
     (allocated and advised first); experts that hold weights (not meta) are copied in. All or
     nothing: the blocks get their new experts only once every store is allocated and filled; on
     an error they keep their own and what was allocated is freed. fmt: default
-    ExpertFormat.choose(config)."""
+    ExpertFormat.choose(config). Where every block's experts held weights, the CPU/GPU hybrid
+    (`config.cpu_experts`) is measured and attached here; else once the caller has loaded them
+    (`moe_uvm.offload.finish_hybrid`)."""
     fmt = fmt or ExpertFormat.choose(config)
     adapters = [FusedExperts.replacing(b, fmt) for b in blocks]
     manager = offload_experts(adapters, config, device=device,
                               next_gates=next_gate_weights(blocks))
+    filled = True
     try:
         for block, adapter in zip(blocks, adapters, strict=True):
             old = block.module.experts
             if old.gate_up_proj.device.type != "meta":
                 adapter.load_fused("gate_up_proj", old.gate_up_proj.detach())
                 adapter.load_fused("down_proj", old.down_proj.detach())
+            else:
+                filled = False
+        if filled:  # every weight is in: the CPU/GPU hybrid measures now (else its loader's)
+            finish_hybrid(manager)
     except BaseException:
         manager.close()
         raise

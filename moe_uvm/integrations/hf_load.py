@@ -50,7 +50,7 @@ from moe_uvm.memory import (
     MemoryPlan,
     target_device,
 )
-from moe_uvm.offload import resolve_config
+from moe_uvm.offload import finish_hybrid, resolve_config
 from moe_uvm.parallel import ExpertParallel
 
 EXPERT_KEY = re.compile(
@@ -618,6 +618,8 @@ def load_offloaded(
             )
             if manager.slot_cache is not None:  # the routers were meta when it was built
                 manager.slot_cache.next_gates = next_gate_weights(blocks)
+            manager.synchronize()
+            finish_hybrid(manager)  # the CPU/GPU hybrid measures on the written experts
         except BaseException:
             manager.close()  # the stores are freed now, not when the half-loaded model goes
             raise

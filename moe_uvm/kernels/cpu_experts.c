@@ -115,7 +115,25 @@ static void dot_group(const float *a, const float *const *b, int nb, int64_t n, 
 }
 
 /* The ABI version (cpu_experts.py checks it after loading). */
-int moe_uvm_cpu_experts_init(void) { return 4; }
+int moe_uvm_cpu_experts_init(void) { return 5; }
+
+/* Reads one byte of every `page` bytes of `count` ranges (starts[i], nbytes[i] bytes) on
+ * `threads` threads and returns their sum (so the reads are not optimised away): the CPU's
+ * first touch of managed pages, each a fault that maps the page for the CPU (or brings it
+ * back to host memory), done once up front rather than inside decode steps. */
+int64_t moe_uvm_touch_pages(const uint64_t *starts, const int64_t *nbytes, int64_t count,
+                            int64_t page, int threads) {
+    int64_t sum = 0;
+#ifdef _OPENMP
+    if (threads < 1) threads = omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : sum) num_threads(threads)
+#endif
+    for (int64_t i = 0; i < count; i++) {
+        const volatile uint8_t *base = (const volatile uint8_t *)(uintptr_t)starts[i];
+        for (int64_t off = 0; off < nbytes[i]; off += page) sum += base[off];
+    }
+    return sum;
+}
 
 /* x [T, H] fp32; experts [m]; pair_offsets [m + 1]; pair_tokens, pair_weights [P] (pairs of
  * expert j: pair_offsets[j] .. pair_offsets[j + 1]); gate_up scratch [P, 2I] fp32; out [T, H]

@@ -31,7 +31,7 @@ import torch
 from .fp8 import FP8_DTYPE, check_block_shape, scale_shape
 
 _SOURCE = Path(__file__).with_name("cpu_experts.c")
-_ABI = 4
+_ABI = 5
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-pthread", "-fPIC", "-shared")
 _KINDS = {torch.bfloat16: 0, FP8_DTYPE: 1}
 _P = ctypes.c_void_p
@@ -103,6 +103,8 @@ def _library() -> ctypes.CDLL:
     lib.moe_uvm_cpu_experts.argtypes = [
         _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _INT, _P, _P, _INT, _P, _INT,
         _INT, _P, _P, _INT, _P]
+    lib.moe_uvm_touch_pages.restype = _I64
+    lib.moe_uvm_touch_pages.argtypes = [_P, _P, _I64, _I64, _INT]
     lib.moe_uvm_hybrid_state_size.restype = _I64
     lib.moe_uvm_hybrid_compute.restype = None
     lib.moe_uvm_hybrid_compute.argtypes = [_P]
@@ -205,6 +207,23 @@ class GroupedExperts:
                 [w13_scale.stride(0), w13_scale.stride(1) if block_shape else 0,
                  w2_scale.stride(0), w2_scale.stride(1) if block_shape else 0], dtype=torch.int64)
             self.bn, self.bk = block_shape if block_shape else (1, 1)
+
+    def touch(self, experts, threads: int, page: int = 4096) -> int:
+        """Read one byte of every `page` bytes of the weights of `experts` (any order), in
+        parallel on `threads` threads: over a managed store, the CPU's first touch of those
+        pages, done up front (CpuShare.touch_offloaded). Returns the bytes' sum."""
+        experts = [int(e) for e in experts]
+        if any(not 0 <= e < self.num_experts for e in experts):
+            raise ValueError(f"touch: experts must be in 0..{self.num_experts - 1}; got {experts}")
+        if page < 1 or threads < 1:
+            raise ValueError(f"touch: page and threads must be >= 1; got {page}, {threads}")
+        ranges = [(t[e].data_ptr(), t[e].nbytes) for e in experts for t in (self.w13, self.w2)]
+        if not ranges:
+            return 0
+        starts = np.array([r[0] for r in ranges], dtype=np.uint64)
+        sizes = np.array([r[1] for r in ranges], dtype=np.int64)
+        return int(self._lib.moe_uvm_touch_pages(starts.ctypes.data, sizes.ctypes.data,
+                                                 len(ranges), page, threads))
 
     def __call__(self, x: torch.Tensor, experts, offsets, tokens, weights,
                  gate_up: torch.Tensor, out: torch.Tensor, threads: int, cols=None) -> None:
