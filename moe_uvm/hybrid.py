@@ -855,9 +855,10 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool,
     (the read-through of 256 MB of managed memory; the CPU kernel on cold experts of layer 0),
     when the mode is on, or auto and the cost model predicts a decode step (one token) at least
     5% faster. Returns (on, why); `on` with no CUDA, no CPU kernel or a slot cache raises.
-    First the manager's advice prefetches are waited for and the CPU touches every offloaded
-    page once (`CpuShare.touch_offloaded`), so neither the calibrations nor the first decode
-    steps pay for pages in flux or never mapped for the CPU. `defer`: only the checks now;
+    First the manager's advice prefetches and the weights' writes are waited for and the CPU
+    touches every offloaded page once (`CpuShare.touch_offloaded`), so neither the calibrations
+    nor the first decode steps pay for pages in flux or never mapped for the CPU. `defer`: only
+    the checks now;
     where they pass, (False, PENDING), and the caller measures and attaches once the weights
     are written (calibrating on stores not yet filled measures the wrong pages)."""
     from moe_uvm import ceilings
@@ -885,7 +886,8 @@ def attach_cpu_shares(manager, layers, config, *, has_slots: bool,
         return False, "no offloaded experts to share"
     if defer:
         return False, PENDING
-    manager.synchronize()
+    manager.synchronize()  # the advice's prefetches
+    torch.cuda.synchronize(manager.device)  # and the weights' writes, on the caller's stream
     first = layers[0]
     shares = measured_shares(
         [(m.w13_weight, m.w2_weight, m.quantization()) for m in layers], manager.resident_ids,
