@@ -396,16 +396,13 @@ def quickest_without_slots(candidates: list[Split]) -> Split | None:
         if plain else None
 
 
-def hybrid_plan(candidates: list[Split], *, cpu_gbps: float, read_through_gbps: float,
-                expert_nbytes: int, layers: int, top_k: int, batch: int = 1) -> HybridPlan | None:
-    """The hybrid on `quickest_without_slots(candidates)` (None when there is none), the CPU's
-    kernel at `cpu_gbps` beside the GPU's read-through at `read_through_gbps`
+def hybrid_plan(base: Split, *, cpu_gbps: float, read_through_gbps: float,
+                expert_nbytes: int, layers: int, top_k: int, batch: int = 1) -> HybridPlan:
+    """The hybrid on `base`, a split without slots (`quickest_without_slots`), the CPU's kernel
+    at `cpu_gbps` beside the GPU's read-through at `read_through_gbps`
     (moe_uvm.hybrid.predict_hybrid)."""
     from moe_uvm.hybrid import predict_hybrid
 
-    base = quickest_without_slots(candidates)
-    if base is None:
-        return None
     offloaded = base.pcie_bytes_per_token * batch / expert_nbytes / layers
     tokens = max(1.0, batch * top_k * (1 - base.hit_rate) / max(offloaded, 1.0))
     h = predict_hybrid(offloaded, tokens, expert_nbytes, read_through_gbps, cpu_gbps, layers)
@@ -435,7 +432,7 @@ def choose_hybrid_split(best: Split, candidates: list[Split], mode: str, *,
         cpu_gbps = cpu_gbps()
     if cpu_gbps is None:
         return best, "the CPU kernel's rate is not known here"
-    plan = hybrid_plan(candidates, cpu_gbps=cpu_gbps, read_through_gbps=read_through_gbps,
+    plan = hybrid_plan(base, cpu_gbps=cpu_gbps, read_through_gbps=read_through_gbps,
                        expert_nbytes=expert_nbytes, layers=layers, top_k=top_k,
                        batch=best.batch)
     verdict = (f"the hybrid without slots predicted {plan.predicted_step_ms:.2f} ms a step "

@@ -203,7 +203,8 @@ def test_the_hybrid_runs_on_the_quickest_split_without_slots_where_it_is_predict
     assert choose(best, candidates, "on", cpu_gbps=None, **args)[0] == plain
     fast, why = choose(best, candidates, "auto", cpu_gbps=measured(1e3), **args)
     assert fast == plain and "predicted" in why
-    plan = autosplit.hybrid_plan(candidates, cpu_gbps=1e3, **args)
+    plan = autosplit.hybrid_plan(autosplit.quickest_without_slots(candidates), cpu_gbps=1e3,
+                                 **args)
     assert plan.split == plain and plan.predicted_step_ms < 0.95 * best.predicted_step_ms
     assert 0 < plan.cpu_experts_per_layer <= plan.offloaded_per_layer
     slow, why = choose(best, candidates, "auto", cpu_gbps=measured(0.01), **args)

@@ -618,7 +618,6 @@ def load_offloaded(
             )
             if manager.slot_cache is not None:  # the routers were meta when it was built
                 manager.slot_cache.next_gates = next_gate_weights(blocks)
-            manager.synchronize()
             finish_hybrid(manager)  # the CPU/GPU hybrid measures on the written experts
         except BaseException:
             manager.close()  # the stores are freed now, not when the half-loaded model goes

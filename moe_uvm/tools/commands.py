@@ -342,7 +342,7 @@ def _plan_hybrid(args, candidates, shape, costs, layers: int, scale: float,
                  step_ms: float) -> dict:
     """The hybrid on the best split without slots (the hybrid serves offloaded experts only
     without a slot cache): its step less what the CPU's share saves."""
-    from moe_uvm.autosplit import expert_nbytes, hybrid_plan
+    from moe_uvm.autosplit import expert_nbytes, hybrid_plan, quickest_without_slots
     from moe_uvm.hybrid import measure_cpu_gbps
 
     if args.cpu_gbps == "measure":
@@ -361,11 +361,12 @@ def _plan_hybrid(args, candidates, shape, costs, layers: int, scale: float,
         if not (gbps > 0 and gbps < float("inf")):
             raise CLIError(f"--cpu-gbps must be a number > 0 or 'measure', got "
                            f"{args.cpu_gbps!r}") from None
-    plan = hybrid_plan(candidates, cpu_gbps=gbps, read_through_gbps=costs.read_through_gbps,
+    base = quickest_without_slots(candidates)
+    if base is None:
+        raise CLIError("--cpu-gbps: the budget fits no split without slots")
+    plan = hybrid_plan(base, cpu_gbps=gbps, read_through_gbps=costs.read_through_gbps,
                        expert_nbytes=expert_nbytes(shape)[1], layers=layers,
                        top_k=shape.top_k, batch=args.batch)
-    if plan is None:
-        raise CLIError("--cpu-gbps: the budget fits no split without slots")
     model_ms = plan.predicted_step_ms * scale
     return dict(plan.prediction, cpu_gbps=gbps, cpu_source=source,
                 resident_per_layer=sum(plan.split.resident) / layers, model_step_ms=model_ms,
